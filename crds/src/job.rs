@@ -1,0 +1,434 @@
+//! `InpaintJob`: one photo, one mask, one result.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::conditions::{self, ConditionStatus};
+
+/// Default number of denoising steps (FLUX.1-Fill-dev, see DESIGN.md).
+pub const DEFAULT_STEPS: u32 = 20;
+/// Default guidance scale (FLUX.1-Fill-dev's distilled guidance).
+pub const DEFAULT_GUIDANCE: f64 = 30.0;
+/// Pool a job goes to when it names none.
+pub const DEFAULT_POOL: &str = "default";
+/// Attempts (first try included) before a job is dead-lettered.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// Wall-clock limit from creation to completion.
+pub const DEFAULT_TIMEOUT_SECONDS: u64 = 600;
+
+/// What to inpaint: the photo, the mask (white = fill) and where to write the result.
+///
+/// The spec is immutable once created: to change a job, delete it and create a new one.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "inpaint.pawfect.dev",
+    version = "v1alpha1",
+    kind = "InpaintJob",
+    plural = "inpaintjobs",
+    namespaced,
+    status = "InpaintJobStatus",
+    shortname = "ij",
+    category = "pawfect",
+    derive = "PartialEq",
+    doc = "An InpaintJob removes the masked object from a photo and fills the background.",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Progress", type_ = "string", json_path = ".status.progress.summary"),
+    printcolumn(name = "Worker", type_ = "string", json_path = ".status.worker"),
+    printcolumn(name = "Duration", type_ = "string", json_path = ".status.duration"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.reason",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Output",
+        type_ = "string",
+        json_path = ".status.output",
+        priority = 1
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self == oldSelf").message("spec is immutable: delete the InpaintJob and create a new one"))]
+pub struct InpaintJobSpec {
+    /// URI of the photo (s3://, gs://, az://, file://, http(s)://). PNG, JPEG or WebP.
+    #[schemars(length(min = 1))]
+    pub image: String,
+    /// URI of the mask: same size as the photo (or resized, see the worker's mask policy); white = fill.
+    #[schemars(length(min = 1))]
+    pub mask: String,
+    /// URI the result is written to (the format follows the extension: .png, .jpg, .webp).
+    #[schemars(length(min = 1))]
+    pub output: String,
+    /// Prompt override. Without it the worker builds one from `sceneLabels` or from a caption of the area.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    /// Labels of the surfaces around the mask (e.g. from SAM3): build the prompt without captioning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scene_labels: Option<Vec<String>>,
+    /// Denoising steps.
+    #[serde(default = "default_steps")]
+    #[schemars(range(min = 1, max = 100))]
+    pub steps: u32,
+    /// Guidance scale (FLUX guidance embedding).
+    #[serde(default = "default_guidance")]
+    #[schemars(range(min = 0.0, max = 100.0))]
+    pub guidance_scale: f64,
+    /// Seed of the initial noise; random when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// InpaintPool (same namespace) whose workers run this job.
+    #[serde(default = "default_pool")]
+    #[schemars(length(min = 1, max = 63))]
+    pub pool: String,
+    /// Queue priority: `high` jobs are claimed before any `normal` job.
+    #[serde(default)]
+    pub priority: Priority,
+    /// Attempts (the first included) before the job fails for good.
+    #[serde(default = "default_max_attempts")]
+    #[schemars(range(min = 1, max = 20))]
+    pub max_attempts: u32,
+    /// Seconds from creation until the job is cancelled and marked Failed (DeadlineExceeded).
+    #[serde(default = "default_timeout_seconds")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub timeout_seconds: u64,
+    /// Seconds after the job finished (Succeeded, Failed or Cancelled) before it is deleted. Kept forever when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ttl_seconds_after_finished: Option<u64>,
+}
+
+fn default_steps() -> u32 {
+    DEFAULT_STEPS
+}
+fn default_guidance() -> f64 {
+    DEFAULT_GUIDANCE
+}
+fn default_pool() -> String {
+    DEFAULT_POOL.to_string()
+}
+fn default_max_attempts() -> u32 {
+    DEFAULT_MAX_ATTEMPTS
+}
+fn default_timeout_seconds() -> u64 {
+    DEFAULT_TIMEOUT_SECONDS
+}
+
+/// Queue priority.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub enum Priority {
+    High,
+    #[default]
+    Normal,
+}
+
+impl Priority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+        }
+    }
+}
+
+/// Where the prompt of a job comes from, in order of precedence.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PromptSource<'a> {
+    /// `spec.prompt`, used as given.
+    Explicit(&'a str),
+    /// `spec.sceneLabels`: surfaces named by the caller.
+    SceneLabels(&'a [String]),
+    /// Neither: caption the area around the mask.
+    Caption,
+}
+
+impl InpaintJobSpec {
+    /// The effective prompt source: a non-blank `prompt` wins, then non-empty `sceneLabels`,
+    /// else the worker captions the crop.
+    pub fn prompt_source(&self) -> PromptSource<'_> {
+        if let Some(p) = self.prompt.as_deref().map(str::trim).filter(|p| !p.is_empty()) {
+            return PromptSource::Explicit(p);
+        }
+        match self.scene_labels.as_deref() {
+            Some(labels) if labels.iter().any(|l| !l.trim().is_empty()) => {
+                PromptSource::SceneLabels(labels)
+            }
+            _ => PromptSource::Caption,
+        }
+    }
+}
+
+/// Lifecycle of a job. `Succeeded`, `Failed` and `Cancelled` are terminal.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum JobPhase {
+    /// Seen by the operator, not yet in the queue (e.g. its pool does not exist yet).
+    #[default]
+    Pending,
+    /// In its pool's queue, waiting for a worker.
+    Queued,
+    /// Claimed by a worker.
+    Running,
+    Succeeded,
+    Failed,
+    /// Deleted or cancelled before it finished.
+    Cancelled,
+}
+
+impl JobPhase {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobPhase::Succeeded | JobPhase::Failed | JobPhase::Cancelled
+        )
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobPhase::Pending => "Pending",
+            JobPhase::Queued => "Queued",
+            JobPhase::Running => "Running",
+            JobPhase::Succeeded => "Succeeded",
+            JobPhase::Failed => "Failed",
+            JobPhase::Cancelled => "Cancelled",
+        }
+    }
+}
+
+/// Where the worker is in the pipeline.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct JobProgress {
+    /// Pipeline stage (fetch, mask, crop, caption, encode, denoise, decode, stitch, store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<String>,
+    /// Denoising step done (within `totalSteps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_steps: Option<u32>,
+    /// One-line form for `kubectl get`, e.g. `denoise 12/20`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+}
+
+impl JobProgress {
+    pub fn new(stage: &str, step: Option<u32>, total_steps: Option<u32>) -> Self {
+        let summary = match (step, total_steps) {
+            (Some(s), Some(t)) => format!("{stage} {s}/{t}"),
+            _ => stage.to_string(),
+        };
+        JobProgress {
+            stage: Some(stage.to_string()),
+            step,
+            total_steps,
+            summary: Some(summary),
+        }
+    }
+}
+
+/// Milliseconds spent per pipeline stage.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct StageTimings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crop: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caption: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encode: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denoise: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stitch: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<u64>,
+    /// Wall time of the attempt, claim to stored result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
+}
+
+/// Observed state of an InpaintJob. Written only by the operator.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct InpaintJobStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<JobPhase>,
+    /// `Queued`, `Running`, `Complete`, `Failed` (see `conditions` module for reasons).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Attempts started so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
+    /// Worker (pod name) of the current or last attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued_at: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<Time>,
+    /// Queued-to-finished (or to now while running), e.g. `1m23s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<JobProgress>,
+    /// Caption of the area around the mask (when the prompt came from a caption).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caption: Option<String>,
+    /// The prompt the model saw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timings: Option<StageTimings>,
+    /// Where the result was written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<String>,
+    /// One-word CamelCase reason of the last transition (e.g. `InvalidInput`, `DeadlineExceeded`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl InpaintJob {
+    /// Current phase (`Pending` when no status was written yet).
+    pub fn phase(&self) -> JobPhase {
+        self.status
+            .as_ref()
+            .and_then(|s| s.phase)
+            .unwrap_or_default()
+    }
+    pub fn is_finished(&self) -> bool {
+        self.phase().is_terminal()
+    }
+}
+
+impl InpaintJobStatus {
+    pub fn condition(&self, type_: &str) -> Option<&Condition> {
+        conditions::find(&self.conditions, type_)
+    }
+    /// Sets a condition; `lastTransitionTime` changes only when the status changes.
+    pub fn set_condition(
+        &mut self,
+        type_: &str,
+        status: ConditionStatus,
+        reason: &str,
+        message: impl Into<String>,
+        observed_generation: Option<i64>,
+        now: Time,
+    ) {
+        conditions::set(
+            &mut self.conditions,
+            type_,
+            status,
+            reason,
+            message.into(),
+            observed_generation,
+            now,
+        );
+    }
+}
+
+/// `1m23s`-style duration for the printer column.
+pub fn format_duration(seconds: i64) -> String {
+    let s = seconds.max(0);
+    let (h, m, s) = (s / 3600, (s % 3600) / 60, s % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, _) => format!("{m}m{s}s"),
+        _ => format!("{h}h{m}m{s}s"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> InpaintJobSpec {
+        serde_json::from_value(serde_json::json!({
+            "image": "s3://b/dog.jpg", "mask": "s3://b/mask.png", "output": "s3://b/out.png"
+        }))
+        .expect("minimal spec parses")
+    }
+
+    #[test]
+    fn defaults_fill_in() {
+        let s = spec();
+        assert_eq!(s.steps, 20);
+        assert_eq!(s.guidance_scale, 30.0);
+        assert_eq!(s.pool, "default");
+        assert_eq!(s.priority, Priority::Normal);
+        assert_eq!(s.max_attempts, 3);
+        assert_eq!(s.timeout_seconds, 600);
+        assert_eq!(s.ttl_seconds_after_finished, None);
+    }
+
+    #[test]
+    fn prompt_source_precedence() {
+        let mut s = spec();
+        assert_eq!(s.prompt_source(), PromptSource::Caption);
+        s.scene_labels = Some(vec![" ".into()]);
+        assert_eq!(s.prompt_source(), PromptSource::Caption, "blank labels ignored");
+        s.scene_labels = Some(vec!["grass".into(), "gravel path".into()]);
+        assert!(matches!(s.prompt_source(), PromptSource::SceneLabels(l) if l.len() == 2));
+        s.prompt = Some("   ".into());
+        assert!(matches!(s.prompt_source(), PromptSource::SceneLabels(_)), "blank prompt ignored");
+        s.prompt = Some(" green lawn ".into());
+        assert_eq!(s.prompt_source(), PromptSource::Explicit("green lawn"));
+    }
+
+    #[test]
+    fn terminal_phases() {
+        let terminal: Vec<_> = [
+            JobPhase::Pending,
+            JobPhase::Queued,
+            JobPhase::Running,
+            JobPhase::Succeeded,
+            JobPhase::Failed,
+            JobPhase::Cancelled,
+        ]
+        .into_iter()
+        .filter(|p| p.is_terminal())
+        .collect();
+        assert_eq!(
+            terminal,
+            vec![JobPhase::Succeeded, JobPhase::Failed, JobPhase::Cancelled]
+        );
+    }
+
+    #[test]
+    fn progress_summary() {
+        assert_eq!(
+            JobProgress::new("denoise", Some(12), Some(20)).summary.as_deref(),
+            Some("denoise 12/20")
+        );
+        assert_eq!(JobProgress::new("fetch", None, None).summary.as_deref(), Some("fetch"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(format_duration(0), "0s");
+        assert_eq!(format_duration(59), "59s");
+        assert_eq!(format_duration(83), "1m23s");
+        assert_eq!(format_duration(3723), "1h2m3s");
+        assert_eq!(format_duration(-5), "0s");
+    }
+
+    #[test]
+    fn priority_serialises_lowercase() {
+        assert_eq!(serde_json::to_value(Priority::High).ok(), Some("high".into()));
+        assert!(serde_json::from_value::<Priority>("urgent".into()).is_err());
+    }
+}

@@ -1,0 +1,3 @@
+//! Pawfect Inpaint worker: models (candle) and, with their issues, the pipeline and queue loop.
+
+pub mod models;

@@ -1,0 +1,1 @@
+//! FLUX.1-Fill-dev (transformer, text encoders, VAE, sampling, pipeline).

@@ -1,0 +1,4 @@
+//! Model ports, one folder per model (candle-transformers style).
+
+pub mod florence2;
+pub mod flux;
