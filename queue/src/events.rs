@@ -80,7 +80,7 @@ pub enum EventPayload {
     /// `claimed` carries none.
     None,
     Progress(Progress),
-    Result(JobResult),
+    Result(Box<JobResult>),
     Error(ErrorInfo),
 }
 
@@ -158,7 +158,9 @@ fn decode_payload(kind: EventKind, json: &str) -> Result<EventPayload> {
     Ok(match kind {
         EventKind::Claimed => EventPayload::None,
         EventKind::Progress => EventPayload::Progress(serde_json::from_str(json).map_err(err)?),
-        EventKind::Succeeded => EventPayload::Result(serde_json::from_str(json).map_err(err)?),
+        EventKind::Succeeded => {
+            EventPayload::Result(Box::new(serde_json::from_str(json).map_err(err)?))
+        }
         EventKind::Failed | EventKind::Retrying | EventKind::Cancelled => {
             EventPayload::Error(serde_json::from_str(json).map_err(err)?)
         }
