@@ -137,3 +137,19 @@ pub mod reasons {
     pub const WORKER_LOST: &str = "WorkerLost";
     pub use pawfect_api::conditions::reasons::{ATTEMPTS_EXHAUSTED, CANCELLED};
 }
+
+#[cfg(test)]
+mod tests {
+    /// Handles are moved into tasks and blocking threads by the operator and the workers.
+    #[test]
+    fn handles_are_send_and_sync() {
+        fn send<T: Send>() {}
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<crate::Queue>();
+        send_sync::<crate::Claim>();
+        send_sync::<crate::Heartbeat>();
+        send::<crate::WorkerSession>();
+        send::<crate::EventsReader>();
+        send_sync::<crate::QueueError>();
+    }
+}

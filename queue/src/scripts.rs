@@ -553,19 +553,57 @@ return removed
     )
 });
 
-/// A worker leaves its pool: registry entry removed; its consumers deleted if they hold nothing.
-/// KEYS: registry, high, normal. ARGV: worker.
+/// A worker leaves its pool: every entry still pending under its name is handed back (a
+/// claimed job gives its attempt back and sends `retrying`/`HandedBack`; a job with a cancel
+/// request is cancelled; stale entries are dropped), its consumers are deleted and its
+/// registry entry removed.
+/// KEYS: registry, high, normal, events. ARGV: worker, prefix, events maxlen, ttl ms, message.
+/// Reply: number of jobs handed back.
 pub(crate) static LEAVE: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
-redis.call('HDEL', KEYS[1], ARGV[1])
+local worker, prefix = ARGV[1], ARGV[2]
+local ctx = {events = KEYS[4], events_maxlen = ARGV[3], ttl = ARGV[4]}
+local handed = 0
 for i = 2, 3 do
-  local p = redis.pcall('XPENDING', KEYS[i], GROUP, '-', '+', 1, ARGV[1])
-  if type(p) == 'table' and not p.err and #p == 0 then
-    redis.pcall('XGROUP', 'DELCONSUMER', KEYS[i], GROUP, ARGV[1])
+  local s = KEYS[i]
+  local p = redis.pcall('XPENDING', s, GROUP, '-', '+', 1000, worker)
+  if type(p) == 'table' and not p.err then
+    for _, e in ipairs(p) do
+      local id = e[1]
+      local r = redis.call('XRANGE', s, id, id)
+      local uid = nil
+      if r[1] then uid = pairs_to_table(r[1][2]).uid end
+      local jobkey = prefix .. ':job:' .. (uid or '')
+      local job = nil
+      if uid then job = load_job(jobkey) end
+      local ts = now_ms()
+      if not job or TERMINAL[job.state] or job.entry ~= id then
+        ackdel(s, id)
+      elseif job.cancel == '1' then
+        finish_cancelled(ctx, jobkey, uid, job, s, id, job.attempt or '0',
+          'cancelled while its worker was leaving', ts)
+      else
+        local attempt = tonumber(job.attempt) or 0
+        local running = job.state == 'running'
+        if running then attempt = math.max(attempt - 1, 0) end
+        local newid = add_entry(s, uid, job, attempt)
+        ackdel(s, id)
+        redis.call('HSET', jobkey, 'state', 'queued', 'worker', '', 'entry', newid,
+          'stream', s, 'attempt', tostring(attempt))
+        redis.call('HDEL', jobkey, 'stage', 'step', 'total_steps')
+        if running then
+          emit(ctx.events, ctx.events_maxlen, 'retrying', uid, job, attempt, worker, ts,
+            error_payload('HandedBack', ARGV[5]))
+          handed = handed + 1
+        end
+      end
+    end
+    redis.pcall('XGROUP', 'DELCONSUMER', s, GROUP, worker)
   end
 end
-return 1
+redis.call('HDEL', KEYS[1], worker)
+return handed
 "#,
     )
 });

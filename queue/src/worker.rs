@@ -294,17 +294,25 @@ impl WorkerSession {
         }
     }
 
-    /// Leaves the pool: removes this worker from the registry and its consumers from the groups
-    /// when they hold nothing. Call after the last claim finished or was handed back.
-    pub async fn leave(self) -> Result<()> {
-        let _: i64 = scripts::LEAVE
+    /// Leaves the pool (shutdown): every entry still pending under this worker's name is
+    /// handed back, like [`Claim::hand_back`] (a job being run elsewhere in this process and
+    /// completed later is still accepted: first result wins), then the worker is removed from
+    /// the registry and the consumer groups. Returns how many claimed jobs went back.
+    pub async fn leave(self) -> Result<u64> {
+        let cfg = self.queue.config();
+        let n: u64 = scripts::LEAVE
             .key(&self.registry)
             .key(&self.high)
             .key(&self.normal)
+            .key(&self.events)
             .arg(&self.name)
+            .arg(self.queue.keys().prefix())
+            .arg(cfg.events_maxlen)
+            .arg(cfg.finished_ttl.as_millis() as u64)
+            .arg("worker left the pool")
             .invoke_async(&mut self.queue.conn())
             .await?;
-        Ok(())
+        Ok(n)
     }
 }
 

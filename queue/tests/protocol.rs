@@ -274,7 +274,8 @@ async fn dead_consumer_is_reclaimed_after_the_lease() {
 
 #[tokio::test]
 async fn a_heartbeating_job_is_never_stolen() {
-    let (_redis, q) = setup(400).await;
+    // Lease 800 ms, heartbeat every 133 ms.
+    let (_redis, q) = setup(800).await;
     q.enqueue(&job("long"), &spec("p", "normal", 3))
         .await
         .unwrap();
@@ -286,7 +287,7 @@ async fn a_heartbeating_job_is_never_stolen() {
     let mut thief = q.worker("p", "thief").await.unwrap();
     let started = std::time::Instant::now();
     let mut tries = 0;
-    while started.elapsed() < Duration::from_millis(2500) {
+    while started.elapsed() < Duration::from_millis(3000) {
         assert!(
             thief
                 .claim(Duration::from_millis(100))
@@ -594,7 +595,7 @@ async fn hand_back_requeues_without_using_an_attempt() {
         (rec.state, rec.attempt, rec.worker),
         (JobState::Queued, 0, None)
     );
-    w.leave().await.unwrap();
+    assert_eq!(w.leave().await.unwrap(), 0);
 
     let mut next = q.worker("p", "next").await.unwrap();
     let c = next.claim(WAIT).await.unwrap().unwrap();
@@ -779,4 +780,52 @@ async fn events_of_another_consumer_are_taken_over_when_idle() {
     }
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].kind, EventKind::Claimed);
+}
+
+#[tokio::test]
+async fn leave_hands_back_what_the_worker_still_holds() {
+    let (_redis, q) = setup(60_000).await;
+    q.enqueue(&job("held"), &spec("p", "normal", 3))
+        .await
+        .unwrap();
+    q.enqueue(&job("flagged"), &spec("p", "high", 3))
+        .await
+        .unwrap();
+    let mut a = q.worker("p", "a").await.unwrap();
+    let flagged = a.claim(WAIT).await.unwrap().unwrap();
+    assert_eq!(flagged.uid(), "flagged");
+    let held = a.claim(WAIT).await.unwrap().unwrap();
+    assert_eq!(held.uid(), "held");
+    assert_eq!(q.cancel("flagged").await.unwrap(), CancelOutcome::Requested);
+    assert_eq!(q.depth("p").await.unwrap(), depth(0, 2));
+
+    // Shut down without finishing either claim.
+    assert_eq!(a.leave().await.unwrap(), 1);
+    assert_eq!(q.depth("p").await.unwrap(), depth(1, 0));
+    assert_eq!(
+        q.job_state("flagged").await.unwrap(),
+        Some(JobState::Cancelled)
+    );
+    let rec = q.get_job("held").await.unwrap().unwrap();
+    assert_eq!(
+        (rec.state, rec.attempt, rec.worker),
+        (JobState::Queued, 0, None)
+    );
+    assert!(q.workers("p").await.unwrap().is_empty());
+    assert_eq!(held.heartbeat().await.unwrap(), Standing::Lost);
+
+    let mut b = q.worker("p", "b").await.unwrap();
+    let again = b.claim(WAIT).await.unwrap().unwrap();
+    assert_eq!((again.uid(), again.attempt()), ("held", 1));
+    let ev = all_events(&q).await;
+    let r: Vec<_> = ev
+        .iter()
+        .filter(|e| e.kind == EventKind::Retrying)
+        .collect();
+    assert_eq!(r.len(), 1);
+    assert_eq!(
+        (r[0].uid.as_str(), r[0].error().unwrap().reason.as_str()),
+        ("held", "HandedBack")
+    );
+    assert_eq!(count(&ev, "flagged", EventKind::Cancelled), 1);
 }
