@@ -81,7 +81,10 @@
 //! 7. **Cancel** ([`Queue::cancel`]): a waiting job's entry is acked and deleted at once
 //!    (`cancelled` + event); a running job gets its `cancel` flag, which the worker sees in its
 //!    heartbeat, progress or [`Claim::is_cancelled`] between denoise steps.
-//! 8. **Cleanup**: finished hashes expire after `finished_ttl`; [`Queue::forget`] drops one at
+//! 8. **Shutdown** of a worker: [`Claim::hand_back`] its job, then [`WorkerSession::leave`],
+//!    which hands back whatever is still pending under its name (also an entry a dropped
+//!    `claim()` future had already received) and removes it from the registry and the groups.
+//! 9. **Cleanup**: finished hashes expire after `finished_ttl`; [`Queue::forget`] drops one at
 //!    once; [`Queue::prune_workers`] drops dead workers from the registry and the groups.
 //!
 //! Every finished entry is XACK'ed **and** XDEL'ed in the same script.

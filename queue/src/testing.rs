@@ -34,12 +34,24 @@ pub enum TestServerError {
     Io(#[from] std::io::Error),
 }
 
+/// How often the append-only file is fsynced.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AofFsync {
+    /// `appendfsync always`: every write is on disk before its reply, so a killed server loses
+    /// nothing it acknowledged.
+    #[default]
+    Always,
+    /// `appendfsync everysec`: up to a second of writes may be lost in a crash.
+    EverySec,
+}
+
 /// Options of a [`RedisServer`].
 #[derive(Clone, Debug, Default)]
 pub struct RedisServerOptions {
-    /// Turn on the append-only file with `appendfsync always` (every write on disk before
-    /// its reply), so a killed server loses nothing it acknowledged.
+    /// Turn on the append-only file.
     pub aof: bool,
+    /// Its fsync policy (default `always`).
+    pub aof_fsync: AofFsync,
     /// The binary; default `$REDIS_SERVER` or `redis-server`.
     pub binary: Option<PathBuf>,
     /// How long to wait for PING to answer; default 20 s.
@@ -203,10 +215,14 @@ impl RedisServer {
             .arg("--maxmemory-policy")
             .arg("noeviction");
         if self.opts.aof {
+            let fsync = match self.opts.aof_fsync {
+                AofFsync::Always => "always",
+                AofFsync::EverySec => "everysec",
+            };
             cmd.arg("--appendonly")
                 .arg("yes")
                 .arg("--appendfsync")
-                .arg("always");
+                .arg(fsync);
         } else {
             cmd.arg("--appendonly").arg("no");
         }

@@ -87,6 +87,11 @@ impl WorkerSession {
     /// Claims the next job: high priority before normal; entries whose worker stopped
     /// heartbeating for the lease are taken over (attempt + 1; dead-lettered once attempts
     /// are used up). Waits up to `wait` for a job; None if none came.
+    ///
+    /// Dropping the future (e.g. in a `select!` with a shutdown signal) is safe: an entry it had
+    /// already received stays pending under this worker until [`leave`](Self::leave), a new
+    /// session with the same name, or the lease hands it to someone else (the attempt is only
+    /// counted when the claim is recorded).
     pub async fn claim(&mut self, wait: Duration) -> Result<Option<Claim>> {
         let deadline = Instant::now() + wait;
         loop {

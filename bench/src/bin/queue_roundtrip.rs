@@ -3,7 +3,7 @@
 //!    plus a progress report: the per-job protocol overhead;
 //! 2. throughput: N jobs enqueued, then drained by 1 and by 8 workers (claim → complete).
 //!
-//! `cargo run --release -p pawfect-bench --bin queue-roundtrip -- [--jobs N] [--workers 1,8] [--aof]`
+//! `cargo run --release -p pawfect-bench --bin queue-roundtrip -- [--jobs N] [--workers 1,8] [--aof always|everysec]`
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use pawfect_api::InpaintJobSpec;
-use pawfect_queue::testing::{RedisServer, RedisServerOptions};
+use pawfect_queue::testing::{AofFsync, RedisServer, RedisServerOptions};
 use pawfect_queue::{JobRef, JobResult, Outcome, Progress, Queue, QueueConfig};
 
 #[derive(Parser, Debug)]
@@ -24,9 +24,10 @@ struct Args {
     /// Worker counts for the throughput runs.
     #[arg(long, value_delimiter = ',', default_value = "1,8")]
     workers: Vec<usize>,
-    /// Run redis with AOF and `appendfsync always` (every write fsynced before its reply).
-    #[arg(long)]
-    aof: bool,
+    /// Run redis with an append-only file, fsynced `always` (every write on disk before its
+    /// reply) or `everysec`; default: no persistence.
+    #[arg(long, value_parser = ["always", "everysec"])]
+    aof: Option<String>,
 }
 
 fn spec(i: usize) -> Result<InpaintJobSpec> {
@@ -80,7 +81,11 @@ impl Stats {
 async fn main() -> Result<()> {
     let args = Args::parse();
     let redis = RedisServer::start_with(RedisServerOptions {
-        aof: args.aof,
+        aof: args.aof.is_some(),
+        aof_fsync: match args.aof.as_deref() {
+            Some("everysec") => AofFsync::EverySec,
+            _ => AofFsync::Always,
+        },
         ..Default::default()
     })
     .context("starting redis-server")?;
@@ -92,10 +97,9 @@ async fn main() -> Result<()> {
     println!(
         "redis-server on {} ({}), {} jobs per run",
         redis.url(),
-        if args.aof {
-            "AOF, appendfsync always"
-        } else {
-            "no persistence"
+        match args.aof.as_deref() {
+            Some(f) => format!("AOF, appendfsync {f}"),
+            None => "no persistence".to_string(),
         },
         args.jobs
     );
@@ -147,6 +151,34 @@ async fn main() -> Result<()> {
         args.jobs as f64 / seq_secs
     );
 
+    // 1b. Everything one real job does on the queue: enqueue, claim, a progress report per
+    //     denoise step (20), two heartbeats, complete.
+    let mut full = Stats::new();
+    for i in 0..(args.jobs / 10).max(1) {
+        let job = JobRef::new(format!("full-{i}"), "bench", format!("job-{i}"));
+        let spec = spec(i)?;
+        let t0 = Instant::now();
+        q.enqueue(&job, &spec).await?;
+        let Some(c) = w.claim(Duration::from_secs(5)).await? else {
+            bail!("job {i} was not claimed");
+        };
+        for step in 1..=20 {
+            c.progress(&Progress::new("denoise", Some(step), Some(20)))
+                .await?;
+        }
+        c.heartbeat().await?;
+        c.heartbeat().await?;
+        if !c.complete(&result(i)).await?.is_finished() {
+            bail!("job {i} did not finish");
+        }
+        full.add(t0.elapsed());
+    }
+    println!(
+        "\nWhole protocol of one job (enqueue, claim, 20 progress, 2 heartbeats, complete), ms:\n"
+    );
+    println!("| | mean | p50 | p99 | max |\n|---|---|---|---|---|");
+    println!("{}", full.line("per job"));
+
     // 2. Throughput: enqueue N, then W workers drain them.
     println!("\nThroughput (N jobs enqueued, then drained by W workers, claim → complete):\n");
     println!("| workers | enqueue jobs/s | drain jobs/s |\n|---|---|---|");
@@ -164,17 +196,25 @@ async fn main() -> Result<()> {
         }
         let enq_rate = args.jobs as f64 / t0.elapsed().as_secs_f64();
         let left = Arc::new(AtomicUsize::new(args.jobs));
+        let finished_at = Arc::new(std::sync::Mutex::new(None::<Instant>));
         let t0 = Instant::now();
         let tasks: Vec<_> = (0..workers)
             .map(|n| {
                 let (q, pool, left) = (q.clone(), pool.clone(), left.clone());
+                let finished_at = finished_at.clone();
                 tokio::spawn(async move {
                     let mut w = q.worker(&pool, &format!("w{n}")).await?;
                     while left.load(Ordering::SeqCst) > 0 {
                         if let Some(c) = w.claim(Duration::from_millis(200)).await? {
                             match c.complete(&result(0)).await? {
                                 Outcome::Finished(_) => {
-                                    left.fetch_sub(1, Ordering::SeqCst);
+                                    // The run ends with the last completion, not when idle
+                                    // workers notice there is nothing left.
+                                    if left.fetch_sub(1, Ordering::SeqCst) == 1 {
+                                        if let Ok(mut f) = finished_at.lock() {
+                                            *f = Some(Instant::now());
+                                        }
+                                    }
                                 }
                                 other => anyhow::bail!("unexpected {other:?}"),
                             }
@@ -187,7 +227,12 @@ async fn main() -> Result<()> {
         for t in tasks {
             t.await??;
         }
-        let drain_rate = args.jobs as f64 / t0.elapsed().as_secs_f64();
+        let end = finished_at
+            .lock()
+            .ok()
+            .and_then(|f| *f)
+            .context("no completion time recorded")?;
+        let drain_rate = args.jobs as f64 / (end - t0).as_secs_f64();
         let d = q.depth(&pool).await?;
         if d.waiting + d.running != 0 {
             bail!("pool {pool} not drained: {d:?}");
