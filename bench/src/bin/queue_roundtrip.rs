@@ -210,10 +210,10 @@ async fn main() -> Result<()> {
                                 Outcome::Finished(_) => {
                                     // The run ends with the last completion, not when idle
                                     // workers notice there is nothing left.
-                                    if left.fetch_sub(1, Ordering::SeqCst) == 1 {
-                                        if let Ok(mut f) = finished_at.lock() {
-                                            *f = Some(Instant::now());
-                                        }
+                                    if left.fetch_sub(1, Ordering::SeqCst) == 1
+                                        && let Ok(mut f) = finished_at.lock()
+                                    {
+                                        *f = Some(Instant::now());
                                     }
                                 }
                                 other => anyhow::bail!("unexpected {other:?}"),
