@@ -99,6 +99,26 @@
 //! (cancelling a waiting job) makes Redis report the lag as NULL, which would blind the
 //! autoscaler exactly when it matters.
 //!
+//! # Decisions beyond DESIGN.md
+//!
+//! - Attempts are counted in the job hash, not from the stream's delivery counter (which
+//!   XCLAIM heartbeats and hand-backs would distort).
+//! - A hand-back of a **claimed** job gives its attempt back (the next claim gets the same
+//!   number): shutting a worker down, e.g. on scale-down, must never use up a job's attempts.
+//!   An entry handed back before it was claimed (a blocking read that got two) keeps its
+//!   attempt as it is.
+//! - Only jobs that ran out of attempts go to the dead-letter stream; a non-retryable failure
+//!   (e.g. `InvalidInput`) just fails with its reason.
+//! - Completion is first-result-wins: a worker that lost its lease and still finishes may
+//!   complete the job (the output is already stored); the worker that took over then sees its
+//!   claim [`Standing::Lost`]. Fail, cancelled, hand-back and progress from a worker that no
+//!   longer holds the job change nothing ([`Outcome::Lost`]).
+//! - A cancelled waiting job's entry is XACK'ed as well as XDEL'ed: a blocking read may have
+//!   delivered it a moment before, and depth counts pending entries.
+//! - A blocking read on both streams gets at most one entry per stream; Redis 7.0 serves a
+//!   woken reader from the stream that woke it only, so an idle worker takes the first job to
+//!   arrive, whatever its priority (priority orders jobs that wait together).
+//!
 //! # Use
 //!
 //! Operator: [`Queue::connect`], [`Queue::enqueue`], [`Queue::cancel`], [`Queue::depth`],
