@@ -71,6 +71,27 @@ fn uid(job: &InpaintJob) -> Result<String> {
     })
 }
 
+/// The unfinished jobs that wait for `pool` to exist (never enqueued), to wake when it appears.
+pub fn waiting_for_pool<'a>(
+    pool: &InpaintPool,
+    jobs: impl IntoIterator<Item = &'a InpaintJob>,
+) -> Vec<kube::runtime::reflector::ObjectRef<InpaintJob>> {
+    let ns = pool.namespace();
+    let name = pool.name_any();
+    jobs.into_iter()
+        .filter(|j| {
+            j.namespace() == ns
+                && j.spec.pool == name
+                && !j.is_finished()
+                && j.status
+                    .as_ref()
+                    .and_then(|s| s.queued_at.as_ref())
+                    .is_none()
+        })
+        .map(kube::runtime::reflector::ObjectRef::from_obj)
+        .collect()
+}
+
 /// Reconciles one InpaintJob (entry point of the controller).
 pub async fn reconcile(job: Arc<InpaintJob>, ctx: Arc<Context>) -> Result<Action> {
     let _timer = ctx.metrics.reconcile("job");
@@ -311,5 +332,31 @@ async fn publish(ctx: &Context, job: &InpaintJob, ev: &status::JobEvent) {
     };
     if let Err(e) = ctx.recorder.publish(&event, &job.object_ref(&())).await {
         warn!(job = %job.name_any(), reason = ev.reason, %e, "cannot publish event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures;
+    use serde_json::json;
+
+    #[test]
+    fn a_new_pool_wakes_only_the_jobs_waiting_for_it() {
+        let p = fixtures::pool(
+            fixtures::NS,
+            fixtures::POOL,
+            json!({"worker": {"image": "w"}}),
+        );
+        let waiting = fixtures::job(0, json!({}));
+        let mut other_pool = fixtures::job(0, json!({"pool": "cpu"}));
+        other_pool.metadata.name = Some("other".into());
+        let mut other_ns = fixtures::job(0, json!({}));
+        other_ns.metadata.namespace = Some("elsewhere".into());
+        let mut queued = fixtures::job(0, json!({}));
+        queued.metadata.name = Some("queued".into());
+        queued.status = Some(crate::status::enqueued(&queued, None, Timestamp::now()));
+        let refs = waiting_for_pool(&p, [&waiting, &other_pool, &other_ns, &queued]);
+        assert_eq!(refs, vec![crate::job_ref(fixtures::NS, fixtures::JOB)]);
     }
 }

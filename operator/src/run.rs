@@ -13,7 +13,7 @@ use kube::api::{Api, ListParams};
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, Resource};
 use kube_lease_manager::LeaseManagerBuilder;
 use pawfect_api::{InpaintJob, InpaintPool};
 use pawfect_queue::{Queue, QueueConfig};
@@ -373,21 +373,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             pools_api.clone(),
             watcher::Config::default(),
             move |p: InpaintPool| {
-                let ns = p.namespace();
-                let name = p.name_any();
-                jobs.state()
-                    .into_iter()
-                    .filter(|j| {
-                        j.namespace() == ns
-                            && j.spec.pool == name
-                            && !j.is_finished()
-                            && j.status
-                                .as_ref()
-                                .and_then(|s| s.queued_at.as_ref())
-                                .is_none()
-                    })
-                    .map(|j| ObjectRef::from_obj(j.as_ref()))
-                    .collect::<Vec<_>>()
+                let all = jobs.state();
+                job::waiting_for_pool(&p, all.iter().map(|j| j.as_ref()))
             },
         )
         .reconcile_on(job_rx)

@@ -259,17 +259,18 @@ pub fn from_queue(
     match q.state {
         QueueState::Queued => {
             s.phase = Some(JobPhase::Queued);
-            if q.attempt > 0 {
-                // A worker stopped (died, was drained or failed transiently): back in the queue.
+            // Back in the queue after an attempt: a retryable failure (attempt kept), or a
+            // worker that shut down and handed the job back (attempt given back, reason set).
+            let back = q.attempt > 0 || q.reason.as_deref().is_some_and(|r| !r.is_empty());
+            if back {
+                let what = if q.attempt > 0 {
+                    format!("attempt {}/{} did not finish", q.attempt, q.max_attempts)
+                } else {
+                    "the worker stopped before finishing".to_string()
+                };
                 let msg = match q.message.as_deref() {
-                    Some(m) if !m.is_empty() => format!(
-                        "attempt {}/{} did not finish ({m}); back in the queue",
-                        q.attempt, q.max_attempts
-                    ),
-                    _ => format!(
-                        "attempt {}/{} did not finish; back in the queue",
-                        q.attempt, q.max_attempts
-                    ),
+                    Some(m) if !m.is_empty() => format!("{what} ({m}); back in the queue"),
+                    _ => format!("{what}; back in the queue"),
                 };
                 set(
                     &mut s,
@@ -418,7 +419,8 @@ pub fn events(old: Option<&InpaintJobStatus>, new: &InpaintJobStatus) -> Vec<Job
         JobPhase::Queued => {
             let retry = new.reason.as_deref() == Some(reasons::RETRYING);
             let attempts_moved = old.and_then(|s| s.attempts) != new.attempts;
-            if retry && (!same_phase || attempts_moved) {
+            let was_retry = old_reason == Some(reasons::RETRYING);
+            if retry && (!same_phase || attempts_moved || !was_retry) {
                 vec![ev(true, reasons::RETRYING, "Retry")]
             } else if !same_phase && !retry {
                 vec![ev(false, reasons::ENQUEUED, "Enqueue")]
@@ -628,6 +630,29 @@ mod tests {
         let s3 = from_queue(&j, Some(&s1), &running(2, "w-b", 0), ts(71));
         assert_eq!(s3.worker.as_deref(), Some("w-b"));
         assert_eq!(events(Some(&s1), &s3)[0].reason, reasons::CLAIMED);
+    }
+
+    #[test]
+    fn handed_back_job_is_retrying() {
+        let j = job();
+        let s1 = from_queue(&j, None, &running(1, "w-a", 4), ts(6));
+        let back = QueueJob {
+            attempt: 0,
+            worker: Some("w-a".into()),
+            reason: Some("HandedBack".into()),
+            message: Some("worker shutting down".into()),
+            ..q(QueueState::Queued)
+        };
+        let s2 = from_queue(&j, Some(&s1), &back, ts(20));
+        assert_eq!(s2.phase, Some(JobPhase::Queued));
+        assert_eq!(s2.reason.as_deref(), Some(reasons::RETRYING));
+        assert_eq!(
+            s2.message.as_deref(),
+            Some("the worker stopped before finishing (worker shutting down); back in the queue")
+        );
+        let e = events(Some(&s1), &s2);
+        assert_eq!((e[0].reason, e[0].warning), (reasons::RETRYING, true));
+        assert!(events(Some(&s2), &from_queue(&j, Some(&s2), &back, ts(30))).is_empty());
     }
 
     #[test]
