@@ -732,3 +732,62 @@ async fn drain_keeps_busy_workers_and_marks_them_before_scaling_down() {
         .await;
     done(h).await;
 }
+
+// ---------------------------------------------------------------- start-up
+
+#[tokio::test]
+async fn start_up_check_explains_missing_crds() {
+    use crate::run::{StartError, check_crds};
+    let mut env = TestEnv::new().await;
+    let client = env.ctx.client.clone();
+    let h = tokio::spawn(async move { check_crds(&client, Some("media")).await });
+    env.api
+        .expect(
+            Method::GET,
+            "/apis/inpaint.pawfect.dev/v1alpha1/namespaces/media/inpaintjobs?&limit=1",
+            StatusCode::OK,
+            json!({"apiVersion": "inpaint.pawfect.dev/v1alpha1", "kind": "InpaintJobList", "metadata": {}, "items": []}),
+        )
+        .await;
+    env.api
+        .expect(
+            Method::GET,
+            "/apis/inpaint.pawfect.dev/v1alpha1/namespaces/media/inpaintpools?&limit=1",
+            StatusCode::NOT_FOUND,
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                   "message": "the server could not find the requested resource", "reason": "NotFound", "code": 404}),
+        )
+        .await;
+    let err = h.await.unwrap().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StartError::CrdMissing {
+                kind: "InpaintPool",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let msg = err.to_string();
+    assert!(msg.contains("inpaintpools.inpaint.pawfect.dev"), "{msg}");
+    assert!(msg.contains("kubectl apply -f crds/"), "{msg}");
+
+    // Forbidden says to check RBAC (all namespaces).
+    let client = env.ctx.client.clone();
+    let h = tokio::spawn(async move { check_crds(&client, None).await });
+    env.api
+        .expect(
+            Method::GET,
+            "/apis/inpaint.pawfect.dev/v1alpha1/inpaintjobs?&limit=1",
+            StatusCode::FORBIDDEN,
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                   "message": "inpaintjobs is forbidden", "reason": "Forbidden", "code": 403}),
+        )
+        .await;
+    let msg = h.await.unwrap().unwrap_err().to_string();
+    assert!(
+        msg.contains("RBAC") && msg.contains("all namespaces"),
+        "{msg}"
+    );
+}
