@@ -216,6 +216,8 @@ spec:
     resources: {limits: {nvidia.com/gpu: "0", cpu: "2", memory: 4Gi}}
     modelVolume: {hostPath: /pawfect/models}
     modelVariant: $MODEL_VARIANT
+    # CPU worker; file:// inputs and outputs only under these roots.
+    args: [--device, cpu, --allow-root, /models/e2e-input, --allow-root, /tmp]
     terminationGracePeriodSeconds: 60
 ---
 apiVersion: inpaint.pawfect.dev/v1alpha1

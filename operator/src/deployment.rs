@@ -128,6 +128,13 @@ pub fn worker_resources(given: Option<&ResourceRequirements>) -> ResourceRequire
     r
 }
 
+/// How long a worker may keep running its job after SIGTERM before it hands the job back:
+/// the grace period less a margin (a tenth, at least 10 s) for the hand-back itself.
+pub fn drain_seconds(termination_grace_seconds: i64) -> i64 {
+    let margin = (termination_grace_seconds / 10).max(10);
+    (termination_grace_seconds - margin).max(1)
+}
+
 fn probe(path: &str, period: i32, failures: i32) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
@@ -187,6 +194,10 @@ pub fn build(pool: &InpaintPool, conn: &WorkerConnection, replicas: u32) -> Depl
     }
     envs.push(env("PAWFECT_QUEUE_PREFIX", conn.queue_prefix.clone()));
     envs.push(env("PAWFECT_MODEL_VARIANT", w.model_variant.as_str()));
+    envs.push(env(
+        "PAWFECT_DRAIN_TIMEOUT",
+        format!("{}s", drain_seconds(w.termination_grace_period_seconds)),
+    ));
     // The pool's env wins over ours by name (env is a map keyed by name under server-side apply:
     // duplicates would be rejected).
     for e in &w.env {
@@ -410,6 +421,7 @@ mod tests {
         assert_eq!(get("PAWFECT_QUEUE_PREFIX").unwrap()["value"], "pawfect");
         assert_eq!(get("PAWFECT_MODEL_VARIANT").unwrap()["value"], "q5_k_m");
         assert!(get("PAWFECT_REDIS_PASSWORD").is_none());
+        assert_eq!(get("PAWFECT_DRAIN_TIMEOUT").unwrap()["value"], "810s");
     }
 
     #[test]
@@ -495,6 +507,14 @@ mod tests {
         let c = &pod["containers"][0];
         assert_eq!(c["resources"]["limits"]["nvidia.com/gpu"], "0");
         assert_eq!(c["args"][2], "/models");
+    }
+
+    #[test]
+    fn drain_fits_in_the_grace_period() {
+        assert_eq!(drain_seconds(900), 810);
+        assert_eq!(drain_seconds(30), 20);
+        assert_eq!(drain_seconds(86400), 77760);
+        assert_eq!(drain_seconds(5), 1);
     }
 
     #[test]
