@@ -161,14 +161,19 @@ async fn apply(job: &InpaintJob, ctx: &Context) -> Result<Action> {
         }
     };
     let finished = new.phase.is_some_and(JobPhase::is_terminal);
+    let resync = if new.phase == Some(JobPhase::Running) {
+        ctx.settings.job_resync
+    } else {
+        ctx.settings.queued_resync
+    };
     write_status(job, ctx, new).await?;
     if finished {
         // The watch event of the status just written brings the job back for its TTL.
         return Ok(Action::await_change());
     }
-    let to_deadline = status::deadline(job).map_or(ctx.settings.job_resync, |d| until(now, d));
+    let to_deadline = status::deadline(job).map_or(resync, |d| until(now, d));
     Ok(Action::requeue(
-        to_deadline.min(ctx.settings.job_resync) + Duration::from_millis(50),
+        to_deadline.min(resync) + Duration::from_millis(50),
     ))
 }
 

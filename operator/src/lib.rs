@@ -90,9 +90,12 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Timing knobs of the controllers.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// Longest time between two reconciles of an unfinished job (resync from the job hash,
+    /// Longest time between two reconciles of a running job (resync from the job hash,
     /// should every event be lost).
     pub job_resync: Duration,
+    /// The same for a job waiting in the queue (its claim event wakes it; this only bounds
+    /// the delay should that event be lost, and keeps a long backlog cheap).
+    pub queued_resync: Duration,
     /// Retry interval of a job whose pool does not exist (pool creation also wakes it).
     pub pool_missing_retry: Duration,
     /// Retry interval after a failed reconcile.
@@ -103,6 +106,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             job_resync: Duration::from_secs(60),
+            queued_resync: Duration::from_secs(300),
             pool_missing_retry: Duration::from_secs(30),
             error_retry: Duration::from_secs(10),
         }

@@ -96,8 +96,9 @@ async fn enqueue(env: &mut TestEnv, j: &InpaintJob) -> InpaintJob {
     assert_eq!(status["observedGeneration"], 1);
     assert!(status["queuedAt"].is_string());
     expect_event(env, reasons::ENQUEUED, "Normal").await;
+    // Resynced after 5 minutes (or woken by its claim event); the 600 s deadline is later.
     let action = done(h).await;
-    assert_eq!(action, Action::requeue(Duration::from_millis(60_050)));
+    assert_eq!(action, Action::requeue(Duration::from_millis(300_050)));
     updated
 }
 
@@ -208,7 +209,11 @@ async fn queue_events_drive_the_status_to_complete() {
     assert_eq!(cond(&status, "Queued")["status"], "False");
     assert_eq!(cond(&status, "Running")["status"], "True");
     expect_event(&mut env, reasons::CLAIMED, "Normal").await;
-    done(h).await;
+    // Running jobs are resynced every minute.
+    assert_eq!(
+        done(h).await,
+        Action::requeue(Duration::from_millis(60_050))
+    );
 
     // Progress: status only, no event.
     claim
