@@ -34,9 +34,9 @@ pub struct Call {
 pub struct ApiServerVerifier(Handle<Request<Body>, Response<Body>>);
 
 impl ApiServerVerifier {
-    /// Waits for the next request (fails the test after 5 s).
+    /// Waits for the next request (fails the test after 20 s).
     pub async fn next(&mut self) -> (Call, SendResponse<Response<Body>>) {
-        let (req, send) = tokio::time::timeout(Duration::from_secs(5), self.0.next_request())
+        let (req, send) = tokio::time::timeout(Duration::from_secs(20), self.0.next_request())
             .await
             .expect("timed out waiting for an API request")
             .expect("the client is gone: no more requests");

@@ -796,3 +796,82 @@ async fn start_up_check_explains_missing_crds() {
         "{msg}"
     );
 }
+
+// ---------------------------------------------------------------- queue outages
+
+async fn done_err(h: tokio::task::JoinHandle<Result<Action>>) -> crate::Error {
+    tokio::time::timeout(Duration::from_secs(30), h)
+        .await
+        .expect("reconcile finished")
+        .expect("reconcile did not panic")
+        .expect_err("reconcile failed")
+}
+
+#[tokio::test]
+async fn job_shows_a_queue_outage_and_retries() {
+    let mut env = TestEnv::new().await;
+    env.redis.kill().unwrap();
+    let j = finalized(job(0, json!({})));
+    let h = run_job(&env, &j).await;
+    let (status, _) = expect_status(&mut env, &j).await;
+    assert_eq!(status["phase"], "Pending");
+    let c = cond(&status, "Queued");
+    assert_eq!(
+        (c["status"].as_str(), c["reason"].as_str()),
+        (Some("False"), Some(reasons::QUEUE_UNAVAILABLE))
+    );
+    expect_event(&mut env, reasons::QUEUE_UNAVAILABLE, "Warning").await;
+    let err = done_err(h).await;
+    assert_eq!(err.metric_label(), "queue", "{err}");
+}
+
+#[tokio::test]
+async fn pool_keeps_its_replicas_while_the_queue_is_down() {
+    let mut env = TestEnv::new().await;
+    env.redis.kill().unwrap();
+    let p = pool(
+        POOL_NS,
+        POOL,
+        json!({"maxReplicas": 3, "scaleDownDelaySeconds": 0, "worker": {"image": "w:1"}}),
+    );
+    let h = run_pool(&env, &p).await;
+    env.api
+        .expect(
+            Method::GET,
+            &deployment_uri(false),
+            StatusCode::OK,
+            deployment(2, 2),
+        )
+        .await;
+    env.api
+        .expect(
+            Method::GET,
+            &format!("/api/v1/namespaces/{POOL_NS}/pods?&labelSelector=app.kubernetes.io%2Fname%3Dpawfect-worker%2Cinpaint.pawfect.dev%2Fpool%3Dt4"),
+            StatusCode::OK,
+            json!({"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [pod("t4-worker-a"), pod("t4-worker-b")]}),
+        )
+        .await;
+    // No pod marks (who is busy is unknown); the replicas stay at 2 although the delay is 0.
+    let applied = env
+        .api
+        .expect_with(Method::PATCH, &deployment_uri(true), |b| {
+            (StatusCode::OK, b.clone())
+        })
+        .await;
+    assert_eq!(applied["spec"]["replicas"], 2);
+    let st = env
+        .api
+        .expect_with(
+            Method::PATCH,
+            &status_uri::<InpaintPool>(POOL_NS, POOL),
+            |b| pool_reply(&p, b),
+        )
+        .await;
+    let r = cond(&st["status"], "Ready");
+    assert_eq!(
+        (r["status"].as_str(), r["reason"].as_str()),
+        (Some("False"), Some(reasons::QUEUE_UNAVAILABLE))
+    );
+    let err = done_err(h).await;
+    assert_eq!(err.metric_label(), "queue", "{err}");
+}
