@@ -124,8 +124,8 @@ pub struct Context {
     pub settings: Settings,
     /// Wakes the pool controller (a job was enqueued, a queue event arrived).
     pub pool_wake: Option<UnboundedSender<ObjectRef<InpaintPool>>>,
-    /// Autoscaler history per pool (`namespace/name`).
-    pub scale_history: Mutex<HashMap<String, autoscaler::History>>,
+    /// Autoscaler history per pool (`namespace/name`), with the time the pool was last seen.
+    pub scale_history: Mutex<HashMap<String, (autoscaler::History, jiff::Timestamp)>>,
 }
 
 impl Context {

@@ -135,9 +135,11 @@ pub async fn reconcile(pool: Arc<InpaintPool>, ctx: Arc<Context>) -> Result<Acti
                     .scale_history
                     .lock()
                     .unwrap_or_else(|poisoned| poisoned.into_inner());
-                let history = all
+                forget_deleted_pools(&mut all, &ctx.metrics, now);
+                let (history, seen) = all
                     .entry(qpool.clone())
-                    .or_insert_with(|| History::seeded(now, current));
+                    .or_insert_with(|| (History::seeded(now, current), now));
+                *seen = now;
                 autoscaler::decide(&policy, &obs, history, now)
             };
             (decision, Some(depth), Some(busy_names), None)
@@ -229,6 +231,23 @@ pub async fn reconcile(pool: Arc<InpaintPool>, ctx: Arc<Context>) -> Result<Acti
         _ => poll,
     };
     Ok(Action::requeue(next))
+}
+
+/// Every pool is reconciled at least every `pollIntervalSeconds` (at most an hour): one not
+/// seen for two hours was deleted. Its history and metric series go.
+fn forget_deleted_pools(
+    all: &mut std::collections::HashMap<String, (History, Timestamp)>,
+    metrics: &crate::metrics::Metrics,
+    now: Timestamp,
+) {
+    let cutoff = now - jiff::SignedDuration::from_hours(2);
+    all.retain(|key, (_, seen)| {
+        let keep = *seen > cutoff;
+        if !keep && let Some((ns, pool)) = crate::split_queue_pool(key) {
+            metrics.pool_removed(ns, pool);
+        }
+        keep
+    });
 }
 
 /// Puts the busy/idle annotations on the pods that lack them.
@@ -417,6 +436,32 @@ mod tests {
             ("False", reasons::QUEUE_UNAVAILABLE)
         );
         assert!(!is_true(&s2.conditions, SCALING));
+    }
+
+    #[test]
+    fn deleted_pools_are_forgotten() {
+        let m = crate::metrics::Metrics::default();
+        let now = Timestamp::from_second(1_700_000_000).unwrap();
+        m.pool("media", "old", PoolSample::default());
+        let mut all = std::collections::HashMap::from([
+            (
+                "media/old".to_string(),
+                (
+                    History::default(),
+                    now - jiff::SignedDuration::from_hours(3),
+                ),
+            ),
+            (
+                "media/t4".to_string(),
+                (
+                    History::default(),
+                    now - jiff::SignedDuration::from_secs(30),
+                ),
+            ),
+        ]);
+        forget_deleted_pools(&mut all, &m, now);
+        assert_eq!(all.keys().collect::<Vec<_>>(), vec!["media/t4"]);
+        assert!(!m.encode().unwrap().contains("pool=\"old\""));
     }
 
     #[test]
