@@ -109,10 +109,10 @@ fn load_noise(path: &Path) -> Result<Tensor> {
     if let Some(t) = ts.remove("noise") {
         return Ok(t);
     }
-    if ts.len() == 1 {
-        if let Some((_, t)) = ts.into_iter().next() {
-            return Ok(t);
-        }
+    if ts.len() == 1
+        && let Some((_, t)) = ts.into_iter().next()
+    {
+        return Ok(t);
     }
     bail!(
         "{}: expected a tensor named `noise` (or exactly one tensor)",

@@ -264,14 +264,14 @@ impl GgufStore {
     pub fn open(path: &Path, device: &Device) -> Result<Self> {
         let f = File::open(path).map_err(|e| FluxError::bad_file(path, e))?;
         let mut reader = BufReader::new(f);
-        if let Ok(types) = scan_gguf_types(&mut reader) {
-            if let Some((name, t)) = types.iter().find(|(_, t)| !SUPPORTED_GGML.contains(t)) {
-                return Err(FluxError::UnsupportedGguf {
-                    path: path.to_path_buf(),
-                    tensor: name.clone(),
-                    dtype: ggml_type_name(*t),
-                });
-            }
+        if let Ok(types) = scan_gguf_types(&mut reader)
+            && let Some((name, t)) = types.iter().find(|(_, t)| !SUPPORTED_GGML.contains(t))
+        {
+            return Err(FluxError::UnsupportedGguf {
+                path: path.to_path_buf(),
+                tensor: name.clone(),
+                dtype: ggml_type_name(*t),
+            });
         }
         reader.rewind()?;
         let content =

@@ -227,13 +227,16 @@ pub struct PromptEmbeds {
     pub pooled: Tensor,
 }
 
+/// (prompt, T5 sequence length)
+type CacheKey = (String, usize);
+
 /// CLIP + T5 with their tokenizers and a prompt cache.
 pub struct TextEncoders {
     pub clip_tok: PromptTokenizer,
     pub t5_tok: PromptTokenizer,
     pub clip: ClipTextModel,
     pub t5: T5Encoder,
-    cache: Mutex<VecDeque<((String, usize), Arc<PromptEmbeds>)>>,
+    cache: Mutex<VecDeque<(CacheKey, Arc<PromptEmbeds>)>>,
     capacity: usize,
 }
 
@@ -263,14 +266,13 @@ impl TextEncoders {
     /// Encodes `prompt` (T5 with `max_sequence_length` tokens), from the cache when seen recently.
     pub fn encode(&self, prompt: &str, max_sequence_length: usize) -> Result<Arc<PromptEmbeds>> {
         let key = (prompt.to_string(), max_sequence_length);
-        if let Ok(mut c) = self.cache.lock() {
-            if let Some(pos) = c.iter().position(|(k, _)| *k == key) {
-                if let Some(entry) = c.remove(pos) {
-                    let v = entry.1.clone();
-                    c.push_front(entry);
-                    return Ok(v);
-                }
-            }
+        if let Ok(mut c) = self.cache.lock()
+            && let Some(pos) = c.iter().position(|(k, _)| *k == key)
+            && let Some(entry) = c.remove(pos)
+        {
+            let v = entry.1.clone();
+            c.push_front(entry);
+            return Ok(v);
         }
         let clip_ids = self.clip_tok.encode(prompt, self.clip_tok.max_length)?;
         let t5_ids = self.t5_tok.encode(prompt, max_sequence_length)?;
@@ -279,11 +281,11 @@ impl TextEncoders {
             .pooled(&Self::ids(clip_ids, self.clip.device())?)?;
         let t5 = self.t5.forward(&Self::ids(t5_ids, self.t5.device())?)?;
         let v = Arc::new(PromptEmbeds { t5, pooled });
-        if self.capacity > 0 {
-            if let Ok(mut c) = self.cache.lock() {
-                c.push_front((key, v.clone()));
-                c.truncate(self.capacity);
-            }
+        if self.capacity > 0
+            && let Ok(mut c) = self.cache.lock()
+        {
+            c.push_front((key, v.clone()));
+            c.truncate(self.capacity);
         }
         Ok(v)
     }
