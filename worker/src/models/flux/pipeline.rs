@@ -172,8 +172,36 @@ pub fn seeded_noise(seed: u64, shape: (usize, usize, usize, usize)) -> Result<Te
     Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
 }
 
+/// Refuses bf16 on CUDA cards below compute capability 8.0 (T4 = 7.5): candle builds no bf16
+/// kernels for them although `Device::supports_bf16()` says yes.
+pub fn check_dtype(device: &Device, dtype: DType) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device
+        && dtype == DType::BF16
+    {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
+        let major = d
+            .cuda_stream()
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+            .map_err(|e| {
+                FluxError::InvalidInput(format!("cannot read the compute capability: {e:?}"))
+            })?;
+        if major < 8 {
+            return Err(FluxError::InvalidInput(format!(
+                "bf16 needs a GPU of compute capability 8.0 or newer (this one is {major}.x): use f16"
+            )));
+        }
+    }
+    let _ = (device, dtype);
+    Ok(())
+}
+
 impl FluxFill {
     pub fn load(paths: &FluxModelPaths, o: &FluxLoadOptions) -> Result<Self> {
+        for p in [&o.transformer, &o.t5, &o.clip, &o.vae] {
+            check_dtype(&p.device, p.dtype)?;
+        }
         // transformer
         let tp = &o.transformer;
         let lopts = LinearOpts {
