@@ -51,6 +51,12 @@ pub struct InpaintArgs {
     /// T5 dtype (default: the transformer dtype; f32 when T5 runs on the CPU).
     #[arg(long)]
     pub t5_dtype: Option<String>,
+    /// VAE dtype (default f32; the FLUX VAE is unreliable in f16).
+    #[arg(long)]
+    pub vae_dtype: Option<String>,
+    /// CLIP dtype (default f32).
+    #[arg(long)]
+    pub clip_dtype: Option<String>,
     /// GGUF transformer (city96 layout, e.g. flux1-fill-dev-Q5_K_M.gguf).
     #[arg(long)]
     pub transformer_gguf: Option<PathBuf>,
@@ -153,6 +159,12 @@ pub fn run(a: &InpaintArgs) -> Result<()> {
     }
     if let Some(d) = &a.t5_dtype {
         o.t5.dtype = parse_dtype(d)?;
+    }
+    if let Some(d) = &a.vae_dtype {
+        o.vae.dtype = parse_dtype(d)?;
+    }
+    if let Some(d) = &a.clip_dtype {
+        o.clip.dtype = parse_dtype(d)?;
     }
     o.quant_matmul = a
         .gguf_matmul
