@@ -1,0 +1,3 @@
+fn main() -> anyhow::Result<()> {
+    pawfect_worker::cli::main()
+}
