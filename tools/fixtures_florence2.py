@@ -17,7 +17,10 @@ Writes into OUT:
                vocabulary = 51289-analog (no <image>, no padding rows)
   caption.png  the image the generation references use (already at the processor size)
   resize.png   a non-square image for the resize parity test
-  reference.safetensors, expected.json   reference tensors / ids / texts (see below)
+  reference.safetensors  pixel values (caption.png, resize.png), each vision stage, vision features,
+               projected image tokens, encoder output, decoder logits for fixed decoder ids
+  expected.json  prompt ids per task, generated ids (greedy; beam 3 with no-repeat 3) with decoded
+               text and caption per task, ids for other beam settings, ids of the original layout
 """
 import json
 import os
@@ -377,6 +380,18 @@ def main(seed: int, out: str) -> None:
                 parsed = processor.post_process_generation(text, task=task, image_size=caption_img.size)[task]
                 entry[mode] = {"ids": gen, "decoded": text, "caption": parsed}
             expected["tasks"][task] = entry
+
+        # Other beam-search settings (length penalty, the early-stopping heuristics, no n-gram ban).
+        inp = processor(text="<DETAILED_CAPTION>", images=caption_img, return_tensors="pt")
+        expected["variants"] = []
+        for kw in [
+            dict(num_beams=4, early_stopping="never", length_penalty=2.0),
+            dict(num_beams=2, early_stopping=False, length_penalty=0.5),
+            dict(num_beams=3, early_stopping=False, length_penalty=-1.0),
+            dict(num_beams=3, no_repeat_ngram_size=0),
+            dict(num_beams=1, no_repeat_ngram_size=0),
+        ]:
+            expected["variants"].append({"settings": kw, "ids": _generate(model, inp, **kw)})
 
     save_file({k: v.contiguous().float() if v.is_floating_point() else v.contiguous() for k, v in ref.items()},
               os.path.join(out, "reference.safetensors"))

@@ -301,3 +301,38 @@ fn florence2_parity_incremental_decoding_matches_full() {
         &full.narrow(1, 0, k).unwrap().contiguous().unwrap(),
     );
 }
+
+#[test]
+fn florence2_parity_beam_settings() {
+    use pawfect_worker::models::florence2::EarlyStopping;
+    let fx = load_fixtures();
+    let model = fx.model("native");
+    let max_new = fx.expected["max_new_tokens"].as_u64().unwrap() as usize;
+    let enc = model
+        .encode_image(fx.r("pixel_values"), Task::DetailedCaption)
+        .unwrap();
+    let variants = fx.expected["variants"].as_array().unwrap();
+    assert!(!variants.is_empty());
+    for v in variants {
+        let s = &v["settings"];
+        let mut g = model.default_generation().with_max_new_tokens(max_new);
+        g.num_beams = s["num_beams"].as_u64().unwrap() as usize;
+        if let Some(lp) = s.get("length_penalty") {
+            g.length_penalty = lp.as_f64().unwrap();
+        }
+        if let Some(n) = s.get("no_repeat_ngram_size") {
+            g.no_repeat_ngram_size = n.as_u64().unwrap() as usize;
+        }
+        match s.get("early_stopping") {
+            Some(Value::Bool(true)) | None => {}
+            Some(Value::Bool(false)) => g.early_stopping = EarlyStopping::False,
+            Some(Value::String(x)) if x == "never" => g.early_stopping = EarlyStopping::Never,
+            Some(other) => panic!("unexpected early_stopping {other}"),
+        }
+        assert_eq!(
+            model.generate_ids(&enc, &g).unwrap(),
+            Fx::ids(&v["ids"]),
+            "{s}"
+        );
+    }
+}
