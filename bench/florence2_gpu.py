@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-MAX_NEW = 64
+MAX_NEW = int(os.environ.get("MAX_NEW", "64"))
+DEV = os.environ.get("BENCH_DEVICE", "cuda")  # "cpu" only to dry-run the script
 
 
 def make(out: str, tokenizer: str, image: str) -> None:
@@ -37,7 +38,7 @@ def make(out: str, tokenizer: str, image: str) -> None:
         decoder_start_token_id=2,
     )
     cfg = Florence2Config(vision_config=dict(projection_dim=768), text_config=text.to_dict(), image_token_id=51289)
-    with torch.device("cuda"):
+    with torch.device(DEV):
         model = Florence2ForConditionalGeneration(cfg)
     model = model.half().eval()
     model.generation_config = GenerationConfig(
@@ -67,14 +68,18 @@ def time_transformers(model_dir: str, image: str, out: str, runs: int = 5) -> No
     from transformers import Florence2ForConditionalGeneration
 
     model = Florence2ForConditionalGeneration.from_pretrained(
-        model_dir, dtype=torch.float16, attn_implementation="eager").cuda().eval()
-    pv = _pixel_values(image).cuda().half()
+        model_dir, dtype=torch.float16, attn_implementation="eager").to(DEV).eval()
+    pv = _pixel_values(image).to(DEV).half()
     # <image>×577 + <s> + 11 prompt tokens + </s> (ids are irrelevant for timing)
     prompt = [0] + list(range(300, 311)) + [2]
-    ids = torch.tensor([[51289] * 577 + prompt], device="cuda")
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    ids = torch.tensor([[51289] * 577 + prompt], device=DEV)
+    res = {"device": torch.cuda.get_device_name() if DEV == "cuda" else DEV, "torch": torch.__version__}
     import transformers
     res["transformers"] = transformers.__version__
+    def sync():
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+
     for beams in (3, 1):
         kw = dict(input_ids=ids, pixel_values=pv, max_new_tokens=MAX_NEW, num_beams=beams)
         with torch.no_grad():
@@ -82,10 +87,10 @@ def time_transformers(model_dir: str, image: str, out: str, runs: int = 5) -> No
                 model.generate(**kw)
             times, n = [], 0
             for _ in range(runs):
-                torch.cuda.synchronize()
+                sync()
                 t = time.perf_counter()
                 g = model.generate(**kw)
-                torch.cuda.synchronize()
+                sync()
                 times.append((time.perf_counter() - t) * 1e3)
                 n = g.shape[1] - 1
         res[f"beam{beams}"] = {"ms": times, "median_ms": statistics.median(times), "new_tokens": n, "ids": g[0].tolist()}
@@ -97,10 +102,14 @@ def report(d: str) -> None:
     tf = json.load(open(os.path.join(d, "transformers.json")))
     print(f"device: {tf['device']}  torch {tf['torch']}  transformers {tf['transformers']}")
     for beams in (3, 1):
-        c = json.load(open(os.path.join(d, f"candle_beam{beams}.json")))
+        path = os.path.join(d, f"candle_beam{beams}.json")
+        t = tf[f"beam{beams}"]
+        if not os.path.exists(path) or os.path.getsize(path) == 0:
+            print(f"beam {beams}: candle failed; transformers {t['median_ms']:.1f} ms ({t['new_tokens']} new tokens)")
+            continue
+        c = json.load(open(path))
         warm = c["caption_ms"][1:] or c["caption_ms"]
         cm = statistics.median(warm)
-        t = tf[f"beam{beams}"]
         same = c["ids"] == t["ids"]
         print(
             f"beam {beams}: candle {cm:.1f} ms ({len(c['ids']) - 1} new tokens, first run {c['caption_ms'][0]:.0f} ms, "

@@ -86,13 +86,13 @@ impl VisionConfig {
         }
         for i in 0..n {
             let c = self.embed_dim[i];
-            if self.num_heads[i] == 0 || c % self.num_heads[i] != 0 {
+            if self.num_heads[i] == 0 || !c.is_multiple_of(self.num_heads[i]) {
                 return Err(format!(
                     "stage {i}: embed_dim {c} not divisible by num_heads {}",
                     self.num_heads[i]
                 ));
             }
-            if self.num_groups[i] == 0 || c % self.num_groups[i] != 0 {
+            if self.num_groups[i] == 0 || !c.is_multiple_of(self.num_groups[i]) {
                 return Err(format!(
                     "stage {i}: embed_dim {c} not divisible by num_groups {}",
                     self.num_groups[i]
@@ -434,7 +434,7 @@ impl ImageProcessorConfig {
             c.image_mean = m;
         }
         if let Some(s) = triple("image_std")? {
-            if s.iter().any(|x| *x == 0.0) {
+            if s.contains(&0.0) {
                 return Err("image_std holds a zero".into());
             }
             c.image_std = s;

@@ -101,8 +101,8 @@ pub fn log_softmax(x: &[f32]) -> Vec<f32> {
 fn top_k(values: &[f32], k: usize) -> Vec<usize> {
     let better = |a: usize, b: usize| values[a] > values[b] || (values[a] == values[b] && a < b);
     let mut top: Vec<usize> = Vec::with_capacity(k + 1);
-    for i in 0..values.len() {
-        if values[i].is_nan() {
+    for (i, v) in values.iter().enumerate() {
+        if v.is_nan() {
             continue;
         }
         if top.len() == k && !better(i, top[k - 1]) {
