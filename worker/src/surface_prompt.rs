@@ -410,11 +410,16 @@ impl SurfacePrompt {
         }
     }
 
-    fn fallback(note: String) -> Self {
+    /// The neutral prompt with the reason it was used (e.g. captioning failed).
+    pub fn neutral_because(reason: impl Into<String>) -> Self {
         Self {
-            note: Some(note),
+            note: Some(reason.into()),
             ..Self::neutral()
         }
+    }
+
+    fn fallback(note: String) -> Self {
+        Self::neutral_because(note)
     }
 
     /// Builds the prompt from a caption of the area around the mask.
@@ -616,6 +621,9 @@ mod tests {
             SurfacePrompt::neutral().prompt,
             "matching background texture, seamless continuation, no objects"
         );
+        let p = SurfacePrompt::neutral_because("captioning failed: out of memory");
+        assert_eq!(p.source, PromptSource::Fallback);
+        assert_eq!(p.note.as_deref(), Some("captioning failed: out of memory"));
     }
 
     #[test]
