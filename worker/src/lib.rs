@@ -2,4 +2,5 @@
 
 pub mod cli;
 pub mod models;
+pub mod surface_prompt;
 pub mod weights;

@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod caption;
 pub mod inpaint;
 
 #[derive(Debug, Parser)]
@@ -15,6 +16,8 @@ pub struct Cli {
 pub enum Command {
     /// Inpaint one image locally with FLUX.1-Fill-dev (full frame).
     Inpaint(inpaint::InpaintArgs),
+    /// Caption an image with Florence-2 and print the surface prompt it yields.
+    Caption(caption::CaptionArgs),
 }
 
 /// Entry point of the binary.
@@ -29,5 +32,6 @@ pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Inpaint(args) => inpaint::run(&args),
+        Command::Caption(args) => caption::run(args),
     }
 }
