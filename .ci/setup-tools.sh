@@ -73,18 +73,30 @@ fi
 
 have_validator() {
   [ -x "$DIR/bin/kubernetes-validate" ] &&
-    "$DIR/venv/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('kubernetes-validate') != '$KUBERNETES_VALIDATE_VERSION')" 2>/dev/null
+    "$DIR/bin/kubernetes-validate" --version 2>/dev/null | grep -q "$KUBERNETES_VALIDATE_VERSION"
 }
 
 if ! have_validator; then
-  echo "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION into $DIR/venv"
   PYTHON=${PYTHON:-$(command -v python3 || true)}
   [ -n "$PYTHON" ] || { echo "python3 is needed for kubernetes-validate" >&2; exit 1; }
-  rm -rf "$DIR/venv"
-  "$PYTHON" -m venv "$DIR/venv"
-  "$DIR/venv/bin/pip" install --quiet --disable-pip-version-check \
-    "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
-  ln -sf "$DIR/venv/bin/kubernetes-validate" "$DIR/bin/kubernetes-validate"
+  rm -rf "$DIR/venv" "$DIR/pylib" "$DIR/bin/kubernetes-validate"
+  if "$PYTHON" -m venv "$DIR/venv" >/dev/null 2>&1; then
+    echo "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION into $DIR/venv"
+    "$DIR/venv/bin/pip" install --quiet --disable-pip-version-check \
+      "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+    ln -sf "$DIR/venv/bin/kubernetes-validate" "$DIR/bin/kubernetes-validate"
+  else
+    # No venv module (Debian's python3 without python3-venv): a plain target directory.
+    rm -rf "$DIR/venv"
+    echo "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION into $DIR/pylib"
+    "$PYTHON" -m pip install --quiet --disable-pip-version-check --target "$DIR/pylib" \
+      "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+    cat >"$DIR/bin/kubernetes-validate" <<WRAPPER
+#!/bin/sh
+PYTHONPATH="$DIR/pylib\${PYTHONPATH:+:\$PYTHONPATH}" exec "$PYTHON" -m kubernetes_validate "\$@"
+WRAPPER
+    chmod 0755 "$DIR/bin/kubernetes-validate"
+  fi
   have_validator || { echo "kubernetes-validate did not install" >&2; exit 1; }
 fi
 
