@@ -30,13 +30,25 @@ pub fn crd_documents() -> Result<Vec<(&'static str, String)>, CrdError> {
     Ok(vec![
         (
             "inpaintjobs.inpaint.pawfect.dev.yaml",
-            to_yaml(&InpaintJob::crd())?,
+            to_yaml(&keep_on_uninstall(InpaintJob::crd()))?,
         ),
         (
             "inpaintpools.inpaint.pawfect.dev.yaml",
-            to_yaml(&InpaintPool::crd())?,
+            to_yaml(&keep_on_uninstall(InpaintPool::crd()))?,
         ),
     ])
+}
+
+/// `helm uninstall` must not delete the CRDs: that would delete every InpaintJob and
+/// InpaintPool in the cluster with them. Harmless for `kubectl apply`.
+fn keep_on_uninstall(
+    mut crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+    crd.metadata
+        .annotations
+        .get_or_insert_with(Default::default)
+        .insert("helm.sh/resource-policy".into(), "keep".into());
+    crd
 }
 
 fn to_yaml<T: serde::Serialize>(value: &T) -> Result<String, CrdError> {
