@@ -7,6 +7,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 #define PAW_SM80 1
 #include <cuda_bf16.h>
@@ -53,6 +55,29 @@ template <typename T, int VW> struct Vec {
 #pragma unroll
       for (int i = 0; i < VW; ++i) e[i] = from_f<T>(v[i]);
       *reinterpret_cast<uint4*>(p) = u;
+    }
+  }
+};
+
+// VW consecutive elements kept in their storage format (one 16-byte register group), converted
+// on use: cheaper in registers than `Vec` for values loaded early and used late.
+template <typename T, int VW> struct Raw {
+  static_assert(VW * sizeof(T) == 16 || VW == 1, "vector width must be 16 bytes or 1 element");
+  using Store = typename std::conditional<VW == 1, T, uint4>::type;
+  Store u;
+
+  __device__ __forceinline__ void load(const T* __restrict__ p) {
+    if constexpr (VW == 1) {
+      u = *p;
+    } else {
+      u = __ldg(reinterpret_cast<const uint4*>(p));
+    }
+  }
+  __device__ __forceinline__ float get(int e) const {
+    if constexpr (VW == 1) {
+      return to_f(u);
+    } else {
+      return to_f(reinterpret_cast<const T*>(&u)[e]);
     }
   }
 };

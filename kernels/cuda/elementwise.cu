@@ -3,6 +3,8 @@
 //   gated_res   x + gate * y, optionally clipped to the finite f16 range
 //   bias_gelu   gelu_tanh(x + bias)
 //   rms_rope    RMSNorm over the head dim (optional) then rotary embedding on interleaved pairs
+// Each kernel issues all of its loads before the first dependent computation, so that enough
+// bytes are in flight to cover memory latency.
 // All arithmetic is f32; inputs and outputs are f32, f16 or (compute capability >= 8.0) bf16.
 #include "common.cuh"
 
@@ -21,15 +23,28 @@ __device__ __forceinline__ void ln_mod_impl(const T* __restrict__ x, const T* __
   const long long row = blockIdx.x;
   const T* xr = x + row * C;
   T* orow = out + row * C;
-  Vec<T, VW> v[NV];
-  float sum = 0.f;
+  const long long mrow = (row / rows_per_mod) * mod_stride;
+  const bool has_mod = shift != nullptr;
+  // Issue every load (the row and its modulation vectors) before the first reduction.
+  Raw<T, VW> v[NV], sh[NV], sc[NV];
 #pragma unroll
   for (int i = 0; i < NV; ++i) {
     const int c = (i * blockDim.x + threadIdx.x) * VW;
     if (c < C) {
       v[i].load(xr + c);
+      if (has_mod) {
+        sh[i].load(shift + mrow + c);
+        sc[i].load(scale + mrow + c);
+      }
+    }
+  }
+  float sum = 0.f;
 #pragma unroll
-      for (int e = 0; e < VW; ++e) sum += v[i].v[e];
+  for (int i = 0; i < NV; ++i) {
+    const int c = (i * blockDim.x + threadIdx.x) * VW;
+    if (c < C) {
+#pragma unroll
+      for (int e = 0; e < VW; ++e) sum += v[i].get(e);
     }
   }
   const float mean = block_sum(sum, red) / C;
@@ -40,29 +55,23 @@ __device__ __forceinline__ void ln_mod_impl(const T* __restrict__ x, const T* __
     if (c < C) {
 #pragma unroll
       for (int e = 0; e < VW; ++e) {
-        const float d = v[i].v[e] - mean;
+        const float d = v[i].get(e) - mean;
         sq += d * d;
       }
     }
   }
   const float rstd = rsqrtf(block_sum(sq, red) / C + eps);
-  const long long mrow = (row / rows_per_mod) * mod_stride;
 #pragma unroll
   for (int i = 0; i < NV; ++i) {
     const int c = (i * blockDim.x + threadIdx.x) * VW;
     if (c < C) {
-      if (shift != nullptr) {
-        Vec<T, VW> sh, sc;
-        sh.load(shift + mrow + c);
-        sc.load(scale + mrow + c);
+      Vec<T, VW> o;
 #pragma unroll
-        for (int e = 0; e < VW; ++e)
-          v[i].v[e] = (v[i].v[e] - mean) * rstd * (1.f + sc.v[e]) + sh.v[e];
-      } else {
-#pragma unroll
-        for (int e = 0; e < VW; ++e) v[i].v[e] = (v[i].v[e] - mean) * rstd;
+      for (int e = 0; e < VW; ++e) {
+        const float n = (v[i].get(e) - mean) * rstd;
+        o.v[e] = has_mod ? n * (1.f + sc[i].get(e)) + sh[i].get(e) : n;
       }
-      v[i].store(orow + c);
+      o.store(orow + c);
     }
   }
 }
@@ -140,53 +149,73 @@ template <> struct Pair<__nv_bfloat16> {
 };
 #endif
 
-// One warp per (b, h, n) row of D elements; lane l handles the pairs l, l + 32, ... (D <= 256).
-// x rows may be strided (sb, sh, sn in elements, the head dim contiguous); out is [B, H, N, D].
-// With `norm`: n = round_T(x * rsqrt(mean(x^2) + eps) * w), then RoPE in f32 on n.
-template <typename T>
+// One warp per position (b, n) and HC consecutive heads: the position's cos/sin (and the weight)
+// are loaded once and reused for every head, and all HC rows are loaded before the first
+// reduction, so several rows' worth of memory traffic is in flight. Lane l handles the pairs
+// l, l + 32, ... (at most 32 * MAXP pairs, i.e. D <= 64 * MAXP). x rows may be strided (sb, sh, sn
+// in elements, the head dim contiguous); out is [B, H, N, D]. With `norm`:
+// n = round_T(x * rsqrt(mean(x^2) + eps) * w), then RoPE in f32 on n.
+template <typename T, int MAXP, int HC>
 __device__ __forceinline__ void rms_rope_impl(const T* __restrict__ x, const T* __restrict__ w,
                                               const float* __restrict__ cosv,
                                               const float* __restrict__ sinv, T* __restrict__ out,
                                               int H, int N, int D, long long sb, long long sh,
-                                              long long sn, long long rows, float eps, int norm) {
-  constexpr int MAXP = 4;
+                                              long long sn, long long positions, float eps,
+                                              int norm) {
   const int lane = threadIdx.x & 31;
-  const long long row = blockIdx.x * (long long)(blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (row >= rows) return;
-  const int n = (int)(row % N);
-  const long long bh = row / N;
-  const int h = (int)(bh % H);
-  const long long b = bh / H;
-  const T* xr = x + b * sb + h * sh + n * sn;
+  const int chunks = (H + HC - 1) / HC;
+  const long long wid = blockIdx.x * (long long)(blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (wid >= positions * chunks) return;
+  const long long pos = wid / chunks;
+  const int h0 = (int)(wid % chunks) * HC;
+  const long long b = pos / N;
+  const int n = (int)(pos % N);
   const int P = D / 2;
-  float2 a[MAXP];
-  float ss = 0.f;
+  const T* xp = x + b * sb + n * sn;
+  float2 a[HC][MAXP], cs[MAXP], wv[MAXP];
 #pragma unroll
-  for (int i = 0; i < MAXP; ++i) {
-    const int p = lane + 32 * i;
-    if (p < P) {
-      a[i] = Pair<T>::ld(xr + 2 * p);
-      ss += a[i].x * a[i].x + a[i].y * a[i].y;
+  for (int r = 0; r < HC; ++r) {
+    if (h0 + r < H) {
+#pragma unroll
+      for (int i = 0; i < MAXP; ++i) {
+        const int p = lane + 32 * i;
+        if (p < P) a[r][i] = Pair<T>::ld(xp + (long long)(h0 + r) * sh + 2 * p);
+      }
     }
   }
-  float rstd = 1.f;
-  if (norm) rstd = rsqrtf(warp_sum(ss) / D + eps);
-  T* orow = out + row * D;
-  const float* cr = cosv + (long long)n * P;
-  const float* sr = sinv + (long long)n * P;
 #pragma unroll
   for (int i = 0; i < MAXP; ++i) {
     const int p = lane + 32 * i;
     if (p < P) {
-      float n0 = a[i].x, n1 = a[i].y;
-      if (norm) {
-        // The normed values are rounded to the activation dtype before RoPE (as diffusers does).
-        const float2 wv = Pair<T>::ld(w + 2 * p);
-        n0 = to_f(from_f<T>(n0 * rstd * wv.x));
-        n1 = to_f(from_f<T>(n1 * rstd * wv.y));
+      cs[i] = make_float2(__ldg(cosv + (long long)n * P + p), __ldg(sinv + (long long)n * P + p));
+      wv[i] = norm ? Pair<T>::ld(w + 2 * p) : make_float2(1.f, 1.f);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < HC; ++r) {
+    if (h0 + r >= H) break;
+    float rstd = 1.f;
+    if (norm) {
+      float ss = 0.f;
+#pragma unroll
+      for (int i = 0; i < MAXP; ++i)
+        if (lane + 32 * i < P) ss += a[r][i].x * a[r][i].x + a[r][i].y * a[r][i].y;
+      rstd = rsqrtf(warp_sum(ss) / D + eps);
+    }
+    T* orow = out + ((b * H + h0 + r) * N + n) * (long long)D;
+#pragma unroll
+    for (int i = 0; i < MAXP; ++i) {
+      const int p = lane + 32 * i;
+      if (p < P) {
+        float n0 = a[r][i].x, n1 = a[r][i].y;
+        if (norm) {
+          // The normed values are rounded to the activation dtype before RoPE (as diffusers does).
+          n0 = to_f(from_f<T>(n0 * rstd * wv[i].x));
+          n1 = to_f(from_f<T>(n1 * rstd * wv[i].y));
+        }
+        const float c = cs[i].x, s = cs[i].y;
+        Pair<T>::st(orow + 2 * p, n0 * c - n1 * s, n1 * c + n0 * s);
       }
-      const float c = __ldg(cr + p), s = __ldg(sr + p);
-      Pair<T>::st(orow + 2 * p, n0 * c - n1 * s, n1 * c + n0 * s);
     }
   }
 }
@@ -196,7 +225,7 @@ __device__ __forceinline__ void rms_rope_impl(const T* __restrict__ x, const T* 
 #define LN_MOD(NAME, T, VW)                                                                    \
   extern "C" __global__ void NAME(const T* x, const T* shift, const T* scale, T* out, int C,   \
                                   int rows_per_mod, long long mod_stride, float eps) {         \
-    ln_mod_impl<T, VW, 4>(x, shift, scale, out, C, rows_per_mod, mod_stride, eps);             \
+    ln_mod_impl<T, VW, 2>(x, shift, scale, out, C, rows_per_mod, mod_stride, eps);             \
   }
 #define GATED_RES(NAME, T, VW)                                                                 \
   extern "C" __global__ void NAME(const T* x, const T* gate, const T* y, T* out, long long n,  \
@@ -208,11 +237,11 @@ __device__ __forceinline__ void rms_rope_impl(const T* __restrict__ x, const T* 
   extern "C" __global__ void NAME(const T* x, const T* bias, T* out, long long n, int C) {     \
     bias_gelu_impl<T, VW>(x, bias, out, n, C);                                                 \
   }
-#define RMS_ROPE(NAME, T)                                                                      \
+#define RMS_ROPE(NAME, T, MAXP)                                                                \
   extern "C" __global__ void NAME(const T* x, const T* w, const float* cosv, const float* sinv, \
                                   T* out, int H, int N, int D, long long sb, long long sh,     \
-                                  long long sn, long long rows, float eps, int norm) {         \
-    rms_rope_impl<T>(x, w, cosv, sinv, out, H, N, D, sb, sh, sn, rows, eps, norm);             \
+                                  long long sn, long long positions, float eps, int norm) {    \
+    rms_rope_impl<T, MAXP, 4>(x, w, cosv, sinv, out, H, N, D, sb, sh, sn, positions, eps, norm); \
   }
 
 #define ALL_OPS(SUF, T)                       \
@@ -222,7 +251,9 @@ __device__ __forceinline__ void rms_rope_impl(const T* __restrict__ x, const T* 
   GATED_RES(gated_res_s_##SUF, T, 1)          \
   BIAS_GELU(bias_gelu_v_##SUF, T, 16 / sizeof(T)) \
   BIAS_GELU(bias_gelu_s_##SUF, T, 1)          \
-  RMS_ROPE(rms_rope_##SUF, T)
+  RMS_ROPE(rms_rope_p1_##SUF, T, 1)          \
+  RMS_ROPE(rms_rope_p2_##SUF, T, 2)          \
+  RMS_ROPE(rms_rope_p4_##SUF, T, 4)
 
 ALL_OPS(f32, float)
 ALL_OPS(f16, __half)

@@ -4,11 +4,12 @@
 //! tensor, unsupported dtype or shape), and the caller then runs the reference path.
 
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::cublaslt::{Activation, CudaBlasLT, Matmul, MatmulConfig};
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DevicePtrMut, DeviceRepr, DeviceSlice, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
 use candle_core::{
     CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result,
     Shape, Storage, Tensor,
@@ -133,7 +134,6 @@ pub(crate) fn attention(
     v: &Tensor,
     scale: f64,
     causal: bool,
-    warps: Option<u32>,
 ) -> Result<Option<Tensor>> {
     if !q.device().is_cuda() {
         return Ok(None);
@@ -145,14 +145,6 @@ pub(crate) fn attention(
     if !matches!(d, 32 | 64 | 128) || v.dim(3)? != d {
         return Ok(None);
     }
-    let warps = match warps {
-        None => default_warps(d),
-        Some(4) => 4,
-        Some(8) if d == 128 && BUILD_COMPUTE_CAP >= 80 => 8,
-        Some(w) => {
-            candle_core::bail!("no attention kernel with {w} warps for head dim {d} on this build")
-        }
-    };
     let (q, k, v) = (
         rows_aligned(q, 8)?,
         rows_aligned(k, 8)?,
@@ -161,25 +153,17 @@ pub(crate) fn attention(
     let op = FlashAttn {
         scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
         causal,
-        warps,
         suffix,
     };
     Ok(Some(q.apply_op3_no_bwd(&k, &v, &op)?))
 }
 
-/// Warps per block (16 query rows each) used unless a caller forces one.
-fn default_warps(d: usize) -> u32 {
-    if d == 128 && BUILD_COMPUTE_CAP >= 80 {
-        8
-    } else {
-        4
-    }
-}
+/// Warps per attention block (16 query rows each); must match `cuda/attention.cu`.
+const ATTN_WARPS: u32 = 4;
 
 struct FlashAttn {
     scale_log2: f32,
     causal: bool,
-    warps: u32,
     suffix: &'static str,
 }
 
@@ -238,9 +222,8 @@ fn flash_launch<T: CudaDType + DeviceRepr>(
     let (qs, ks, vs) = (strides3(lq)?, strides3(lk)?, strides3(lv)?);
     let (q, k, v) = (view::<T>(sq, lq)?, view::<T>(sk, lk)?, view::<T>(sv, lv)?);
     let name = format!(
-        "flash_fwd_{}_d{d}_w{}_{}",
+        "flash_fwd_{}_d{d}_w{ATTN_WARPS}_{}",
         op.suffix,
-        op.warps,
         if op.causal { "causal" } else { "full" }
     );
     let func = dev.get_or_load_custom_func(&name, ATTN_MODULE, ATTN_PTX)?;
@@ -253,10 +236,10 @@ fn flash_launch<T: CudaDType + DeviceRepr>(
         .w()?;
     }
     let out = alloc_out::<T>(dev, b * h * nq * d)?;
-    let br = 16 * op.warps as usize;
+    let br = 16 * ATTN_WARPS as usize;
     let cfg = LaunchConfig {
         grid_dim: (nq.div_ceil(br) as u32, h as u32, b as u32),
-        block_dim: (op.warps * 32, 1, 1),
+        block_dim: (ATTN_WARPS * 32, 1, 1),
         shared_mem_bytes: smem as u32,
     };
     let (h_, nq_, nk_) = (h as i32, nq as i32, nk as i32);
@@ -285,7 +268,7 @@ fn flash_launch<T: CudaDType + DeviceRepr>(
 // LayerNorm (+ modulation)
 
 /// Vectors (or scalars) per thread in `ln_mod`; must match `cuda/elementwise.cu`.
-const LN_NV: usize = 4;
+const LN_NV: usize = 2;
 
 pub(crate) fn layer_norm(
     x: &Tensor,
@@ -355,7 +338,7 @@ impl CustomOp1 for LnMod {
         "pawfect-layer-norm"
     }
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_unsupported(self.name())
+        cpu_unsupported(CustomOp1::name(self))
     }
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         by_dtype!(s.dtype(), ln_launch(self, s, l, None))
@@ -626,8 +609,10 @@ fn gelu_launch<T: CudaDType + DeviceRepr>(
 // ----------------------------------------------------------------------------------------------
 // QK RMSNorm + RoPE
 
-/// Largest head dim of `rms_rope` (4 pairs per lane); must match `cuda/elementwise.cu`.
+/// Largest head dim of `rms_rope` (4 pairs per lane), and heads per warp; must match
+/// `cuda/elementwise.cu`.
 const ROPE_MAX_D: usize = 256;
+const ROPE_HEADS_PER_WARP: usize = 4;
 
 pub(crate) fn rms_rope(
     x: &Tensor,
@@ -651,7 +636,8 @@ pub(crate) fn rms_rope(
     }
     let x = rows_aligned(x, 2)?;
     let op = RmsRope {
-        weight: weight.map(contig).transpose()?,
+        // The kernel reads weight pairs as one 2-element load: keep its start even.
+        weight: weight.map(|w| rows_aligned(w, 2)).transpose()?,
         cos: contig(cos)?,
         sin: contig(sin)?,
         eps: eps as f32,
@@ -701,13 +687,14 @@ fn rope_launch<T: CudaDType + DeviceRepr>(
         Some((ws, wl)) => Some(view::<T>(as_cuda(ws)?, wl)?),
         None => None,
     };
-    let func =
-        dev.get_or_load_custom_func(&format!("rms_rope_{}", op.suffix), EW_MODULE, EW_PTX)?;
-    let rows = b * h * n;
-    let out = alloc_out::<T>(dev, rows * d)?;
+    let pairs_per_lane = (d / 2).div_ceil(32).next_power_of_two();
+    let name = format!("rms_rope_p{pairs_per_lane}_{}", op.suffix);
+    let func = dev.get_or_load_custom_func(&name, EW_MODULE, EW_PTX)?;
+    let positions = b * n;
+    let out = alloc_out::<T>(dev, positions * h * d)?;
     let (h_, n_, d_) = (h as i32, n as i32, d as i32);
     let (sb, sh, sn) = (st[0] as i64, st[1] as i64, st[2] as i64);
-    let (rows_, norm, null) = (rows as i64, wv.is_some() as i32, 0u64);
+    let (positions_, norm, null) = (positions as i64, wv.is_some() as i32, 0u64);
     let mut builder = func.builder();
     builder.arg(&x);
     match &wv {
@@ -725,11 +712,15 @@ fn rope_launch<T: CudaDType + DeviceRepr>(
         .arg(&sb)
         .arg(&sh)
         .arg(&sn)
-        .arg(&rows_)
+        .arg(&positions_)
         .arg(&op.eps)
         .arg(&norm);
     let cfg = LaunchConfig {
-        grid_dim: (rows.div_ceil(4) as u32, 1, 1),
+        grid_dim: (
+            (positions * h.div_ceil(ROPE_HEADS_PER_WARP)).div_ceil(4) as u32,
+            1,
+            1,
+        ),
         block_dim: (128, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -738,5 +729,132 @@ fn rope_launch<T: CudaDType + DeviceRepr>(
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev.clone()),
         Shape::from((b, h, n, d)),
+    ))
+}
+
+// ----------------------------------------------------------------------------------------------
+// Linear + bias (+ GELU) through a cuBLASLt epilogue
+
+pub(crate) fn linear(x: &Tensor, w: &Tensor, bias: &Tensor, gelu: bool) -> Result<Option<Tensor>> {
+    if !x.device().is_cuda() || x.elem_count() == 0 {
+        return Ok(None);
+    }
+    if suffix(x.dtype(), false).is_none() {
+        return Ok(None);
+    }
+    let dims = x.dims().to_vec();
+    let k = dims[dims.len() - 1];
+    let n = w.dim(0)?;
+    let m = x.elem_count() / k;
+    let x2 = contig(x)?.reshape((m, k))?;
+    let (w, bias) = (contig(w)?, contig(bias)?);
+    let out = x2.apply_op3_no_bwd(&w, &bias, &LtLinear { gelu })?;
+    let mut out_dims = dims;
+    let last = out_dims.len() - 1;
+    out_dims[last] = n;
+    Ok(Some(out.reshape(out_dims)?))
+}
+
+struct LtLinear {
+    gelu: bool,
+}
+
+impl CustomOp3 for LtLinear {
+    fn name(&self) -> &'static str {
+        "pawfect-linear-bias-cublaslt"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_unsupported(self.name())
+    }
+    fn cuda_fwd(
+        &self,
+        sx: &CudaStorage,
+        lx: &Layout,
+        sw: &CudaStorage,
+        lw: &Layout,
+        sb: &CudaStorage,
+        lb: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        match sx.dtype() {
+            DType::F16 => lt_launch::<half::f16>(self, sx, lx, sw, lw, sb, lb),
+            DType::BF16 => lt_launch::<half::bf16>(self, sx, lx, sw, lw, sb, lb),
+            dt => candle_core::bail!("pawfect-kernels linear: no cuBLASLt path for {dt:?}"),
+        }
+    }
+}
+
+fn lt_err(
+    e: candle_core::cuda_backend::cudarc::cublaslt::result::CublasError,
+) -> candle_core::Error {
+    candle_core::Error::Cuda(format!("cuBLASLt: {e:?}").into())
+}
+
+/// One cuBLASLt handle (with its workspace) per device, created on first use.
+fn blas_lt(dev: &CudaDevice) -> Result<std::sync::Arc<CudaBlasLT>> {
+    type Cache = std::sync::Mutex<Vec<(DeviceId, std::sync::Arc<CudaBlasLT>)>>;
+    static CACHE: Cache = std::sync::Mutex::new(Vec::new());
+    let mut cache = CACHE
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("cuBLASLt handle cache poisoned".into()))?;
+    if let Some((_, lt)) = cache.iter().find(|(id, _)| *id == dev.id()) {
+        return Ok(lt.clone());
+    }
+    let lt = std::sync::Arc::new(CudaBlasLT::new(dev.cuda_stream()).map_err(lt_err)?);
+    cache.push((dev.id(), lt.clone()));
+    Ok(lt)
+}
+
+fn lt_launch<T: CudaDType + DeviceRepr>(
+    op: &LtLinear,
+    sx: &CudaStorage,
+    lx: &Layout,
+    sw: &CudaStorage,
+    lw: &Layout,
+    sb: &CudaStorage,
+    lb: &Layout,
+) -> Result<(CudaStorage, Shape)>
+where
+    CudaBlasLT: Matmul<T>,
+{
+    let dev = sx.device();
+    let (m, k) = lx.shape().dims2()?;
+    let (n, _) = lw.shape().dims2()?;
+    let (x, w, b) = (view::<T>(sx, lx)?, view::<T>(sw, lw)?, view::<T>(sb, lb)?);
+    let mut out = alloc_out::<T>(dev, m * n)?;
+    let lt = blas_lt(dev)?;
+    // Column-major view: outᵀ [n, m] = w [n, k] · xᵀ [k, m]; w is stored as a k×n column-major
+    // matrix, hence transa. The epilogue bias has one entry per row of outᵀ, i.e. per feature.
+    let cfg = MatmulConfig {
+        transa: true,
+        transb: false,
+        transc: false,
+        m: n as u64,
+        n: m as u64,
+        k: k as u64,
+        alpha: 1.0,
+        lda: k as i64,
+        ldb: k as i64,
+        beta: 0.0,
+        ldc: n as i64,
+        stride_a: None,
+        stride_b: None,
+        stride_c: None,
+        stride_bias: None,
+        batch_size: None,
+    };
+    let act = op.gelu.then_some(Activation::Gelu);
+    // SAFETY: the three views hold m·k, n·k and n elements and `out` m·n, as the config says.
+    unsafe { lt.matmul(cfg, &w, &x, &mut out, Some(&b), act.as_ref()) }.map_err(lt_err)?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+        Shape::from((m, n)),
     ))
 }

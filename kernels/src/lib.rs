@@ -10,10 +10,11 @@
 //! | op | dtypes | fused when |
 //! |---|---|---|
 //! | [`attention`] | f16; bf16 on builds for compute capability >= 8.0 | head dim 32, 64 or 128, `v` with the same head dim |
-//! | [`layer_norm_modulate`], [`layer_norm_no_affine`] | f32, f16, bf16 (>= 8.0) | all inputs of one dtype, C <= 32768 (4096 if C is not a multiple of 16 bytes) |
+//! | [`layer_norm_modulate`], [`layer_norm_no_affine`] | f32, f16, bf16 (>= 8.0) | all inputs of one dtype, C <= 16384 for f16/bf16, 8192 for f32 (2048 if a row is not a multiple of 16 bytes) |
 //! | [`gated_residual`] | f32, f16, bf16 (>= 8.0) | always (after the shape checks) |
 //! | [`qk_rmsnorm_rope`], [`rope_interleaved`] | f32, f16, bf16 (>= 8.0) | head dim <= 256, weight of the dtype of `x`, cos/sin in f32 |
 //! | [`bias_gelu_tanh`] | f32, f16, bf16 (>= 8.0) | bias of the dtype of `x` |
+//! | [`linear_bias`], [`linear_bias_gelu_tanh`] (cuBLASLt epilogue) | f16, bf16 (>= 8.0) | always (after the shape checks) |
 //!
 //! Anything else runs the reference path. Non-contiguous inputs are accepted everywhere; the
 //! attention and RoPE kernels read strided `[B, H, N, D]` views (e.g. a transposed `[B, N, H, D]`)
@@ -74,30 +75,10 @@ fn shape_err(op: &'static str, msg: String) -> candle_core::Error {
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
     check_attention(q, k, v, scale, causal)?;
     #[cfg(feature = "cuda")]
-    if let Some(out) = cuda::attention(q, k, v, scale, causal, None)? {
+    if let Some(out) = cuda::attention(q, k, v, scale, causal)? {
         return Ok(out);
     }
     reference::attention(q, k, v, scale, causal)
-}
-
-/// [`attention`] with the fused kernel's block size forced to `warps` warps (4 or 8; 8 only for
-/// head dim 128 on compute capability >= 8.0). For benchmarks; errors where no such kernel exists.
-#[doc(hidden)]
-pub fn attention_with_warps(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    causal: bool,
-    warps: u32,
-) -> Result<Tensor> {
-    check_attention(q, k, v, scale, causal)?;
-    #[cfg(feature = "cuda")]
-    if let Some(out) = cuda::attention(q, k, v, scale, causal, Some(warps))? {
-        return Ok(out);
-    }
-    let _ = warps;
-    candle_core::bail!("pawfect-kernels attention: no fused kernel for these inputs")
 }
 
 /// LayerNorm over the last dim without affine parameters (f32 statistics).
@@ -255,6 +236,68 @@ pub fn bias_gelu_tanh(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
         return Ok(out);
     }
     reference::bias_gelu_tanh(x, bias)
+}
+
+/// `x · wᵀ + bias` (a linear layer with its bias): `x` `[..., K]`, `w` `[N, K]`, `bias` `[N]`, all
+/// of one dtype; returns `[..., N]`. On CUDA (f16, bf16 on >= 8.0) one cuBLASLt matmul adds the
+/// bias in its epilogue, instead of a matmul followed by a broadcast add over the whole output.
+pub fn linear_bias(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    check_linear("linear_bias", x, w, bias)?;
+    #[cfg(feature = "cuda")]
+    if let Some(out) = cuda::linear(x, w, bias, false)? {
+        return Ok(out);
+    }
+    reference::linear_bias(x, w, bias)
+}
+
+/// `gelu_tanh(x · wᵀ + bias)` (FLUX's MLP input linears), shapes as [`linear_bias`]. On CUDA the
+/// bias and GELU(tanh) run in the cuBLASLt epilogue (`CUBLASLT_EPILOGUE_GELU_BIAS`).
+pub fn linear_bias_gelu_tanh(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    check_linear("linear_bias_gelu_tanh", x, w, bias)?;
+    #[cfg(feature = "cuda")]
+    if let Some(out) = cuda::linear(x, w, bias, true)? {
+        return Ok(out);
+    }
+    reference::linear_bias_gelu_tanh(x, w, bias)
+}
+
+fn check_linear(op: &'static str, x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<()> {
+    let k = match x.dims().last() {
+        Some(&k) if k > 0 => k,
+        _ => {
+            return Err(shape_err(
+                op,
+                format!("x needs a non-empty last dim, got {:?}", x.dims()),
+            ));
+        }
+    };
+    let n = match *w.dims() {
+        [n, wk] if wk == k && n > 0 => n,
+        _ => {
+            return Err(shape_err(
+                op,
+                format!("w must be [N, {k}], got {:?}", w.dims()),
+            ));
+        }
+    };
+    if bias.dims() != [n] {
+        return Err(shape_err(
+            op,
+            format!("bias must be [{n}], got {:?}", bias.dims()),
+        ));
+    }
+    if x.dtype() != w.dtype() || x.dtype() != bias.dtype() {
+        return Err(shape_err(
+            op,
+            format!(
+                "x, w and bias must share a dtype, got {:?}, {:?}, {:?}",
+                x.dtype(),
+                w.dtype(),
+                bias.dtype()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn check_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<()> {
@@ -548,6 +591,22 @@ mod tests {
             1e-6,
         ));
         assert!(e.contains("non-empty"), "{e}");
+        Ok(())
+    }
+
+    #[test]
+    fn linear_shape_errors() -> Result<()> {
+        let x = rand(&[2, 3, 8], DType::F32);
+        let w = rand(&[5, 8], DType::F32);
+        let b = rand(&[5], DType::F32);
+        assert_eq!(linear_bias(&x, &w, &b)?.dims(), [2, 3, 5]);
+        assert_eq!(linear_bias_gelu_tanh(&x, &w, &b)?.dims(), [2, 3, 5]);
+        let e = err_text(linear_bias(&x, &rand(&[5, 7], DType::F32), &b));
+        assert!(e.contains("w must be [N, 8]"), "{e}");
+        let e = err_text(linear_bias(&x, &w, &rand(&[4], DType::F32)));
+        assert!(e.contains("bias must be [5]"), "{e}");
+        let e = err_text(linear_bias_gelu_tanh(&x, &w.to_dtype(DType::F16)?, &b));
+        assert!(e.contains("share a dtype"), "{e}");
         Ok(())
     }
 

@@ -31,7 +31,7 @@ impl Bench {
         for i in 0..3 {
             f(i)?;
         }
-        self.cuda.synchronize()?;
+        self.dev.synchronize()?;
         let stream = self.cuda.cuda_stream();
         let mut ms = Vec::with_capacity(self.reps);
         for i in 0..self.reps {
@@ -97,14 +97,14 @@ fn main() -> Result<()> {
     let dev = Device::new_cuda(0)?;
     let cuda = match &dev {
         Device::Cuda(c) => c.clone(),
-        _ => unreachable!("new_cuda gives a CUDA device"),
+        _ => anyhow::bail!("expected a CUDA device"),
     };
     let cap = pk::build_compute_cap().context("built without the cuda feature")?;
     let b = Bench { dev, cuda, reps };
     println!("kernel-bench: kernels built for compute capability {cap}; median of {reps} runs");
     println!(
         "{:<20} {:<22} {:<5} {:<22} {:>13}  {:<16} vs plain",
-        "op", "shape", "dtype", "impl", "time"
+        "op", "shape", "dtype", "impl", "time", "rate"
     );
 
     // Ceilings: device-to-device copy and a large f16 GEMM.
@@ -184,30 +184,6 @@ fn main() -> Result<()> {
                 work,
                 Some(plain),
             );
-            for w in [4u32, 8] {
-                if w == 8 && cap < 80 {
-                    continue;
-                }
-                let ms = b.time(&|i| {
-                    Ok(pk::attention_with_warps(
-                        &q[i % ns],
-                        &k[i % ns],
-                        &v[i % ns],
-                        scale,
-                        false,
-                        w,
-                    )?)
-                })?;
-                b.row(
-                    "attention",
-                    &shape,
-                    dt,
-                    &format!("fused {w} warps"),
-                    ms,
-                    work,
-                    Some(plain),
-                );
-            }
         }
     }
     // Florence-2-like attention (head dim 64), fused only.
@@ -331,6 +307,74 @@ fn main() -> Result<()> {
                 Work::Bytes(bytes),
                 Some(plain),
             );
+
+            // Linears with a bias: 3072 -> 12288 with GELU (MLP in) and 3072 -> 9216 (qkv).
+            for &(nout, act) in &[(cm, true), (3 * c, false)] {
+                let xs = b.randn(&[n, c], dt)?;
+                let w = (b.randn(&[nout, c], dt)? * (1.0 / (c as f64).sqrt()))?;
+                let bias = b.randn(&[nout], dt)?;
+                let work = Work::Flops(2.0 * (n * c * nout) as f64);
+                let shape_l = format!("{tag} {n}x{c}->{nout}");
+                let (name, lin) = if act {
+                    (
+                        "linear+bias+gelu",
+                        candle_nn::Linear::new(w.clone(), Some(bias.clone())),
+                    )
+                } else {
+                    (
+                        "linear+bias",
+                        candle_nn::Linear::new(w.clone(), Some(bias.clone())),
+                    )
+                };
+                let plain = b.time(&|_| {
+                    let y = lin.forward(&xs)?;
+                    Ok(if act { y.gelu()? } else { y })
+                })?;
+                b.row(
+                    name,
+                    &shape_l,
+                    dt,
+                    "candle Linear (+gelu)",
+                    plain,
+                    work,
+                    None,
+                );
+                let mm = b.time(&|_| Ok(xs.matmul(&w.t()?)?))?;
+                b.row(
+                    name,
+                    &shape_l,
+                    dt,
+                    "matmul alone (floor)",
+                    mm,
+                    work,
+                    Some(plain),
+                );
+                if act {
+                    let ms = b.time(&|_| Ok(pk::bias_gelu_tanh(&xs.matmul(&w.t()?)?, &bias)?))?;
+                    b.row(
+                        name,
+                        &shape_l,
+                        dt,
+                        "matmul + fused epilogue",
+                        ms,
+                        work,
+                        Some(plain),
+                    );
+                    let ms = b.time(&|_| Ok(pk::linear_bias_gelu_tanh(&xs, &w, &bias)?))?;
+                    b.row(
+                        name,
+                        &shape_l,
+                        dt,
+                        "cuBLASLt GELU_BIAS",
+                        ms,
+                        work,
+                        Some(plain),
+                    );
+                } else {
+                    let ms = b.time(&|_| Ok(pk::linear_bias(&xs, &w, &bias)?))?;
+                    b.row(name, &shape_l, dt, "cuBLASLt BIAS", ms, work, Some(plain));
+                }
+            }
 
             // QK RMSNorm + RoPE on q [1, 24, N, 128].
             let (h, d) = (24usize, 128usize);

@@ -186,16 +186,6 @@ fn main() -> Result<()> {
                 || Ok(pk::attention(&q, &k, &v, scale, causal)?),
                 want,
             )?;
-            if d == 128 && cap >= 80 {
-                let want = rf::attention(&f32_(&q)?, &f32_(&k)?, &f32_(&v)?, scale, causal)?;
-                r.check(
-                    "attention(4 warps)",
-                    &shape,
-                    dt,
-                    || Ok(pk::attention_with_warps(&q, &k, &v, scale, causal, 4)?),
-                    want,
-                )?;
-            }
         }
     }
 
@@ -235,18 +225,26 @@ fn main() -> Result<()> {
     }
 
     // ---- gated residual: (x shape, gate shape, magnitude); large magnitudes overflow f16.
+    // With a magnitude, x and y are uniform in ±magnitude (finite in f16) and x + gate·y overflows
+    // the f16 range often.
     let gr: Vec<(Vec<usize>, Vec<usize>, f32)> = vec![
-        (vec![1, 4608, 3072], vec![1, 3072], 1.0),
-        (vec![2, 1536, 3072], vec![2, 1, 3072], 30000.0),
-        (vec![1, 10, 13], vec![13], 1.0),
+        (vec![1, 4608, 3072], vec![1, 3072], 0.0),
+        (vec![2, 1536, 3072], vec![2, 1, 3072], 60000.0),
+        (vec![1, 10, 13], vec![13], 0.0),
     ];
     for (xs, gs, mag) in &gr {
         for &dt in &ew_dtypes {
-            let x = rnd(&dev, xs, *mag, 0.0, dt)?;
-            let y = rnd(&dev, xs, *mag, 0.0, dt)?;
+            let big = |shape: &[usize]| -> Result<Tensor> {
+                Ok((Tensor::rand(-1f32, 1.0, shape, &dev)? * *mag as f64)?.to_dtype(dt)?)
+            };
+            let (x, y) = if *mag > 0.0 {
+                (big(xs)?, big(xs)?)
+            } else {
+                (rnd(&dev, xs, 1.0, 0.0, dt)?, rnd(&dev, xs, 1.0, 0.0, dt)?)
+            };
             let g = rnd(&dev, gs, 1.0, 0.0, dt)?;
             for clamp in [false, true] {
-                if *mag > 1.0 && (!clamp || dt != DType::F16) {
+                if *mag > 0.0 && (!clamp || dt != DType::F16) {
                     continue; // overflowing without the clamp is not a comparable result
                 }
                 let mut want = rf::gated_residual(&f32_(&x)?, &f32_(&g)?, &f32_(&y)?, false)?;
