@@ -55,8 +55,8 @@ fn rows_aligned(t: &Tensor, align: usize) -> Result<Tensor> {
     let l = t.layout();
     let st = l.stride();
     let ok = st.last() == Some(&1)
-        && l.start_offset() % align == 0
-        && st[..st.len() - 1].iter().all(|s| s % align == 0);
+        && l.start_offset().is_multiple_of(align)
+        && st[..st.len() - 1].iter().all(|s| s.is_multiple_of(align));
     if ok {
         Ok(t.clone())
     } else if t.is_contiguous() {
@@ -293,8 +293,8 @@ pub(crate) fn layer_norm(
         Some((sh, sc, per_batch)) => Some((contig(sh)?, contig(sc)?, per_batch)),
         None => None,
     };
-    let aligned = |t: &Tensor| t.layout().start_offset() % vw == 0;
-    let vec = c % vw == 0
+    let aligned = |t: &Tensor| t.layout().start_offset().is_multiple_of(vw);
+    let vec = c.is_multiple_of(vw)
         && aligned(&x)
         && mods
             .as_ref()
@@ -435,8 +435,8 @@ pub(crate) fn gated_residual(
     let c = x.dims()[x.rank() - 1];
     let vw = vec_width(x.dtype());
     let (x, gate, y) = (contig(x)?, contig(gate)?, contig(y)?);
-    let aligned = |t: &Tensor| t.layout().start_offset() % vw == 0;
-    let vec = c % vw == 0 && aligned(&x) && aligned(&gate) && aligned(&y);
+    let aligned = |t: &Tensor| t.layout().start_offset().is_multiple_of(vw);
+    let vec = c.is_multiple_of(vw) && aligned(&x) && aligned(&gate) && aligned(&y);
     let (rows_per_gate, gate_stride) = if per_batch {
         (x.dim(1)? as i64, c as i64)
     } else {
@@ -544,8 +544,8 @@ pub(crate) fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Option<Tensor>> {
     let c = x.dims()[x.rank() - 1];
     let vw = vec_width(x.dtype());
     let (x, bias) = (contig(x)?, contig(bias)?);
-    let aligned = |t: &Tensor| t.layout().start_offset() % vw == 0;
-    let vec = c % vw == 0 && aligned(&x) && aligned(&bias);
+    let aligned = |t: &Tensor| t.layout().start_offset().is_multiple_of(vw);
+    let vec = c.is_multiple_of(vw) && aligned(&x) && aligned(&bias);
     Ok(Some(x.apply_op2_no_bwd(&bias, &BiasGelu { vec, suffix })?))
 }
 

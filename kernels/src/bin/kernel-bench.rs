@@ -45,30 +45,6 @@ impl Bench {
         Ok(ms[ms.len() / 2])
     }
 
-    fn row(
-        &self,
-        op: &str,
-        shape: &str,
-        dtype: DType,
-        imp: &str,
-        ms: f64,
-        work: Work,
-        base_ms: Option<f64>,
-    ) {
-        let rate = match work {
-            Work::Bytes(b) => format!("{:7.2} TB/s", b / (ms * 1e-3) / 1e12),
-            Work::Flops(f) => format!("{:7.1} TFLOP/s", f / (ms * 1e-3) / 1e12),
-        };
-        let speedup = base_ms
-            .map(|b| format!("{:6.1}x", b / ms))
-            .unwrap_or_default();
-        println!(
-            "{op:<20} {shape:<22} {:<5} {imp:<22} {:>10.1} us  {rate:<16} {speedup}",
-            format!("{dtype:?}").to_lowercase(),
-            ms * 1e3
-        );
-    }
-
     fn randn(&self, shape: &[usize], dtype: DType) -> Result<Tensor> {
         Ok(Tensor::randn(0f32, 1.0, shape, &self.dev)?.to_dtype(dtype)?)
     }
@@ -77,6 +53,22 @@ impl Bench {
     fn sets(&self, n: usize, shape: &[usize], dtype: DType) -> Result<Vec<Tensor>> {
         (0..n).map(|_| self.randn(shape, dtype)).collect()
     }
+}
+
+/// Prints one result line: time, rate and the speed-up over `base_ms`.
+fn row(op: &str, shape: &str, dtype: DType, imp: &str, ms: f64, work: Work, base_ms: Option<f64>) {
+    let rate = match work {
+        Work::Bytes(b) => format!("{:7.2} TB/s", b / (ms * 1e-3) / 1e12),
+        Work::Flops(f) => format!("{:7.1} TFLOP/s", f / (ms * 1e-3) / 1e12),
+    };
+    let speedup = base_ms
+        .map(|b| format!("{:6.1}x", b / ms))
+        .unwrap_or_default();
+    println!(
+        "{op:<20} {shape:<22} {:<5} {imp:<22} {:>10.1} us  {rate:<16} {speedup}",
+        format!("{dtype:?}").to_lowercase(),
+        ms * 1e3
+    );
 }
 
 /// Input sets needed so that one round over them moves at least 128 MB.
@@ -111,7 +103,7 @@ fn main() -> Result<()> {
     {
         let t = b.randn(&[512 * 1024 * 1024], DType::F16)?;
         let ms = b.time(&|_| Ok(t.copy()?))?;
-        b.row(
+        row(
             "ceiling: copy",
             "1 GiB",
             DType::F16,
@@ -123,7 +115,7 @@ fn main() -> Result<()> {
         let x = b.randn(&[4608, 3072], DType::F16)?;
         let w = b.randn(&[3072, 12288], DType::F16)?;
         let ms = b.time(&|_| Ok(x.matmul(&w)?))?;
-        b.row(
+        row(
             "ceiling: gemm",
             "4608x3072x12288",
             DType::F16,
@@ -157,7 +149,7 @@ fn main() -> Result<()> {
                 let s = (q[i].matmul(&k[i].t()?)? * scale)?;
                 Ok(candle_nn::ops::softmax_last_dim(&s)?.matmul(&v[i])?)
             })?;
-            b.row(
+            row(
                 "attention",
                 &shape,
                 dt,
@@ -175,7 +167,7 @@ fn main() -> Result<()> {
                     false,
                 )?)
             })?;
-            b.row(
+            row(
                 "attention",
                 &shape,
                 dt,
@@ -194,7 +186,7 @@ fn main() -> Result<()> {
         let v = b.randn(&[1, h, n, d], dt)?;
         let f = 4.0 * (h * n * n * d) as f64 * if causal { 0.5 } else { 1.0 };
         let ms = b.time(&|_| Ok(pk::attention(&q, &k, &v, 0.125, causal)?))?;
-        b.row(
+        row(
             "attention",
             &format!("1x{h}x{n}x{d}{}", if causal { " causal" } else { "" }),
             dt,
@@ -224,7 +216,7 @@ fn main() -> Result<()> {
                 Ok(n.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
                     .broadcast_add(&shift.unsqueeze(1)?)?)
             })?;
-            b.row(
+            row(
                 "layer_norm_modulate",
                 &shape,
                 dt,
@@ -234,7 +226,7 @@ fn main() -> Result<()> {
                 None,
             );
             let ms = b.time(&|i| Ok(pk::layer_norm_modulate(&x[i % ns], &shift, &scale, 1e-6)?))?;
-            b.row(
+            row(
                 "layer_norm_modulate",
                 &shape,
                 dt,
@@ -252,7 +244,7 @@ fn main() -> Result<()> {
             let gate = b.randn(&[1, c], dt)?;
             let plain =
                 b.time(&|i| Ok((&x[i % ns] + y[i % ns].broadcast_mul(&gate.unsqueeze(1)?)?)?))?;
-            b.row(
+            row(
                 "gated_residual",
                 &shape,
                 dt,
@@ -269,7 +261,7 @@ fn main() -> Result<()> {
                     dt == DType::F16,
                 )?)
             })?;
-            b.row(
+            row(
                 "gated_residual",
                 &shape,
                 dt,
@@ -288,7 +280,7 @@ fn main() -> Result<()> {
             let bias = b.randn(&[cm], dt)?;
             let plain = b.time(&|i| Ok(x[i % ns].broadcast_add(&bias)?.gelu()?))?;
             let shape_m = format!("{tag} {n}x{cm}");
-            b.row(
+            row(
                 "bias_gelu_tanh",
                 &shape_m,
                 dt,
@@ -298,7 +290,7 @@ fn main() -> Result<()> {
                 None,
             );
             let ms = b.time(&|i| Ok(pk::bias_gelu_tanh(&x[i % ns], &bias)?))?;
-            b.row(
+            row(
                 "bias_gelu_tanh",
                 &shape_m,
                 dt,
@@ -330,7 +322,7 @@ fn main() -> Result<()> {
                     let y = lin.forward(&xs)?;
                     Ok(if act { y.gelu()? } else { y })
                 })?;
-                b.row(
+                row(
                     name,
                     &shape_l,
                     dt,
@@ -340,7 +332,7 @@ fn main() -> Result<()> {
                     None,
                 );
                 let mm = b.time(&|_| Ok(xs.matmul(&w.t()?)?))?;
-                b.row(
+                row(
                     name,
                     &shape_l,
                     dt,
@@ -351,7 +343,7 @@ fn main() -> Result<()> {
                 );
                 if act {
                     let ms = b.time(&|_| Ok(pk::bias_gelu_tanh(&xs.matmul(&w.t()?)?, &bias)?))?;
-                    b.row(
+                    row(
                         name,
                         &shape_l,
                         dt,
@@ -361,7 +353,7 @@ fn main() -> Result<()> {
                         Some(plain),
                     );
                     let ms = b.time(&|_| Ok(pk::linear_bias_gelu_tanh(&xs, &w, &bias)?))?;
-                    b.row(
+                    row(
                         name,
                         &shape_l,
                         dt,
@@ -372,7 +364,7 @@ fn main() -> Result<()> {
                     );
                 } else {
                     let ms = b.time(&|_| Ok(pk::linear_bias(&xs, &w, &bias)?))?;
-                    b.row(name, &shape_l, dt, "cuBLASLt BIAS", ms, work, Some(plain));
+                    row(name, &shape_l, dt, "cuBLASLt BIAS", ms, work, Some(plain));
                 }
             }
 
@@ -394,7 +386,7 @@ fn main() -> Result<()> {
                 Ok(candle_nn::rotary_emb::rope_i(&nrm, &cos_t, &sin_t)?)
             })?;
             let shape_r = format!("{tag} 1x{h}x{n}x{d}");
-            b.row(
+            row(
                 "qk_rmsnorm_rope",
                 &shape_r,
                 dt,
@@ -404,7 +396,7 @@ fn main() -> Result<()> {
                 None,
             );
             let ms = b.time(&|i| Ok(pk::qk_rmsnorm_rope(&x[i % ns], &w, &cos, &sin, 1e-6)?))?;
-            b.row(
+            row(
                 "qk_rmsnorm_rope",
                 &shape_r,
                 dt,
@@ -414,7 +406,7 @@ fn main() -> Result<()> {
                 Some(plain),
             );
             let ms = b.time(&|i| Ok(pk::qk_rmsnorm_rope(&xt[i % ns], &w, &cos, &sin, 1e-6)?))?;
-            b.row(
+            row(
                 "qk_rmsnorm_rope",
                 &shape_r,
                 dt,
