@@ -2,8 +2,9 @@
 // N x N score matrix never leaves registers.
 //
 // Layout: q [B, H, Nq, D], k and v [B, H, Nk, D] with arbitrary (16-byte aligned) strides over
-// b, h and n and a contiguous head dim; o is a contiguous [B, H, Nq, D]. Causal masking lets query
-// i see keys 0 ..= i + (Nk - Nq).
+// b, h and n and a contiguous head dim; o is written through strides (o_sb, o_sh, o_sn): either a
+// contiguous [B, H, Nq, D] or the heads merged, [B, Nq, H * D]. Causal masking lets query i see
+// keys 0 ..= i + (Nk - Nq).
 //
 // Each warp owns 16 query rows; a block of WARPS warps owns BR = 16 * WARPS rows and walks the keys
 // in tiles of BC. Q fragments stay in registers for the whole walk; S = Q K^T and O += P V use
@@ -145,7 +146,8 @@ __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __re
                                           int nq, int nk, long long q_sb, long long q_sh,
                                           long long q_sn, long long k_sb, long long k_sh,
                                           long long k_sn, long long v_sb, long long v_sh,
-                                          long long v_sn, float scale_log2) {
+                                          long long v_sn, long long o_sb, long long o_sh,
+                                          long long o_sn, float scale_log2) {
   constexpr int NT = WARPS * 32;
   constexpr int BR = 16 * WARPS;
   constexpr int BC = kBc;
@@ -169,7 +171,7 @@ __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __re
   q += bb * q_sb + hh * q_sh;
   k += bb * k_sb + hh * k_sh;
   v += bb * v_sb + hh * v_sh;
-  o += ((long long)bb * H + hh) * (long long)nq * D;
+  o += bb * o_sb + hh * o_sh;
   const int offset = nk - nq;
 
   int n_tiles = (nk + BC - 1) / BC;
@@ -312,7 +314,7 @@ __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __re
     const float inv = l > 0.f ? 1.f / l : 0.f;
     const int row = row_lo + r * 8;
     if (row < nq) {
-      T* orow = o + (long long)row * D + (lane & 3) * 2;
+      T* orow = o + (long long)row * o_sn + (lane & 3) * 2;
 #pragma unroll
       for (int j = 0; j < NO; ++j) {
         *reinterpret_cast<uint32_t*>(orow + j * 8) =
@@ -329,9 +331,10 @@ __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __re
       flash_fwd_##SUF##_d##D##_w##W##_##CSUF(                                                   \
           const T* q, const T* k, const T* v, T* o, int H, int nq, int nk, long long q_sb,       \
           long long q_sh, long long q_sn, long long k_sb, long long k_sh, long long k_sn,        \
-          long long v_sb, long long v_sh, long long v_sn, float scale_log2) {                    \
+          long long v_sb, long long v_sh, long long v_sn, long long o_sb, long long o_sh,        \
+          long long o_sn, float scale_log2) {                                                    \
     flash_fwd<T, D, W, CAUSAL>(q, k, v, o, H, nq, nk, q_sb, q_sh, q_sn, k_sb, k_sh, k_sn, v_sb,  \
-                               v_sh, v_sn, scale_log2);                                          \
+                               v_sh, v_sn, o_sb, o_sh, o_sn, scale_log2);                        \
   }
 
 #define FLASH_BOTH(T, SUF, D, W) \

@@ -134,6 +134,7 @@ pub(crate) fn attention(
     v: &Tensor,
     scale: f64,
     causal: bool,
+    merged_heads: bool,
 ) -> Result<Option<Tensor>> {
     if !q.device().is_cuda() {
         return Ok(None);
@@ -153,6 +154,7 @@ pub(crate) fn attention(
     let op = FlashAttn {
         scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
         causal,
+        merged_heads,
         suffix,
     };
     Ok(Some(q.apply_op3_no_bwd(&k, &v, &op)?))
@@ -164,6 +166,8 @@ const ATTN_WARPS: u32 = 4;
 struct FlashAttn {
     scale_log2: f32,
     causal: bool,
+    /// Write `[B, Nq, H·D]` (heads merged) instead of `[B, H, Nq, D]`.
+    merged_heads: bool,
     suffix: &'static str,
 }
 
@@ -252,16 +256,24 @@ fn flash_launch<T: CudaDType + DeviceRepr>(
         .arg(&h_)
         .arg(&nq_)
         .arg(&nk_);
-    for s in qs.iter().chain(ks.iter()).chain(vs.iter()) {
+    let (os, shape) = if op.merged_heads {
+        (
+            [(nq * h * d) as i64, d as i64, (h * d) as i64],
+            Shape::from((b, nq, h * d)),
+        )
+    } else {
+        (
+            [(h * nq * d) as i64, (nq * d) as i64, d as i64],
+            Shape::from((b, h, nq, d)),
+        )
+    };
+    for s in qs.iter().chain(ks.iter()).chain(vs.iter()).chain(os.iter()) {
         builder.arg(s);
     }
     builder.arg(&op.scale_log2);
     // SAFETY: argument list matches the kernel signature in cuda/attention.cu.
     unsafe { builder.launch(cfg) }.w()?;
-    Ok((
-        CudaStorage::wrap_cuda_slice(out, dev.clone()),
-        Shape::from((b, h, nq, d)),
-    ))
+    Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
 }
 
 // ----------------------------------------------------------------------------------------------

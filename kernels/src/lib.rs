@@ -9,7 +9,7 @@
 //!
 //! | op | dtypes | fused when |
 //! |---|---|---|
-//! | [`attention`] | f16; bf16 on builds for compute capability >= 8.0 | head dim 32, 64 or 128, `v` with the same head dim |
+//! | [`attention`], [`attention_merged_heads`] | f16; bf16 on builds for compute capability >= 8.0 | head dim 32, 64 or 128, `v` with the same head dim |
 //! | [`layer_norm_modulate`], [`layer_norm_no_affine`] | f32, f16, bf16 (>= 8.0) | all inputs of one dtype, C <= 16384 for f16/bf16, 8192 for f32 (2048 if a row is not a multiple of 16 bytes) |
 //! | [`gated_residual`] | f32, f16, bf16 (>= 8.0) | always (after the shape checks) |
 //! | [`qk_rmsnorm_rope`], [`rope_interleaved`] | f32, f16, bf16 (>= 8.0) | head dim <= 256, weight of the dtype of `x`, cos/sin in f32 |
@@ -75,10 +75,28 @@ fn shape_err(op: &'static str, msg: String) -> candle_core::Error {
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
     check_attention(q, k, v, scale, causal)?;
     #[cfg(feature = "cuda")]
-    if let Some(out) = cuda::attention(q, k, v, scale, causal)? {
+    if let Some(out) = cuda::attention(q, k, v, scale, causal, false)? {
         return Ok(out);
     }
     reference::attention(q, k, v, scale, causal)
+}
+
+/// [`attention`] with the heads merged into the output: returns `[B, Nq, H·Dv]`, what an attention
+/// block feeds its output projection, without the transpose copy that
+/// `attention(..)?.transpose(1, 2)?.reshape(..)` costs. The fused kernel writes this layout directly.
+pub fn attention_merged_heads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    causal: bool,
+) -> Result<Tensor> {
+    check_attention(q, k, v, scale, causal)?;
+    #[cfg(feature = "cuda")]
+    if let Some(out) = cuda::attention(q, k, v, scale, causal, true)? {
+        return Ok(out);
+    }
+    reference::attention_merged_heads(q, k, v, scale, causal)
 }
 
 /// LayerNorm over the last dim without affine parameters (f32 statistics).
@@ -482,6 +500,18 @@ mod tests {
         assert!(e.contains("Nq <= Nk"), "{e}");
         let e = err_text(attention(&q, &k, &v, f64::NAN, false));
         assert!(e.contains("scale"), "{e}");
+        let m = attention_merged_heads(&q, &k, &v, 0.3, false).unwrap();
+        let want = attention(&q, &k, &v, 0.3, false)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((1, 5, 16))
+            .unwrap();
+        assert_eq!(m.dims(), [1, 5, 16]);
+        assert_eq!(
+            m.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
         // Dv != D is fine (reference path).
         assert_eq!(
             attention(&q, &k, &rand(&[1, 2, 7, 3], DType::F32), 1.0, false)

@@ -42,6 +42,19 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -
     probs.matmul(&v.contiguous()?)?.to_dtype(dtype)
 }
 
+/// [`attention`] with the heads merged: `[B, Nq, H·Dv]`.
+pub fn attention_merged_heads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    causal: bool,
+) -> Result<Tensor> {
+    let out = attention(q, k, v, scale, causal)?;
+    let (b, h, nq, dv) = out.dims4()?;
+    out.transpose(1, 2)?.reshape((b, nq, h * dv))
+}
+
 /// LayerNorm over the last dim without affine parameters.
 pub fn layer_norm_no_affine(x: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();

@@ -167,14 +167,38 @@ fn main() -> Result<()> {
                     false,
                 )?)
             })?;
+            row("attention", &shape, dt, "fused", fused, work, Some(plain));
+            // The block's next step wants [B, N, H·D]: transpose + copy vs writing it directly.
+            let plain_t = b.time(&|i| {
+                let o = pk::attention(&q[i % ns], &k[i % ns], &v[i % ns], scale, false)?;
+                Ok(o.transpose(1, 2)?.reshape((1, n, h * d))?)
+            })?;
             row(
-                "attention",
+                "attention→[B,N,H·D]",
                 &shape,
                 dt,
-                "fused (default)",
-                fused,
+                "fused + transpose copy",
+                plain_t,
                 work,
-                Some(plain),
+                None,
+            );
+            let merged = b.time(&|i| {
+                Ok(pk::attention_merged_heads(
+                    &q[i % ns],
+                    &k[i % ns],
+                    &v[i % ns],
+                    scale,
+                    false,
+                )?)
+            })?;
+            row(
+                "attention→[B,N,H·D]",
+                &shape,
+                dt,
+                "fused, merged heads",
+                merged,
+                work,
+                Some(plain_t),
             );
         }
     }

@@ -184,7 +184,16 @@ fn main() -> Result<()> {
                 &shape,
                 dt,
                 || Ok(pk::attention(&q, &k, &v, scale, causal)?),
-                want,
+                want.clone(),
+            )?;
+            let (wb, wh, wn, wd) = want.dims4()?;
+            let want_m = want.transpose(1, 2)?.reshape((wb, wn, wh * wd))?;
+            r.check(
+                "attention_merged_heads",
+                &shape,
+                dt,
+                || Ok(pk::attention_merged_heads(&q, &k, &v, scale, causal)?),
+                want_m,
             )?;
         }
     }
