@@ -42,6 +42,19 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -
     probs.matmul(&v.contiguous()?)?.to_dtype(dtype)
 }
 
+/// [`attention`] with the heads merged: `[B, Nq, H·Dv]`.
+pub fn attention_merged_heads(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    causal: bool,
+) -> Result<Tensor> {
+    let out = attention(q, k, v, scale, causal)?;
+    let (b, h, nq, dv) = out.dims4()?;
+    out.transpose(1, 2)?.reshape((b, nq, h * dv))
+}
+
 /// LayerNorm over the last dim without affine parameters.
 pub fn layer_norm_no_affine(x: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
@@ -131,6 +144,21 @@ pub fn bias_gelu_tanh(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
         .broadcast_add(&bias.to_dtype(DType::F32)?)?
         .gelu()?
         .to_dtype(dtype)
+}
+
+/// `x · wᵀ + bias` (a linear layer): `x` `[..., K]`, `w` `[N, K]`, `bias` `[N]`. The product runs in
+/// the dtype of `x` (as candle's `Linear` does), the bias is added in f32.
+pub fn linear_bias(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    x.broadcast_matmul(&w.t()?)?
+        .to_dtype(DType::F32)?
+        .broadcast_add(&bias.to_dtype(DType::F32)?)?
+        .to_dtype(dtype)
+}
+
+/// `gelu_tanh(x · wᵀ + bias)`: the product in the dtype of `x`, then [`bias_gelu_tanh`].
+pub fn linear_bias_gelu_tanh(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    bias_gelu_tanh(&x.broadcast_matmul(&w.t()?)?, bias)
 }
 
 /// `[B, C]` → `[B, 1, C]` when `like` is rank 3; otherwise unchanged.
@@ -250,6 +278,19 @@ mod tests {
         let out = qk_rmsnorm_rope(&x, &w, &cos, &sin, 1e-6)?;
         let want = candle_nn::ops::rms_norm(&x, &w, 1e-6)?;
         assert!(max_abs_diff(&out, &want) < 1e-5);
+        Ok(())
+    }
+
+    #[test]
+    fn linear_bias_matches_a_candle_linear() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 8), &dev)?;
+        let w = Tensor::randn(0f32, 1.0, (5, 8), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, 5, &dev)?;
+        let lin = candle_nn::Linear::new(w.clone(), Some(b.clone()));
+        let want = candle_core::Module::forward(&lin, &x)?;
+        assert!(max_abs_diff(&linear_bias(&x, &w, &b)?, &want) < 1e-5);
+        assert!(max_abs_diff(&linear_bias_gelu_tanh(&x, &w, &b)?, &want.gelu()?) < 1e-5);
         Ok(())
     }
 
