@@ -1,3 +1,5 @@
-//! Pawfect Inpaint worker: models (candle) and, with their issues, the pipeline and queue loop.
+//! Pawfect Inpaint worker: models (candle), the pipeline stages, storage and the queue loop.
 
 pub mod models;
+pub mod pipeline;
+pub mod storage;
