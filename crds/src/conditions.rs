@@ -133,17 +133,49 @@ mod tests {
     #[test]
     fn transition_time_moves_only_on_status_change() {
         let mut cs = Vec::new();
-        set(&mut cs, QUEUED, ConditionStatus::True, reasons::ENQUEUED, "in queue".into(), Some(1), t(10));
-        set(&mut cs, QUEUED, ConditionStatus::True, reasons::ENQUEUED, "still".into(), Some(2), t(20));
+        set(
+            &mut cs,
+            QUEUED,
+            ConditionStatus::True,
+            reasons::ENQUEUED,
+            "in queue".into(),
+            Some(1),
+            t(10),
+        );
+        set(
+            &mut cs,
+            QUEUED,
+            ConditionStatus::True,
+            reasons::ENQUEUED,
+            "still".into(),
+            Some(2),
+            t(20),
+        );
         assert_eq!(cs.len(), 1);
         assert_eq!(cs[0].last_transition_time, t(10));
         assert_eq!(cs[0].message, "still");
         assert_eq!(cs[0].observed_generation, Some(2));
-        set(&mut cs, QUEUED, ConditionStatus::False, reasons::CLAIMED, "claimed".into(), Some(2), t(30));
+        set(
+            &mut cs,
+            QUEUED,
+            ConditionStatus::False,
+            reasons::CLAIMED,
+            "claimed".into(),
+            Some(2),
+            t(30),
+        );
         assert_eq!(cs[0].last_transition_time, t(30));
         assert_eq!(cs[0].status, "False");
         assert!(!is_true(&cs, QUEUED));
-        set(&mut cs, RUNNING, ConditionStatus::True, reasons::CLAIMED, "w1".into(), None, t(30));
+        set(
+            &mut cs,
+            RUNNING,
+            ConditionStatus::True,
+            reasons::CLAIMED,
+            "w1".into(),
+            None,
+            t(30),
+        );
         assert!(is_true(&cs, RUNNING));
         assert_eq!(cs.len(), 2);
         assert!(find(&cs, COMPLETE).is_none());

@@ -34,10 +34,18 @@ pub const DEFAULT_TIMEOUT_SECONDS: u64 = 600;
     derive = "PartialEq",
     doc = "An InpaintJob removes the masked object from a photo and fills the background.",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Progress", type_ = "string", json_path = ".status.progress.summary"),
+    printcolumn(
+        name = "Progress",
+        type_ = "string",
+        json_path = ".status.progress.summary"
+    ),
     printcolumn(name = "Worker", type_ = "string", json_path = ".status.worker"),
     printcolumn(name = "Duration", type_ = "string", json_path = ".status.duration"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
     printcolumn(
         name = "Reason",
         type_ = "string",
@@ -150,7 +158,12 @@ impl InpaintJobSpec {
     /// The effective prompt source: a non-blank `prompt` wins, then non-empty `sceneLabels`,
     /// else the worker captions the crop.
     pub fn prompt_source(&self) -> PromptSource<'_> {
-        if let Some(p) = self.prompt.as_deref().map(str::trim).filter(|p| !p.is_empty()) {
+        if let Some(p) = self
+            .prompt
+            .as_deref()
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+        {
             return PromptSource::Explicit(p);
         }
         match self.scene_labels.as_deref() {
@@ -380,11 +393,18 @@ mod tests {
         let mut s = spec();
         assert_eq!(s.prompt_source(), PromptSource::Caption);
         s.scene_labels = Some(vec![" ".into()]);
-        assert_eq!(s.prompt_source(), PromptSource::Caption, "blank labels ignored");
+        assert_eq!(
+            s.prompt_source(),
+            PromptSource::Caption,
+            "blank labels ignored"
+        );
         s.scene_labels = Some(vec!["grass".into(), "gravel path".into()]);
         assert!(matches!(s.prompt_source(), PromptSource::SceneLabels(l) if l.len() == 2));
         s.prompt = Some("   ".into());
-        assert!(matches!(s.prompt_source(), PromptSource::SceneLabels(_)), "blank prompt ignored");
+        assert!(
+            matches!(s.prompt_source(), PromptSource::SceneLabels(_)),
+            "blank prompt ignored"
+        );
         s.prompt = Some(" green lawn ".into());
         assert_eq!(s.prompt_source(), PromptSource::Explicit("green lawn"));
     }
@@ -411,10 +431,15 @@ mod tests {
     #[test]
     fn progress_summary() {
         assert_eq!(
-            JobProgress::new("denoise", Some(12), Some(20)).summary.as_deref(),
+            JobProgress::new("denoise", Some(12), Some(20))
+                .summary
+                .as_deref(),
             Some("denoise 12/20")
         );
-        assert_eq!(JobProgress::new("fetch", None, None).summary.as_deref(), Some("fetch"));
+        assert_eq!(
+            JobProgress::new("fetch", None, None).summary.as_deref(),
+            Some("fetch")
+        );
     }
 
     #[test]
@@ -428,7 +453,10 @@ mod tests {
 
     #[test]
     fn priority_serialises_lowercase() {
-        assert_eq!(serde_json::to_value(Priority::High).ok(), Some("high".into()));
+        assert_eq!(
+            serde_json::to_value(Priority::High).ok(),
+            Some("high".into())
+        );
         assert!(serde_json::from_value::<Priority>("urgent".into()).is_err());
     }
 }

@@ -32,11 +32,27 @@ pub const DEFAULT_MODEL_MOUNT_PATH: &str = "/models";
     category = "pawfect",
     derive = "PartialEq",
     doc = "An InpaintPool is a GPU worker Deployment the operator scales on its queue depth.",
-    printcolumn(name = "Desired", type_ = "integer", json_path = ".status.desiredReplicas"),
+    printcolumn(
+        name = "Desired",
+        type_ = "integer",
+        json_path = ".status.desiredReplicas"
+    ),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
-    printcolumn(name = "Waiting", type_ = "integer", json_path = ".status.queue.waiting"),
-    printcolumn(name = "Running", type_ = "integer", json_path = ".status.queue.running"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Waiting",
+        type_ = "integer",
+        json_path = ".status.queue.waiting"
+    ),
+    printcolumn(
+        name = "Running",
+        type_ = "integer",
+        json_path = ".status.queue.running"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("minReplicas must not exceed maxReplicas"))]

@@ -12,7 +12,11 @@ pub const F16_MAX: f64 = 65504.0;
 /// queries are the last `Nq` positions, as in a decoder with a KV cache).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
     let dtype = q.dtype();
-    let (q, k, v) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
+    let (q, k, v) = (
+        q.to_dtype(DType::F32)?,
+        k.to_dtype(DType::F32)?,
+        v.to_dtype(DType::F32)?,
+    );
     let mut scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
     if causal {
         let (nq, nk) = (q.dim(2)?, k.dim(2)?);
@@ -21,7 +25,15 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -
         }
         let offset = nk - nq;
         let mask: Vec<f32> = (0..nq)
-            .flat_map(|i| (0..nk).map(move |j| if j > i + offset { f32::NEG_INFINITY } else { 0.0 }))
+            .flat_map(|i| {
+                (0..nk).map(move |j| {
+                    if j > i + offset {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+            })
             .collect();
         let mask = Tensor::from_vec(mask, (nq, nk), q.device())?;
         scores = scores.broadcast_add(&mask)?;
@@ -68,11 +80,19 @@ pub fn gated_residual(x: &Tensor, gate: &Tensor, y: &Tensor, clamp_f16: bool) ->
 /// `x` is `[B, H, N, D]`, `weight` `[D]`, `cos` and `sin` `[N, D/2]` (f32; one angle per pair).
 /// Computed in f32: `n = x / sqrt(mean(x²) + eps) · weight`, then for each pair
 /// `(a, b) → (a·cos − b·sin, b·cos + a·sin)`.
-pub fn qk_rmsnorm_rope(x: &Tensor, weight: &Tensor, cos: &Tensor, sin: &Tensor, eps: f64) -> Result<Tensor> {
+pub fn qk_rmsnorm_rope(
+    x: &Tensor,
+    weight: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    eps: f64,
+) -> Result<Tensor> {
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
     let rms = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
-    let n = xf.broadcast_div(&rms)?.broadcast_mul(&weight.to_dtype(DType::F32)?)?;
+    let n = xf
+        .broadcast_div(&rms)?
+        .broadcast_mul(&weight.to_dtype(DType::F32)?)?;
     // diffusers casts the normed q/k back to the input dtype before RoPE.
     let n = n.to_dtype(dtype)?.to_dtype(DType::F32)?;
     rope_interleaved(&n, cos, sin)?.to_dtype(dtype)
@@ -87,14 +107,21 @@ pub fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor
     }
     let (cos, sin) = (cos.to_dtype(DType::F32)?, sin.to_dtype(DType::F32)?);
     if cos.dims() != [n, d / 2] || sin.dims() != [n, d / 2] {
-        candle_core::bail!("rope cos/sin must be [{n}, {}], got {:?} and {:?}", d / 2, cos.dims(), sin.dims());
+        candle_core::bail!(
+            "rope cos/sin must be [{n}, {}], got {:?} and {:?}",
+            d / 2,
+            cos.dims(),
+            sin.dims()
+        );
     }
     let x = x.to_dtype(DType::F32)?.reshape((b, h, n, d / 2, 2))?;
     let a = x.narrow(D::Minus1, 0, 1)?.squeeze(D::Minus1)?;
     let bb = x.narrow(D::Minus1, 1, 1)?.squeeze(D::Minus1)?;
     let ra = (a.broadcast_mul(&cos)? - bb.broadcast_mul(&sin)?)?;
     let rb = (bb.broadcast_mul(&cos)? + a.broadcast_mul(&sin)?)?;
-    Tensor::stack(&[ra, rb], D::Minus1)?.reshape((b, h, n, d))?.to_dtype(dtype)
+    Tensor::stack(&[ra, rb], D::Minus1)?
+        .reshape((b, h, n, d))?
+        .to_dtype(dtype)
 }
 
 /// `gelu_tanh(x + bias)`, the epilogue of FLUX's MLP input linears. `bias` is `[C]`.
@@ -184,7 +211,12 @@ mod tests {
         let g = Tensor::new(&[[1f32, 2.0]], &dev)?;
         let f32_out = gated_residual(&x, &g, &y, true)?;
         assert_eq!(f32_out.flatten_all()?.to_vec1::<f32>()?, vec![70000.0, 3.0]);
-        let h = gated_residual(&x.to_dtype(DType::F16)?, &g.to_dtype(DType::F16)?, &y.to_dtype(DType::F16)?, true)?;
+        let h = gated_residual(
+            &x.to_dtype(DType::F16)?,
+            &g.to_dtype(DType::F16)?,
+            &y.to_dtype(DType::F16)?,
+            true,
+        )?;
         let h = h.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         assert_eq!(h, vec![65504.0, 3.0]);
         Ok(())
@@ -197,12 +229,14 @@ mod tests {
         let half = std::f32::consts::FRAC_PI_2;
         let cos = Tensor::new(&[[half.cos(), 1.0]], &dev)?;
         let sin = Tensor::new(&[[half.sin(), 0.0]], &dev)?;
-        let out = rope_interleaved(&x, &cos, &sin)?.flatten_all()?.to_vec1::<f32>()?;
+        let out = rope_interleaved(&x, &cos, &sin)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         let want = [0.0f32, 1.0, 0.0, 1.0];
         for (o, w) in out.iter().zip(want) {
             assert!((o - w).abs() < 1e-6, "{out:?}");
         }
-        assert!(rope_interleaved(&x, &cos.narrow(1, 0, 1)?, &sin, ).is_err());
+        assert!(rope_interleaved(&x, &cos.narrow(1, 0, 1)?, &sin,).is_err());
         Ok(())
     }
 
