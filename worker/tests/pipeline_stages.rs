@@ -313,6 +313,12 @@ fn mask_cleanup_table() {
             removed: 2,
         },
         Case {
+            name: "leash running off the frame kept",
+            draw: |m| draw_line(m, (-10.0, 5.0), (210.0, 120.0), 3.0),
+            keep: |m| draw_line(m, (-10.0, 5.0), (210.0, 120.0), 3.0),
+            removed: 0,
+        },
+        Case {
             name: "small but thick dot kept",
             draw: |m| draw_rect(m, 90, 90, 6, 6, 255),
             keep: |m| draw_rect(m, 90, 90, 6, 6, 255),

@@ -13,7 +13,7 @@
 //! Empty masks and masks that cover (almost) the whole frame are refused: there is nothing to
 //! fill, or nothing to fill it from.
 
-use image::{GrayImage, Luma};
+use image::{GrayImage, Luma, imageops};
 use imageproc::distance_transform::Norm;
 use imageproc::morphology::{Mask, dilate, grayscale_open};
 use imageproc::region_labelling::{Connectivity, connected_components};
@@ -148,28 +148,30 @@ pub fn remove_specks(binary: &GrayImage, min_component_px: u32) -> (GrayImage, u
     (out, removed)
 }
 
-/// Runs the whole stage.
+/// Runs the whole stage. The morphology runs on the mask's bounding box grown by the dilation
+/// radius (plus the ellipse's reach), so a small mask in a large photo costs little.
 pub fn clean(mask: &GrayImage, config: &MaskConfig) -> Result<CleanMask, MaskError> {
     let (w, h) = mask.dimensions();
     let total = (w as u64 * h as u64).max(1);
     let binary = binarize(mask, config.threshold);
-    let white = count_white(&binary);
-    if white == 0 {
+    let Some(white_box) = Rect::bounding(&binary) else {
         return Err(MaskError::Empty {
             threshold: config.threshold,
         });
-    }
-    let (core, specks_removed) = remove_specks(&binary, config.min_component_px);
-    let core_white = count_white(&core);
+    };
+    let radius = config.dilate_radius(w, h);
+    let area = white_box.expand(radius as u32 + 3, w, h);
+    let sub = imageops::crop_imm(&binary, area.x, area.y, area.w, area.h).to_image();
+    let (sub_core, specks_removed) = remove_specks(&sub, config.min_component_px);
+    let core_white = count_white(&sub_core);
     if core_white == 0 {
         return Err(MaskError::OnlySpecks {
             pixels: specks_removed,
             min_component_px: config.min_component_px,
         });
     }
-    let radius = config.dilate_radius(w, h);
-    let dilated = dilate(&core, Norm::L2, radius);
-    let dilated_white = count_white(&dilated);
+    let sub_dilated = dilate(&sub_core, Norm::L2, radius);
+    let dilated_white = count_white(&sub_dilated);
     let coverage = dilated_white as f64 / total as f64;
     if coverage > config.max_coverage {
         return Err(MaskError::CoversImage {
@@ -177,8 +179,14 @@ pub fn clean(mask: &GrayImage, config: &MaskConfig) -> Result<CleanMask, MaskErr
             limit: config.max_coverage,
         });
     }
-    // Non-empty, so a bounding box exists.
-    let bbox = Rect::bounding(&dilated).unwrap_or(Rect::new(0, 0, w, h));
+    let mut core = GrayImage::new(w, h);
+    let mut dilated = GrayImage::new(w, h);
+    imageops::replace(&mut core, &sub_core, area.x as i64, area.y as i64);
+    imageops::replace(&mut dilated, &sub_dilated, area.x as i64, area.y as i64);
+    // Non-empty (it holds the core), so a bounding box exists.
+    let bbox = Rect::bounding(&sub_dilated)
+        .map(|b| Rect::new(b.x + area.x, b.y + area.y, b.w, b.h))
+        .unwrap_or(area);
     Ok(CleanMask {
         core,
         dilated,

@@ -34,7 +34,7 @@ pub use crop::{Crop, CropConfig};
 pub use fetch::{DecodeError, InputLimits, MaskSizePolicy};
 pub use inpaint::{InpaintError, InpaintParams, Inpainted, Inpainter, ModelTimings, Step};
 pub use mask::{CleanMask, MaskConfig, MaskError};
-pub use prompt::{CaptionError, Captioner, Prompt, PromptOrigin, PromptRules, SurfacePrompt};
+pub use prompt::{CaptionError, Captioner, Prompt, PromptOrigin, PromptRules, RulePrompt};
 pub use store::{OutputFormat, StoreError};
 
 /// An axis-aligned rectangle of pixels: `[x, x + w) × [y, y + h)`.
@@ -195,7 +195,8 @@ pub enum FailureReason {
     StorageError,
     /// The model failed.
     ModelError,
-    /// The device ran out of memory.
+    /// The device ran out of memory. Retryable (memory is freed; another attempt or worker
+    /// may have room).
     OutOfMemory,
     /// The job was cancelled while running.
     Cancelled,
@@ -250,7 +251,9 @@ impl PipelineError {
             message: message.into(),
             retryable: matches!(
                 reason,
-                FailureReason::InputUnreachable | FailureReason::StorageError
+                FailureReason::InputUnreachable
+                    | FailureReason::StorageError
+                    | FailureReason::OutOfMemory
             ),
         }
     }

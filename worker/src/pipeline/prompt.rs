@@ -46,7 +46,7 @@ pub struct Prompt {
 
 /// A prompt built by [`PromptRules`] from a caption, from labels, or the neutral one.
 #[derive(Clone, Debug, PartialEq)]
-pub struct SurfacePrompt {
+pub struct RulePrompt {
     pub prompt: String,
     pub surface: Option<String>,
     /// True when nothing usable was found and this is the neutral prompt.
@@ -66,9 +66,9 @@ pub trait Captioner: Send + Sync {
 
 /// Turns captions and scene labels into fill prompts ("{surface}, seamless continuation, no objects").
 pub trait PromptRules: Send + Sync {
-    fn for_caption(&self, caption: &str) -> SurfacePrompt;
-    fn for_labels(&self, labels: &[String]) -> SurfacePrompt;
-    fn neutral(&self) -> SurfacePrompt;
+    fn for_caption(&self, caption: &str) -> RulePrompt;
+    fn for_labels(&self, labels: &[String]) -> RulePrompt;
+    fn neutral(&self) -> RulePrompt;
 }
 
 /// Picks the prompt of `spec`. `crop` is only captioned when the spec names neither a prompt nor
