@@ -1,4 +1,6 @@
 //! `InpaintJob`: one photo, one mask, one result.
+// Each `printcolumn(...)` repeats keys such as `type_`, which clippy reads as duplicates.
+#![allow(clippy::duplicated_attributes)]
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};

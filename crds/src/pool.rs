@@ -1,4 +1,6 @@
 //! `InpaintPool`: a GPU worker pool (a Deployment the operator owns) and its scaling policy.
+// Each `printcolumn(...)` repeats keys such as `type_`, which clippy reads as duplicates.
+#![allow(clippy::duplicated_attributes)]
 
 use std::collections::BTreeMap;
 

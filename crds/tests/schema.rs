@@ -52,10 +52,10 @@ fn to_json_schema(schema: &Value) -> Value {
                 .filter(|(k, _)| !k.starts_with("x-kubernetes-") && k.as_str() != "nullable")
                 .map(|(k, v)| (k.clone(), to_json_schema(v)))
                 .collect();
-            if m.get("nullable") == Some(&Value::Bool(true)) {
-                if let Some(Value::String(t)) = m.get("type") {
-                    out.insert("type".into(), serde_json::json!([t, "null"]));
-                }
+            if m.get("nullable") == Some(&Value::Bool(true))
+                && let Some(Value::String(t)) = m.get("type")
+            {
+                out.insert("type".into(), serde_json::json!([t, "null"]));
             }
             let preserve =
                 m.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true));

@@ -1,4 +1,6 @@
 //! Model ports, one folder per model (candle-transformers style).
 
+pub mod clip;
 pub mod florence2;
 pub mod flux;
+pub mod t5;

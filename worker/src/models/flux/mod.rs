@@ -1,1 +1,35 @@
-//! FLUX.1-Fill-dev (transformer, text encoders, VAE, sampling, pipeline).
+//! FLUX.1-Fill-dev (transformer, text encoders, VAE, sampling, pipeline), numerically following
+//! diffusers' `FluxFillPipeline` (0.42): explicit size (multiple of 16), binarized mask, masked image
+//! encoded with the VAE posterior **mean**, 8×8 space-to-depth mask, 2×2 packing, 64|64|256 channel
+//! order, dynamic-shift sigmas, Euler step in f32, schedule / timestep embedding / RoPE in f32–f64.
+//!
+//! Weights: the diffusers folder, BFL single files (`flux1-fill-dev.safetensors`, `ae.safetensors`) or
+//! GGUF (city96 transformer files; T5 encoders with HF or llama.cpp names). See `crate::weights`.
+//!
+//! Placement on a 16 GB T4 (sm_75: f16 only, bf16 is refused): a Q5_K_M transformer (~8.4 GB) and an
+//! f16 T5-XXL (9.5 GB) do not fit together, so the default of "everything on one device" only suits
+//! big cards. On a T4 use `--transformer-gguf …Q5_K_M.gguf --t5-gguf t5-v1_1-xxl-encoder-Q5_K_M.gguf`
+//! (T5 ≈ 3.4 GB, all on the GPU, ≈ 12.5 GB) or `--t5-device cpu` (T5 runs once per new prompt; results
+//! are cached), and `--vae-tile 512` (candle's im2col convolutions need ~10 GB transient for an
+//! untiled 1024² f32 decode). CLIP and the VAE run in f32 by default.
+//!
+//! ```text
+//! let paths = FluxModelPaths::resolve(models_dir, &FluxOverrides::default())?;
+//! let fill = FluxFill::load(&paths, &FluxLoadOptions::new(device, DType::F16))?;
+//! let out = fill.inpaint(&image, &mask, prompt, &InpaintOptions::default(), &mut |_| true)?;
+//! ```
+
+pub mod config;
+pub mod error;
+pub mod pipeline;
+pub mod sampling;
+pub mod store;
+pub mod text;
+pub mod transformer;
+pub mod vae;
+
+pub use error::FluxError;
+pub use pipeline::{
+    FillOutput, FillTimings, FillTrace, FluxFill, FluxLoadOptions, InpaintOptions, Placement, Step,
+};
+pub use store::QuantMatmul;

@@ -1,0 +1,147 @@
+{{/* Chart name. */}}
+{{- define "pawfect.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Resource-name prefix: <release>-<chart>, or <release> when it already holds the chart name. */}}
+{{- define "pawfect.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* A name <fullname>-<suffix> that fits in 63 characters. Call with (list $ "suffix"). */}}
+{{- define "pawfect.componentName" -}}
+{{- $root := index . 0 -}}
+{{- $suffix := index . 1 }}
+{{- $prefix := include "pawfect.fullname" $root | trunc (int (sub 62 (len $suffix))) | trimSuffix "-" }}
+{{- printf "%s-%s" $prefix $suffix }}
+{{- end }}
+
+{{- define "pawfect.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels of every resource. */}}
+{{- define "pawfect.labels" -}}
+helm.sh/chart: {{ include "pawfect.chart" . }}
+app.kubernetes.io/name: {{ include "pawfect.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: pawfect-inpaint
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Selector labels of a component. Call with (list $ "operator"). */}}
+{{- define "pawfect.selectorLabels" -}}
+{{- $root := index . 0 -}}
+app.kubernetes.io/name: {{ include "pawfect.name" $root }}
+app.kubernetes.io/instance: {{ $root.Release.Name }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end }}
+
+{{/* Labels of a component's resources. Call with (list $ "operator"). */}}
+{{- define "pawfect.componentLabels" -}}
+{{ include "pawfect.labels" (index . 0) }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end }}
+
+{{- define "pawfect.operator.fullname" -}}
+{{- include "pawfect.componentName" (list . "operator") }}
+{{- end }}
+
+{{- define "pawfect.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "pawfect.operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Leader election: asked for, or implied by more than one replica. */}}
+{{- define "pawfect.leaderElection" -}}
+{{- if or .Values.operator.leaderElection.enabled (gt (int .Values.operator.replicas) 1) }}true{{- end }}
+{{- end }}
+
+{{- define "pawfect.redis.fullname" -}}
+{{- include "pawfect.componentName" (list . "redis") }}
+{{- end }}
+
+{{/* Redis URL of the operator and the workers (no password in it). */}}
+{{- define "pawfect.redis.url" -}}
+{{- if .Values.redis.enabled }}
+{{- printf "redis://%s.%s.svc:%d/0" (include "pawfect.redis.fullname" .) .Release.Namespace (int .Values.redis.service.port) }}
+{{- else }}
+{{- required "externalRedis.url is required when redis.enabled is false" .Values.externalRedis.url }}
+{{- end }}
+{{- end }}
+
+{{/* Secret holding the Redis password; empty when there is none. */}}
+{{- define "pawfect.redis.secretName" -}}
+{{- if .Values.redis.enabled }}
+{{- default (include "pawfect.redis.fullname" .) .Values.redis.auth.existingSecret }}
+{{- else }}
+{{- .Values.externalRedis.existingSecret }}
+{{- end }}
+{{- end }}
+
+{{- define "pawfect.redis.secretKey" -}}
+{{- if .Values.redis.enabled }}
+{{- if .Values.redis.auth.existingSecret }}{{ .Values.redis.auth.existingSecretPasswordKey }}{{ else }}redis-password{{ end }}
+{{- else }}
+{{- .Values.externalRedis.existingSecretPasswordKey }}
+{{- end }}
+{{- end }}
+
+{{- define "pawfect.models.claimName" -}}
+{{- if .Values.models.persistence.existingClaim }}
+{{- .Values.models.persistence.existingClaim }}
+{{- else if .Values.models.persistence.enabled }}
+{{- include "pawfect.componentName" (list . "models") }}
+{{- end }}
+{{- end }}
+
+{{/* Whether the default InpaintPool is rendered (see pool.yaml). */}}
+{{- define "pawfect.pool.render" -}}
+{{- if and .Values.pool.create (or (not .Values.pool.onlyWhenCRDInstalled) (.Capabilities.APIVersions.Has "inpaint.pawfect.dev/v1alpha1/InpaintPool")) }}true{{- end }}
+{{- end }}
+
+{{- define "pawfect.worker.image" -}}
+{{- printf "%s:%s" .Values.pool.worker.image.repository (default .Chart.AppVersion .Values.pool.worker.image.tag) }}
+{{- end }}
+
+{{- define "pawfect.operator.image" -}}
+{{- printf "%s:%s" .Values.operator.image.repository (default .Chart.AppVersion .Values.operator.image.tag) }}
+{{- end }}
+
+{{/* Checks that values which depend on each other agree (the schema checks each on its own). */}}
+{{- define "pawfect.validate" -}}
+{{- if and .Values.redis.enabled .Values.externalRedis.url }}
+{{- fail "set either redis.enabled (the bundled Redis) or externalRedis.url, not both" }}
+{{- end }}
+{{- if and (not .Values.redis.enabled) (not .Values.externalRedis.url) }}
+{{- fail "externalRedis.url is required when redis.enabled is false" }}
+{{- end }}
+{{- if and .Values.pool.create (lt (int .Values.pool.maxReplicas) (int .Values.pool.minReplicas)) }}
+{{- fail "pool.minReplicas must not exceed pool.maxReplicas" }}
+{{- end }}
+{{- if and .Values.models.download.enabled (not (include "pawfect.models.claimName" .)) }}
+{{- fail "models.download needs a model volume: set models.persistence.enabled or models.persistence.existingClaim" }}
+{{- end }}
+{{- if and .Values.pool.create (not (include "pawfect.models.claimName" .)) }}
+{{- fail "the default pool needs a model volume: set models.persistence.enabled or models.persistence.existingClaim (or pool.create=false)" }}
+{{- end }}
+{{- if and .Values.pool.create .Values.operator.watchNamespace (ne .Values.operator.watchNamespace .Release.Namespace) }}
+{{- fail (printf "the default pool lives in the release namespace %s, which the operator does not watch (operator.watchNamespace=%s): set pool.create=false or watch the release namespace" .Release.Namespace .Values.operator.watchNamespace) }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,497 @@
+//! Support for the Helm chart tests (`tests/chart.rs`): finds `helm` and `kubernetes-validate`,
+//! renders `charts/pawfect-inpaint`, splits the output into manifests, validates custom
+//! resources against the committed CRDs the way the API server would, and reads the tables of
+//! Kubernetes API calls that the RBAC rules must match.
+//!
+//! The tools come from `.ci/setup-tools.sh`. They are looked up in this order: the environment
+//! variable (`PAWFECT_HELM`, `PAWFECT_KUBERNETES_VALIDATE`), `PATH`, then the cache directory the
+//! script installs into (`$PAWFECT_TOOLS_DIR`, default
+//! `${XDG_CACHE_HOME:-$HOME/.cache}/pawfect-inpaint/tools/bin`).
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use kube::core::cel::{Validator, apply_defaults};
+use serde_json::{Map, Value};
+
+/// Kubernetes version the manifests are rendered for and validated against.
+pub const KUBE_VERSION: &str = "1.33.0";
+/// Namespace of the test release.
+pub const NAMESPACE: &str = "pawfect";
+/// Name of the test release.
+pub const RELEASE: &str = "pawfect-inpaint";
+/// `--api-versions` entry that tells helm the cluster already knows InpaintPool.
+pub const POOL_API: &str = "inpaint.pawfect.dev/v1alpha1/InpaintPool";
+
+/// The repository root.
+pub fn workspace_root() -> PathBuf {
+    // charts/test -> charts -> root
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.ancestors()
+        .nth(2)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| here.to_path_buf())
+}
+
+/// `charts/pawfect-inpaint`.
+pub fn chart_dir() -> PathBuf {
+    workspace_root().join("charts/pawfect-inpaint")
+}
+
+/// The directory `.ci/setup-tools.sh` installs into.
+pub fn tools_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("PAWFECT_TOOLS_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from(".cache"));
+    cache.join("pawfect-inpaint/tools")
+}
+
+fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Finds a tool: `$env_var`, then `PATH`, then the tools cache directory.
+pub fn find_tool(env_var: &str, name: &str) -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os(env_var).filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!(
+                "{env_var}={} does not exist: point it at the `{name}` binary, or unset it and \
+                 run `.ci/setup-tools.sh`",
+                p.display()
+            ))
+        };
+    }
+    if let Some(p) = on_path(name) {
+        return Ok(p);
+    }
+    let cached = tools_dir().join("bin").join(name);
+    if cached.is_file() {
+        return Ok(cached);
+    }
+    Err(format!(
+        "`{name}` not found (looked at ${env_var}, PATH and {}). The chart tests need helm and \
+         kubernetes-validate: run `.ci/setup-tools.sh` (it downloads helm and pip-installs \
+         kubernetes-validate into that directory), or set {env_var} to the binary.",
+        cached.display()
+    ))
+}
+
+/// The `helm` binary, or a panic that says how to install it.
+pub fn helm() -> PathBuf {
+    find_tool("PAWFECT_HELM", "helm").unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The `kubernetes-validate` command, or a panic that says how to install it.
+pub fn kubernetes_validate_bin() -> PathBuf {
+    find_tool("PAWFECT_KUBERNETES_VALIDATE", "kubernetes-validate")
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Output of a command, or its stderr (and stdout) as the error.
+fn run(cmd: &mut Command, stdin: Option<&str>) -> Result<String, String> {
+    let shown = format!("{cmd:?}");
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot run {shown}: {e}"))?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input.as_bytes())
+            .map_err(|e| format!("cannot write to {shown}: {e}"))?;
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("{shown} failed: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if out.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!(
+            "{shown} exited with {}:\n{stderr}{stdout}",
+            out.status
+        ))
+    }
+}
+
+/// A set of values the chart is rendered with: value files (relative to the chart) and `--set`s.
+#[derive(Clone, Debug, Default)]
+pub struct ValueSet {
+    pub name: &'static str,
+    pub files: Vec<PathBuf>,
+    pub sets: Vec<String>,
+    /// Whether the cluster already knows InpaintPool (`--api-versions`), as on an upgrade.
+    pub pool_api_known: bool,
+}
+
+impl ValueSet {
+    pub fn defaults() -> Self {
+        ValueSet {
+            name: "default",
+            pool_api_known: true,
+            ..Default::default()
+        }
+    }
+
+    /// One of the chart's `ci/<name>-values.yaml` files.
+    pub fn ci(name: &'static str) -> Self {
+        ValueSet {
+            name,
+            files: vec![chart_dir().join("ci").join(format!("{name}-values.yaml"))],
+            pool_api_known: true,
+            ..Default::default()
+        }
+    }
+
+    pub fn set(mut self, s: &str) -> Self {
+        self.sets.push(s.to_string());
+        self
+    }
+
+    pub fn first_install(mut self) -> Self {
+        self.pool_api_known = false;
+        self
+    }
+
+    fn value_args(&self, cmd: &mut Command) {
+        for f in &self.files {
+            cmd.arg("--values").arg(f);
+        }
+        for s in &self.sets {
+            cmd.arg("--set").arg(s);
+        }
+    }
+
+    /// `helm template` output.
+    pub fn render(&self) -> Result<String, String> {
+        let mut cmd = Command::new(helm());
+        cmd.arg("template").arg(RELEASE).arg(chart_dir()).args([
+            "--namespace",
+            NAMESPACE,
+            "--kube-version",
+            KUBE_VERSION,
+        ]);
+        if self.pool_api_known {
+            cmd.args(["--api-versions", POOL_API]);
+        }
+        self.value_args(&mut cmd);
+        run(&mut cmd, None)
+    }
+
+    /// `helm lint --strict` output.
+    pub fn lint(&self) -> Result<String, String> {
+        let mut cmd = Command::new(helm());
+        cmd.args(["lint", "--strict"]).arg(chart_dir()).args([
+            "--namespace",
+            NAMESPACE,
+            "--kube-version",
+            KUBE_VERSION,
+        ]);
+        self.value_args(&mut cmd);
+        run(&mut cmd, None)
+    }
+
+    /// NOTES.txt as `helm install --dry-run=client` prints it (no cluster is contacted).
+    pub fn install_notes(&self) -> Result<String, String> {
+        let mut cmd = Command::new(helm());
+        cmd.arg("install")
+            .arg(RELEASE)
+            .arg(chart_dir())
+            .args(["--namespace", NAMESPACE, "--dry-run=client"])
+            .env("KUBECONFIG", "/dev/null");
+        self.value_args(&mut cmd);
+        let out = run(&mut cmd, None)?;
+        out.split_once("\nNOTES:\n")
+            .map(|(_, notes)| notes.to_string())
+            .ok_or_else(|| format!("no NOTES in:\n{out}"))
+    }
+
+    /// The rendered manifests.
+    pub fn manifests(&self) -> Result<Vec<Manifest>, String> {
+        split_manifests(&self.render()?)
+    }
+}
+
+/// Runs `kubernetes-validate --strict -k <KUBE_VERSION>` over rendered manifests.
+pub fn kubernetes_validate(rendered: &str) -> Result<String, String> {
+    let mut cmd = Command::new(kubernetes_validate_bin());
+    cmd.args(["--strict", "-k", KUBE_VERSION, "-"]);
+    let out = run(&mut cmd, Some(rendered))?;
+    if out.contains("ERROR") {
+        return Err(out);
+    }
+    Ok(out)
+}
+
+/// One rendered manifest and the template it came from.
+#[derive(Clone, Debug)]
+pub struct Manifest {
+    pub source: String,
+    pub value: Value,
+}
+
+impl Manifest {
+    pub fn kind(&self) -> &str {
+        self.value["kind"].as_str().unwrap_or("")
+    }
+    pub fn name(&self) -> &str {
+        self.value["metadata"]["name"].as_str().unwrap_or("")
+    }
+}
+
+/// Splits `helm template` output into manifests (documents without content are dropped).
+pub fn split_manifests(rendered: &str) -> Result<Vec<Manifest>, String> {
+    let mut docs = Vec::new();
+    let mut current = String::new();
+    for line in rendered.lines().chain(std::iter::once("---")) {
+        if line == "---" {
+            if !current.trim().is_empty() {
+                docs.push(std::mem::take(&mut current));
+            }
+            current.clear();
+        } else {
+            current.push_str(line);
+            current.push('\n');
+        }
+    }
+    let mut out = Vec::new();
+    for doc in docs {
+        let source = doc
+            .lines()
+            .find_map(|l| l.strip_prefix("# Source: "))
+            .unwrap_or("?")
+            .to_string();
+        let value: Value =
+            serde_saphyr::from_str(&doc).map_err(|e| format!("{source}: not YAML: {e}\n{doc}"))?;
+        if value.is_null() {
+            continue;
+        }
+        if !value.is_object() {
+            return Err(format!("{source}: not a manifest: {doc}"));
+        }
+        out.push(Manifest { source, value });
+    }
+    Ok(out)
+}
+
+/// Parses a YAML file.
+pub fn read_yaml(path: &Path) -> Result<Value, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_saphyr::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The committed CRD files, `crds/*.yaml`, by file name.
+pub fn committed_crd_files() -> Result<Vec<PathBuf>, String> {
+    let dir = workspace_root().join("crds");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map_err(|e| format!("{}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// The openAPIV3Schema of the committed CRD of `kind`, with the fields every object has.
+pub fn crd_schema(kind: &str) -> Result<Value, String> {
+    for f in committed_crd_files()? {
+        let crd = read_yaml(&f)?;
+        if crd["spec"]["names"]["kind"] == kind {
+            let versions = crd["spec"]["versions"]
+                .as_array()
+                .ok_or_else(|| format!("{}: no versions", f.display()))?;
+            let storage = versions
+                .iter()
+                .find(|v| v["storage"] == true)
+                .ok_or_else(|| format!("{}: no storage version", f.display()))?;
+            let mut schema = storage["schema"]["openAPIV3Schema"].clone();
+            for (field, ty) in [
+                ("apiVersion", "string"),
+                ("kind", "string"),
+                ("metadata", "object"),
+            ] {
+                schema["properties"][field] = serde_json::json!({ "type": ty });
+            }
+            return Ok(schema);
+        }
+    }
+    Err(format!("no CRD for kind {kind} in crds/"))
+}
+
+/// Kubernetes structural schema → JSON Schema: `nullable` becomes a `null` type and objects with
+/// declared properties reject unknown ones (the API server's strict field validation).
+fn to_json_schema(schema: &Value) -> Value {
+    match schema {
+        Value::Object(m) => {
+            let mut out: Map<String, Value> = m
+                .iter()
+                .filter(|(k, _)| !k.starts_with("x-kubernetes-") && k.as_str() != "nullable")
+                .map(|(k, v)| (k.clone(), to_json_schema(v)))
+                .collect();
+            if m.get("nullable") == Some(&Value::Bool(true))
+                && let Some(Value::String(t)) = m.get("type")
+            {
+                out.insert("type".into(), serde_json::json!([t, "null"]));
+            }
+            if m.get("x-kubernetes-int-or-string") == Some(&Value::Bool(true)) {
+                let types = if m.get("nullable") == Some(&Value::Bool(true)) {
+                    serde_json::json!(["integer", "string", "null"])
+                } else {
+                    serde_json::json!(["integer", "string"])
+                };
+                out.insert("type".into(), types);
+            }
+            let preserve =
+                m.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true));
+            if m.contains_key("properties") && !m.contains_key("additionalProperties") && !preserve
+            {
+                out.insert("additionalProperties".into(), Value::Bool(false));
+            }
+            Value::Object(out)
+        }
+        Value::Array(a) => Value::Array(a.iter().map(to_json_schema).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Validates a custom resource as the API server would on create: defaults from the committed
+/// CRD, its schema with unknown fields rejected, then its CEL rules. Returns the defaulted object.
+pub fn validate_custom_resource(manifest: &Value) -> Result<Value, String> {
+    let kind = manifest["kind"].as_str().ok_or("manifest has no kind")?;
+    let schema = crd_schema(kind)?;
+    let defaulted = apply_defaults(&schema, manifest);
+    let validator =
+        jsonschema::validator_for(&to_json_schema(&schema)).map_err(|e| e.to_string())?;
+    let errors: Vec<String> = validator
+        .iter_errors(&defaulted)
+        .map(|e| format!("{}: {}", e.instance_path, e))
+        .collect();
+    if !errors.is_empty() {
+        return Err(errors.join("; "));
+    }
+    Validator::new()
+        .validate(&schema, &defaulted, None)
+        .map_err(|e| e.to_string())?;
+    Ok(defaulted)
+}
+
+/// One permission: API group, resource, verb.
+pub type Permission = (String, String, String);
+
+/// The Kubernetes API calls listed in a Markdown table under the heading that starts with
+/// `heading`: columns API group, resource, verbs (each in backticks), then a description.
+/// Rows whose description mentions `--leader-election` go into the second set.
+pub fn api_call_table(
+    markdown: &str,
+    heading: &str,
+) -> Result<(BTreeSet<Permission>, BTreeSet<Permission>), String> {
+    let mut lines = markdown.lines().skip_while(|l| !l.starts_with(heading));
+    if lines.next().is_none() {
+        return Err(format!("no section {heading:?}"));
+    }
+    let mut always = BTreeSet::new();
+    let mut leader = BTreeSet::new();
+    let mut rows = 0;
+    for line in lines.take_while(|l| !l.starts_with("## ")) {
+        let line = line.trim();
+        if !line.starts_with('|') {
+            continue;
+        }
+        let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+        if cells.len() < 4 {
+            return Err(format!("table row with fewer than 4 cells: {line}"));
+        }
+        let ticks = |cell: &str| -> Vec<String> {
+            cell.split('`')
+                .skip(1)
+                .step_by(2)
+                .map(|s| {
+                    if s == "\"\"" {
+                        String::new()
+                    } else {
+                        s.to_string()
+                    }
+                })
+                .collect()
+        };
+        let group = ticks(cells[0]);
+        let resource = ticks(cells[1]);
+        let verbs = ticks(cells[2]);
+        if group.is_empty() && resource.is_empty() {
+            // The header or the separator row.
+            continue;
+        }
+        let (Some(group), Some(resource)) = (group.first(), resource.first()) else {
+            return Err(format!(
+                "row without a backticked group and resource: {line}"
+            ));
+        };
+        if verbs.is_empty() {
+            return Err(format!("row without verbs: {line}"));
+        }
+        rows += 1;
+        let target = if cells[3].contains("--leader-election") {
+            &mut leader
+        } else {
+            &mut always
+        };
+        for v in verbs {
+            target.insert((group.clone(), resource.clone(), v));
+        }
+    }
+    if rows == 0 {
+        return Err(format!("no table rows under {heading:?}"));
+    }
+    Ok((always, leader))
+}
+
+/// The permissions an RBAC Role/ClusterRole grants (resourceNames ignored). Wildcards and
+/// non-resource URLs are refused: the operator's rules are all explicit.
+pub fn role_permissions(role: &Value) -> Result<BTreeSet<Permission>, String> {
+    let mut out = BTreeSet::new();
+    let rules = role["rules"].as_array().ok_or("role without rules")?;
+    let strings = |v: &Value, what: &str| -> Result<Vec<String>, String> {
+        v.as_array()
+            .ok_or(format!("rule without {what}: {v}"))?
+            .iter()
+            .map(|s| {
+                s.as_str()
+                    .map(str::to_string)
+                    .ok_or(format!("{what} entry is not a string: {s}"))
+            })
+            .collect()
+    };
+    for rule in rules {
+        if rule.get("nonResourceURLs").is_some() {
+            return Err(format!("rule with nonResourceURLs: {rule}"));
+        }
+        for g in strings(&rule["apiGroups"], "apiGroups")? {
+            for r in strings(&rule["resources"], "resources")? {
+                for v in strings(&rule["verbs"], "verbs")? {
+                    if g == "*" || r == "*" || v == "*" {
+                        return Err(format!("wildcard in rule {rule}"));
+                    }
+                    out.insert((g.clone(), r.clone(), v));
+                }
+            }
+        }
+    }
+    Ok(out)
+}

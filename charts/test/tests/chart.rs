@@ -1,0 +1,1005 @@
+//! The Helm chart `charts/pawfect-inpaint`, checked with real `helm` and `kubernetes-validate`
+//! (install both with `.ci/setup-tools.sh`):
+//! - `helm lint --strict` and `helm template` pass for the default values and every
+//!   `ci/*-values.yaml`, and every rendered manifest is valid for Kubernetes 1.33 (strict);
+//! - values that break `values.schema.json` (or contradict each other) fail the render;
+//! - the chart's CRDs are the generated `crds/*.yaml`;
+//! - the default InpaintPool is valid against the InpaintPool CRD (defaults, schema, CEL);
+//! - the RBAC rules grant exactly the API calls the operator makes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use pawfect_chart_tests::{
+    Manifest, NAMESPACE, Permission, ValueSet, api_call_table, chart_dir, committed_crd_files,
+    kubernetes_validate, read_yaml, role_permissions, split_manifests, validate_custom_resource,
+    workspace_root,
+};
+use serde_json::Value;
+
+/// Every value set the chart is checked with: defaults (as on an upgrade, and as on the first
+/// install when the cluster does not know the CRDs yet) and each `ci/<name>-values.yaml`.
+fn value_sets() -> Vec<ValueSet> {
+    let mut sets = vec![ValueSet::defaults(), {
+        let mut v = ValueSet::defaults().first_install();
+        v.name = "default-first-install";
+        v
+    }];
+    sets.extend(CI_SETS.iter().map(|n| ValueSet::ci(n)));
+    sets
+}
+
+const CI_SETS: [&str; 4] = [
+    "external-redis",
+    "no-crds",
+    "metrics-netpol",
+    "ha-namespaced",
+];
+
+fn render(v: &ValueSet) -> Vec<Manifest> {
+    v.manifests()
+        .unwrap_or_else(|e| panic!("value set {}: {e}", v.name))
+}
+
+fn of_kind<'a>(ms: &'a [Manifest], kind: &str) -> Vec<&'a Manifest> {
+    ms.iter().filter(|m| m.kind() == kind).collect()
+}
+
+fn one<'a>(ms: &'a [Manifest], kind: &str, name_part: &str) -> &'a Manifest {
+    let found: Vec<&Manifest> = ms
+        .iter()
+        .filter(|m| {
+            m.kind() == kind
+                && (m.name() == name_part || m.name().ends_with(&format!("-{name_part}")))
+        })
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one {kind} named *{name_part}*, found {:?}",
+        found.iter().map(|m| m.name()).collect::<Vec<_>>()
+    );
+    found[0]
+}
+
+/// The only manifest of `kind`.
+fn only<'a>(ms: &'a [Manifest], kind: &str) -> &'a Manifest {
+    let found = of_kind(ms, kind);
+    assert_eq!(found.len(), 1, "expected one {kind}");
+    found[0]
+}
+
+fn kinds(ms: &[Manifest]) -> BTreeMap<String, usize> {
+    let mut k = BTreeMap::new();
+    for m in ms {
+        *k.entry(m.kind().to_string()).or_insert(0) += 1;
+    }
+    k
+}
+
+fn container<'a>(workload: &'a Manifest, name: &str) -> &'a Value {
+    workload.value["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["name"] == name))
+        .unwrap_or_else(|| panic!("{} has no container {name}", workload.name()))
+}
+
+fn args(c: &Value) -> Vec<String> {
+    c["args"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn env_secret(c: &Value, var: &str) -> Option<(String, String)> {
+    let e = c["env"].as_array()?.iter().find(|e| e["name"] == var)?;
+    let r = &e["valueFrom"]["secretKeyRef"];
+    Some((
+        r["name"].as_str()?.to_string(),
+        r["key"].as_str()?.to_string(),
+    ))
+}
+
+fn labels_match(selector: &Value, labels: &Value) -> bool {
+    selector
+        .as_object()
+        .is_some_and(|s| !s.is_empty() && s.iter().all(|(k, v)| &labels[k] == v))
+}
+
+#[test]
+fn every_ci_values_file_is_tested() {
+    let mut files: Vec<String> = std::fs::read_dir(chart_dir().join("ci"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .collect();
+    files.sort();
+    let mut expected: Vec<String> = CI_SETS.iter().map(|n| format!("{n}-values.yaml")).collect();
+    expected.sort();
+    assert_eq!(files, expected);
+}
+
+#[test]
+fn helm_lint_strict_passes() {
+    for v in value_sets() {
+        let out = v
+            .lint()
+            .unwrap_or_else(|e| panic!("helm lint --strict, value set {}: {e}", v.name));
+        assert!(out.contains("0 chart(s) failed"), "{}: {out}", v.name);
+    }
+}
+
+#[test]
+fn every_rendered_manifest_is_valid_for_kubernetes_1_33() {
+    // kubernetes-validate knows no custom resources: InpaintPool is checked against its CRD
+    // (default_pool_is_valid_against_the_crd) and the Prometheus Operator kinds are optional.
+    let custom: BTreeSet<&str> = ["InpaintPool", "ServiceMonitor", "PodMonitor"].into();
+    for v in value_sets() {
+        let rendered = v
+            .render()
+            .unwrap_or_else(|e| panic!("value set {}: {e}", v.name));
+        let report = kubernetes_validate(&rendered)
+            .unwrap_or_else(|e| panic!("value set {}: kubernetes-validate failed:\n{e}", v.name));
+        let manifests = split_manifests(&rendered).unwrap();
+        assert!(manifests.len() >= 5, "{}: too few manifests", v.name);
+        for m in &manifests {
+            let (kind, name) = (m.kind(), m.name());
+            assert!(!name.is_empty(), "{}: {} has no name", v.name, m.source);
+            if custom.contains(kind) {
+                continue;
+            }
+            let passed = format!("passed for resource {}/{name} ", kind.to_lowercase());
+            assert!(
+                report.contains(&passed),
+                "{}: {kind}/{name} was not validated:\n{report}",
+                v.name
+            );
+        }
+        for line in report.lines().filter(|l| l.starts_with("WARN")) {
+            assert!(
+                custom.iter().any(|k| line.contains(&format!("kind {k} "))),
+                "{}: unexpected warning: {line}",
+                v.name
+            );
+        }
+    }
+}
+
+#[test]
+fn namespaced_resources_carry_the_release_namespace_and_labels() {
+    let cluster_scoped: BTreeSet<&str> = [
+        "CustomResourceDefinition",
+        "ClusterRole",
+        "ClusterRoleBinding",
+    ]
+    .into();
+    for v in value_sets() {
+        for m in render(&v) {
+            let meta = &m.value["metadata"];
+            if cluster_scoped.contains(m.kind()) {
+                assert!(meta.get("namespace").is_none(), "{}: {}", v.name, m.source);
+            } else {
+                let ns = meta["namespace"].as_str().unwrap_or("");
+                assert!(!ns.is_empty(), "{}: {} has no namespace", v.name, m.source);
+            }
+            if m.kind() != "CustomResourceDefinition" {
+                assert_eq!(
+                    meta["labels"]["app.kubernetes.io/instance"],
+                    pawfect_chart_tests::RELEASE,
+                    "{}: {}",
+                    v.name,
+                    m.source
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn default_values_render_the_whole_system() {
+    let ms = render(&ValueSet::defaults());
+    let expected: BTreeMap<String, usize> = [
+        ("ClusterRole", 1),
+        ("ClusterRoleBinding", 1),
+        ("ConfigMap", 1),
+        ("CustomResourceDefinition", 2),
+        ("Deployment", 1),
+        ("InpaintPool", 1),
+        ("Job", 1),
+        ("PersistentVolumeClaim", 1),
+        ("Secret", 1),
+        ("Service", 3),
+        ("ServiceAccount", 1),
+        ("StatefulSet", 1),
+    ]
+    .into_iter()
+    .map(|(k, n)| (k.to_string(), n))
+    .collect();
+    assert_eq!(kinds(&ms), expected);
+
+    // The first install (CRDs unknown to the cluster) leaves only the pool out.
+    let first = render(&ValueSet::defaults().first_install());
+    let mut without_pool = expected.clone();
+    without_pool.remove("InpaintPool");
+    assert_eq!(kinds(&first), without_pool);
+    // ...unless asked to render it anyway (helm template | kubectl apply after the CRDs).
+    let forced = render(
+        &ValueSet::defaults()
+            .first_install()
+            .set("pool.onlyWhenCRDInstalled=false"),
+    );
+    assert_eq!(of_kind(&forced, "InpaintPool").len(), 1);
+}
+
+#[test]
+fn optional_parts_follow_their_values() {
+    let ext = render(&ValueSet::ci("external-redis"));
+    for kind in [
+        "StatefulSet",
+        "ConfigMap",
+        "PersistentVolumeClaim",
+        "Job",
+        "Secret",
+    ] {
+        assert!(
+            of_kind(&ext, kind).is_empty(),
+            "external-redis renders a {kind}"
+        );
+    }
+    let no_crds = render(&ValueSet::ci("no-crds"));
+    for kind in [
+        "CustomResourceDefinition",
+        "InpaintPool",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ServiceAccount",
+        "Job",
+    ] {
+        assert!(
+            of_kind(&no_crds, kind).is_empty(),
+            "no-crds renders a {kind}"
+        );
+    }
+    let op = one(&no_crds, "Deployment", "operator");
+    assert_eq!(
+        op.value["spec"]["template"]["spec"]["serviceAccountName"],
+        "pawfect-operator"
+    );
+    let defaults = render(&ValueSet::defaults());
+    for kind in ["NetworkPolicy", "ServiceMonitor", "PodMonitor", "Role"] {
+        assert!(
+            of_kind(&defaults, kind).is_empty(),
+            "defaults render a {kind}"
+        );
+    }
+}
+
+#[test]
+fn metrics_and_network_policies_select_the_right_pods() {
+    let ms = render(&ValueSet::ci("metrics-netpol"));
+    let service = one(&ms, "Service", "operator");
+    let deploy = one(&ms, "Deployment", "operator");
+    let redis = one(&ms, "StatefulSet", "redis");
+    let pod_labels = &deploy.value["spec"]["template"]["metadata"]["labels"];
+
+    let sm = one(&ms, "ServiceMonitor", "operator");
+    assert_eq!(sm.value["metadata"]["labels"]["release"], "prometheus");
+    assert!(labels_match(
+        &sm.value["spec"]["selector"]["matchLabels"],
+        &service.value["metadata"]["labels"]
+    ));
+    let port = &sm.value["spec"]["endpoints"][0]["port"];
+    assert!(
+        service.value["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| &p["name"] == port),
+        "ServiceMonitor port {port} is not a Service port"
+    );
+    assert!(labels_match(&service.value["spec"]["selector"], pod_labels));
+
+    let pm = one(&ms, "PodMonitor", "workers");
+    assert_eq!(
+        pm.value["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"],
+        "pawfect-worker"
+    );
+
+    let nps = of_kind(&ms, "NetworkPolicy");
+    assert_eq!(nps.len(), 3);
+    let op_np = one(&ms, "NetworkPolicy", "operator");
+    assert!(labels_match(
+        &op_np.value["spec"]["podSelector"]["matchLabels"],
+        pod_labels
+    ));
+    let egress = op_np.value["spec"]["egress"].to_string();
+    assert!(egress.contains("10.0.0.1/32") && egress.contains("6443") && egress.contains("53"));
+    let redis_np = one(&ms, "NetworkPolicy", "redis");
+    assert!(labels_match(
+        &redis_np.value["spec"]["podSelector"]["matchLabels"],
+        &redis.value["spec"]["template"]["metadata"]["labels"]
+    ));
+    let from = redis_np.value["spec"]["ingress"][0]["from"].to_string();
+    assert!(
+        from.contains("pawfect-worker") && from.contains("\"operator\""),
+        "{from}"
+    );
+    let workers_np = one(&ms, "NetworkPolicy", "workers");
+    assert_eq!(
+        workers_np.value["spec"]["podSelector"]["matchLabels"]["inpaint.pawfect.dev/pool"],
+        "default"
+    );
+    assert!(
+        workers_np.value["spec"]["ingress"][0]["from"]
+            .to_string()
+            .contains("monitoring")
+    );
+}
+
+/// `--set` values that break values.schema.json, and what the error names.
+const SCHEMA_VIOLATIONS: [(&str, &str); 12] = [
+    ("redis.appendfsync=sometimes", "/redis/appendfsync"),
+    ("operator.replicaCount=2", "replicaCount"),
+    ("pool.worker.modelVariant=q3_k", "/pool/worker/modelVariant"),
+    ("operator.logFormat=xml", "/operator/logFormat"),
+    ("pool.maxReplicas=0", "/pool/maxReplicas"),
+    ("externalRedis.url=http://redis:6379", "/externalRedis/url"),
+    (
+        "networkPolicy.apiServerPorts[0]=70000",
+        "/networkPolicy/apiServerPorts/0",
+    ),
+    (
+        "pool.worker.resources.limits.memory=lots",
+        "/pool/worker/resources/limits/memory",
+    ),
+    ("pool.name=Default_Pool", "/pool/name"),
+    ("crds.install=yes", "/crds/install"),
+    ("redis.maxmemory=half", "/redis/maxmemory"),
+    (
+        "pool.worker.terminationGracePeriodSeconds=5",
+        "/pool/worker/terminationGracePeriodSeconds",
+    ),
+];
+
+#[test]
+fn values_violating_the_schema_fail_the_render() {
+    for (set, path) in SCHEMA_VIOLATIONS {
+        let v = ValueSet::defaults().set(set);
+        let err = v.render().expect_err(set);
+        assert!(
+            err.contains("don't meet the specifications of the schema") && err.contains(path),
+            "--set {set}: expected a schema error at {path}, got:\n{err}"
+        );
+        assert!(v.lint().is_err(), "helm lint accepts --set {set}");
+    }
+}
+
+#[test]
+fn contradicting_values_fail_the_render_with_a_reason() {
+    let cases: [(&[&str], &str); 5] = [
+        (&["redis.enabled=false"], "externalRedis.url is required"),
+        (
+            &["externalRedis.url=redis://elsewhere:6379/0"],
+            "either redis.enabled",
+        ),
+        (
+            &["pool.minReplicas=5", "pool.maxReplicas=2"],
+            "pool.minReplicas must not exceed pool.maxReplicas",
+        ),
+        (
+            &["models.persistence.enabled=false"],
+            "needs a model volume",
+        ),
+        (&["operator.watchNamespace=media"], "does not watch"),
+    ];
+    for (sets, reason) in cases {
+        let mut v = ValueSet::defaults();
+        for s in sets {
+            v = v.set(s);
+        }
+        let err = v.render().expect_err(&sets.join(","));
+        assert!(
+            err.contains(reason),
+            "{sets:?}: expected {reason:?}, got:\n{err}"
+        );
+    }
+}
+
+/// Walks values.yaml next to values.schema.json: every value must be declared with a type (or a
+/// reference), and objects must not accept unknown keys unless they are free-form maps.
+#[test]
+fn the_schema_covers_every_value() {
+    let values = read_yaml(&chart_dir().join("values.yaml")).unwrap();
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(chart_dir().join("values.schema.json")).unwrap(),
+    )
+    .unwrap();
+    let definitions = schema["definitions"].clone();
+    let resolve = |s: &Value| -> Value {
+        let mut s = s.clone();
+        for _ in 0..4 {
+            let r = s
+                .get("$ref")
+                .or_else(|| s.get("allOf").and_then(|a| a[0].get("$ref")))
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            match r {
+                Some(r) => {
+                    let name = r.trim_start_matches("#/definitions/");
+                    s = definitions[name].clone();
+                }
+                None => break,
+            }
+        }
+        s
+    };
+    fn walk(
+        path: &str,
+        value: &Value,
+        schema: &Value,
+        resolve: &dyn Fn(&Value) -> Value,
+        leaves: &mut usize,
+    ) {
+        let s = resolve(schema);
+        assert!(
+            s.get("type").is_some() || s.get("oneOf").is_some() || s.get("enum").is_some(),
+            "{path} has no type in values.schema.json"
+        );
+        if let Value::Object(map) = value {
+            let declared = s["properties"].as_object();
+            let free_form = s.get("additionalProperties").is_some_and(Value::is_object)
+                || (declared.is_none() && s.get("additionalProperties").is_none());
+            if declared.is_some() {
+                assert_eq!(
+                    s["additionalProperties"],
+                    Value::Bool(false),
+                    "{path} accepts unknown keys"
+                );
+            }
+            for (k, v) in map {
+                let child = match declared.and_then(|d| d.get(k)) {
+                    Some(c) => c.clone(),
+                    None if free_form => {
+                        let ap = s["additionalProperties"].clone();
+                        if ap.is_object() {
+                            ap
+                        } else {
+                            Value::Object(Default::default())
+                        }
+                    }
+                    None => panic!("{path}.{k} is not in values.schema.json"),
+                };
+                if child.as_object().is_some_and(|o| o.is_empty()) {
+                    // A free-form object (e.g. a core/v1 type) – described by its parent.
+                    continue;
+                }
+                walk(&format!("{path}.{k}"), v, &child, resolve, leaves);
+            }
+        } else {
+            *leaves += 1;
+        }
+    }
+    let mut leaves = 0;
+    walk("", &values, &schema, &resolve, &mut leaves);
+    assert!(leaves > 80, "only {leaves} values walked");
+}
+
+#[test]
+fn chart_crds_equal_the_generated_crds() {
+    let generated = committed_crd_files().unwrap();
+    assert_eq!(generated.len(), 2, "{generated:?}");
+    let templates = chart_dir().join("templates/crds");
+    let mut in_chart: Vec<String> = std::fs::read_dir(&templates)
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str().map(str::to_string))
+        .collect();
+    in_chart.sort();
+    let names: Vec<String> = generated
+        .iter()
+        .filter_map(|p| p.file_name()?.to_str().map(str::to_string))
+        .collect();
+    assert_eq!(in_chart, names, "run scripts/sync-chart-crds.sh");
+    for f in &generated {
+        let name = f.file_name().unwrap();
+        let crd = std::fs::read_to_string(f).unwrap();
+        let template = std::fs::read_to_string(templates.join(name)).unwrap();
+        let body = template
+            .strip_prefix("{{- if .Values.crds.install }}\n")
+            .and_then(|t| t.strip_suffix("{{- end }}\n"));
+        assert!(
+            body == Some(crd.as_str()),
+            "templates/crds/{} differs from crds/{0}: run scripts/sync-chart-crds.sh",
+            name.to_string_lossy()
+        );
+        assert!(
+            !crd.contains("{{"),
+            "{} has template delimiters",
+            f.display()
+        );
+    }
+
+    // And helm renders them unchanged.
+    let rendered: Vec<Value> = of_kind(&render(&ValueSet::defaults()), "CustomResourceDefinition")
+        .into_iter()
+        .map(|m| m.value.clone())
+        .collect();
+    let committed: Vec<Value> = generated.iter().map(|f| read_yaml(f).unwrap()).collect();
+    assert_eq!(rendered, committed);
+}
+
+fn default_pool(v: &ValueSet) -> Value {
+    let ms = render(v);
+    let pools = of_kind(&ms, "InpaintPool");
+    assert_eq!(pools.len(), 1, "{}: one InpaintPool", v.name);
+    pools[0].value.clone()
+}
+
+#[test]
+fn default_pool_is_valid_against_the_crd() {
+    for v in value_sets()
+        .into_iter()
+        .filter(|v| v.pool_api_known && v.name != "no-crds")
+    {
+        let pool = default_pool(&v);
+        let defaulted = validate_custom_resource(&pool)
+            .unwrap_or_else(|e| panic!("{}: the default pool is rejected: {e}", v.name));
+        let typed: pawfect_api::InpaintPool =
+            serde_json::from_value(defaulted).unwrap_or_else(|e| panic!("{}: {e}", v.name));
+        assert_eq!(typed.metadata.name.as_deref(), Some("default"));
+        assert_eq!(typed.metadata.namespace.as_deref(), Some(NAMESPACE));
+        let w = &typed.spec.worker;
+        let limits = w
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref())
+            .unwrap();
+        assert_eq!(limits["nvidia.com/gpu"].0, "1", "{}", v.name);
+        assert!(
+            w.tolerations
+                .iter()
+                .any(|t| t.key.as_deref() == Some("nvidia.com/gpu")
+                    && t.operator.as_deref() == Some("Exists")
+                    && t.effect.as_deref() == Some("NoSchedule")),
+            "{}",
+            v.name
+        );
+        assert!(w.image.starts_with("ghcr.io/pawfect-inpaint/worker:"));
+        let volume = w.model_volume.as_ref().unwrap();
+        assert_eq!(volume.mount_path, "/models");
+        assert!(volume.claim_name.is_some());
+    }
+
+    // The defaults: a T4 node pool on GKE, scale to zero, Q5_K_M on the chart's model PVC.
+    let ms = render(&ValueSet::defaults());
+    let pool = &of_kind(&ms, "InpaintPool")[0].value;
+    assert_eq!(
+        pool["spec"]["worker"]["nodeSelector"]["cloud.google.com/gke-accelerator"],
+        "nvidia-tesla-t4"
+    );
+    assert_eq!(pool["spec"]["minReplicas"], 0);
+    assert_eq!(pool["spec"]["worker"]["modelVariant"], "q5_k_m");
+    let pvc = one(&ms, "PersistentVolumeClaim", "models");
+    assert_eq!(
+        pool["spec"]["worker"]["modelVolume"]["claimName"],
+        pvc.value["metadata"]["name"]
+    );
+    let ha = default_pool(&ValueSet::ci("ha-namespaced"));
+    assert_eq!(
+        ha["spec"]["worker"]["nodeSelector"]["node.kubernetes.io/instance-type"],
+        "g4dn.2xlarge"
+    );
+    assert_eq!(ha["spec"]["worker"]["modelVariant"], "q8_0");
+    let ext = default_pool(&ValueSet::ci("external-redis"));
+    assert_eq!(
+        ext["spec"]["worker"]["modelVolume"]["claimName"],
+        "flux-weights"
+    );
+}
+
+#[test]
+fn the_crd_check_rejects_what_the_api_server_would() {
+    let pool = default_pool(&ValueSet::defaults());
+    let mut inverted = pool.clone();
+    inverted["spec"]["minReplicas"] = 5.into();
+    inverted["spec"]["maxReplicas"] = 2.into();
+    let err = validate_custom_resource(&inverted).expect_err("min > max");
+    assert!(
+        err.contains("minReplicas must not exceed maxReplicas"),
+        "{err}"
+    );
+
+    let mut unknown = pool.clone();
+    unknown["spec"]["worker"]["gpus"] = 1.into();
+    let err = validate_custom_resource(&unknown).expect_err("unknown field");
+    assert!(err.contains("gpus"), "{err}");
+
+    let mut variant = pool;
+    variant["spec"]["worker"]["modelVariant"] = "q3_k".into();
+    assert!(validate_custom_resource(&variant).is_err());
+}
+
+// ---- RBAC ------------------------------------------------------------------------------------
+
+const CHART_TABLE_HEADING: &str = "## Permissions";
+const OPERATOR_TABLE_HEADING: &str = "## Kubernetes API calls (RBAC)";
+
+/// The operator's API calls: the chart README's table, which must equal the operator's own
+/// (operator/README.md) wherever that exists.
+fn operator_api_calls() -> (BTreeSet<Permission>, BTreeSet<Permission>) {
+    let chart_readme = std::fs::read_to_string(chart_dir().join("README.md")).unwrap();
+    let chart = api_call_table(&chart_readme, CHART_TABLE_HEADING)
+        .unwrap_or_else(|e| panic!("charts/pawfect-inpaint/README.md: {e}"));
+    let operator_readme: PathBuf = workspace_root().join("operator/README.md");
+    if let Ok(text) = std::fs::read_to_string(&operator_readme) {
+        let operator = api_call_table(&text, OPERATOR_TABLE_HEADING)
+            .unwrap_or_else(|e| panic!("{}: {e}", operator_readme.display()));
+        assert_eq!(
+            chart, operator,
+            "operator/README.md lists other API calls than the chart README: update \
+             templates/rbac.yaml and the chart README's table to match the operator"
+        );
+    } else {
+        eprintln!(
+            "note: {} is missing; checking RBAC against the chart README's table only",
+            operator_readme.display()
+        );
+    }
+    chart
+}
+
+/// Asserts that a role grants exactly `expected`, naming what is missing and what is extra.
+fn assert_grants(role: &Manifest, expected: &BTreeSet<Permission>) {
+    let granted = role_permissions(&role.value)
+        .unwrap_or_else(|e| panic!("{} {}: {e}", role.kind(), role.name()));
+    let extra: Vec<_> = granted.difference(expected).collect();
+    let missing: Vec<_> = expected.difference(&granted).collect();
+    assert!(
+        extra.is_empty() && missing.is_empty(),
+        "{} {} differs from the operator's API calls: granted but never called {extra:?}; \
+         called but not granted {missing:?}",
+        role.kind(),
+        role.name()
+    );
+}
+
+fn role_named<'a>(ms: &'a [Manifest], kind: &str, name_part: &str) -> &'a Manifest {
+    one(ms, kind, name_part)
+}
+
+fn check_binding(ms: &[Manifest], binding_kind: &str, role: &Manifest) {
+    let binding = ms
+        .iter()
+        .find(|m| {
+            m.kind() == binding_kind && m.value["roleRef"]["name"] == role.value["metadata"]["name"]
+        })
+        .unwrap_or_else(|| panic!("no {binding_kind} for {}", role.name()));
+    assert_eq!(binding.value["roleRef"]["kind"], role.kind());
+    assert_eq!(
+        binding.value["metadata"]["namespace"],
+        role.value["metadata"]["namespace"]
+    );
+    let sa = one(ms, "ServiceAccount", "operator");
+    let deploy = one(ms, "Deployment", "operator");
+    assert_eq!(
+        deploy.value["spec"]["template"]["spec"]["serviceAccountName"],
+        sa.value["metadata"]["name"]
+    );
+    let subjects = binding.value["subjects"].as_array().unwrap();
+    assert_eq!(subjects.len(), 1);
+    assert_eq!(subjects[0]["name"], sa.value["metadata"]["name"]);
+    assert_eq!(subjects[0]["namespace"], NAMESPACE);
+}
+
+#[test]
+fn rbac_grants_exactly_the_operator_api_calls() {
+    let (always, leader) = operator_api_calls();
+    assert!(always.len() >= 10 && !leader.is_empty());
+
+    // One replica, all namespaces: a ClusterRole, no Lease permissions.
+    let ms = render(&ValueSet::defaults());
+    let cr = role_named(&ms, "ClusterRole", "operator");
+    assert_grants(cr, &always);
+    check_binding(&ms, "ClusterRoleBinding", cr);
+    assert!(of_kind(&ms, "Role").is_empty());
+    let op = container(one(&ms, "Deployment", "operator"), "operator");
+    assert!(!args(op).iter().any(|a| a == "--leader-election"));
+
+    // Two replicas in one namespace: a Role there, and the Lease Role.
+    let ms = render(&ValueSet::ci("ha-namespaced"));
+    assert!(of_kind(&ms, "ClusterRole").is_empty());
+    let role = role_named(&ms, "Role", "operator");
+    assert_eq!(role.value["metadata"]["namespace"], "pawfect");
+    assert_grants(role, &always);
+    check_binding(&ms, "RoleBinding", role);
+    let lease = role_named(&ms, "Role", "leader-election");
+    assert_grants(lease, &leader);
+    check_binding(&ms, "RoleBinding", lease);
+    // Reading and renewing are limited to the operator's Lease.
+    for rule in lease.value["rules"].as_array().unwrap() {
+        let verbs = rule["verbs"].to_string();
+        if verbs.contains("get") || verbs.contains("patch") {
+            assert_eq!(
+                rule["resourceNames"],
+                serde_json::json!(["pawfect-operator"])
+            );
+        }
+    }
+    let op = container(one(&ms, "Deployment", "operator"), "operator");
+    let a = args(op);
+    assert!(a.iter().any(|a| a == "--leader-election"), "{a:?}");
+    assert!(a.iter().any(|a| a == "--lease-namespace=pawfect"), "{a:?}");
+    assert!(a.iter().any(|a| a == "--namespace=pawfect"), "{a:?}");
+
+    // Leader election with one replica, on request.
+    let ms = render(&ValueSet::defaults().set("operator.leaderElection.enabled=true"));
+    let lease = role_named(&ms, "Role", "leader-election");
+    assert_grants(lease, &leader);
+
+    // rbac.create=false: none at all.
+    let ms = render(&ValueSet::ci("no-crds"));
+    for kind in ["ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"] {
+        assert!(of_kind(&ms, kind).is_empty());
+    }
+}
+
+// ---- Operator, Redis, models -------------------------------------------------------------------
+
+#[test]
+fn operator_runs_with_the_contracted_flags() {
+    let ms = render(&ValueSet::defaults());
+    let deploy = one(&ms, "Deployment", "operator");
+    let op = container(deploy, "operator");
+    let redis_svc = one(&ms, "Service", "redis");
+    let a = args(op);
+    assert_eq!(a[0], "run");
+    let url = format!(
+        "--redis-url=redis://{}.{NAMESPACE}.svc:6379/0",
+        redis_svc.name()
+    );
+    for expected in [
+        url.as_str(),
+        "--queue-prefix=pawfect",
+        "--http-addr=0.0.0.0:8080",
+        "--log-level=info",
+        "--log-format=json",
+    ] {
+        assert!(
+            a.iter().any(|x| x == expected),
+            "missing {expected} in {a:?}"
+        );
+    }
+    assert!(!a.iter().any(|x| x.starts_with("--namespace")));
+    // The operator and the workers get the password from the same Secret the Redis uses.
+    let secret = one(&ms, "Secret", "redis");
+    let redis = container(one(&ms, "StatefulSet", "redis"), "redis");
+    let pair = (secret.name().to_string(), "redis-password".to_string());
+    assert_eq!(env_secret(op, "PAWFECT_REDIS_PASSWORD"), Some(pair.clone()));
+    assert_eq!(env_secret(redis, "REDIS_PASSWORD"), Some(pair.clone()));
+    assert!(a.contains(&format!("--worker-redis-secret={}", pair.0)));
+    assert!(a.contains(&"--worker-redis-secret-key=redis-password".to_string()));
+    assert_eq!(op["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(op["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(op["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(
+        deploy.value["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"],
+        true
+    );
+
+    // External Redis: its URL, and the password from the given Secret.
+    let ms = render(&ValueSet::ci("external-redis"));
+    let op = container(one(&ms, "Deployment", "operator"), "operator");
+    let a = args(op);
+    assert!(a.contains(&"--redis-url=rediss://redis.example.internal:6380/0".to_string()));
+    assert!(a.contains(&"--queue-prefix=pawfect-prod".to_string()));
+    assert!(a.contains(&"--worker-redis-secret=managed-redis".to_string()));
+    assert!(a.contains(&"--worker-redis-secret-key=password".to_string()));
+    assert_eq!(
+        env_secret(op, "PAWFECT_REDIS_PASSWORD"),
+        Some(("managed-redis".into(), "password".into()))
+    );
+}
+
+fn redis_conf(ms: &[Manifest]) -> String {
+    one(ms, "ConfigMap", "redis").value["data"]["redis.conf"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn redis_is_a_durable_queue() {
+    let ms = render(&ValueSet::defaults());
+    let conf = redis_conf(&ms);
+    for line in [
+        "appendonly yes",
+        "appendfsync everysec",
+        "maxmemory-policy noeviction",
+        "include /run/redis/auth.conf",
+    ] {
+        assert!(
+            conf.lines().any(|l| l == line),
+            "redis.conf lacks {line:?}:\n{conf}"
+        );
+    }
+    assert!(!conf.contains("maxmemory "), "{conf}");
+    let sts = one(&ms, "StatefulSet", "redis");
+    let c = container(sts, "redis");
+    assert!(
+        c["image"]
+            .as_str()
+            .unwrap()
+            .starts_with("docker.io/library/redis:7")
+    );
+    assert!(c["args"][0].as_str().unwrap().contains("requirepass"));
+    assert_eq!(
+        sts.value["spec"]["volumeClaimTemplates"][0]["metadata"]["name"],
+        "data"
+    );
+    assert!(
+        c["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["name"] == "data" && m["mountPath"] == "/data")
+    );
+    // The password never sits in the pod spec or the ConfigMap.
+    let secret = one(&ms, "Secret", "redis");
+    let b64 = secret.value["data"]["redis-password"].as_str().unwrap();
+    assert!(b64.len() >= 40, "a generated password of 32 characters");
+    assert!(!sts.value.to_string().contains(b64));
+
+    let ms = render(&ValueSet::ci("metrics-netpol"));
+    let conf = redis_conf(&ms);
+    assert!(conf.lines().any(|l| l == "appendfsync always"), "{conf}");
+    assert!(conf.lines().any(|l| l == "maxmemory 2gb"), "{conf}");
+
+    // A given password is used as is; a given Secret replaces the chart's.
+    let ms = render(&ValueSet::ci("ha-namespaced"));
+    assert_eq!(
+        one(&ms, "Secret", "redis").value["data"]["redis-password"],
+        "bm90LWEtcmVhbC1wYXNzd29yZA==" // not-a-real-password
+    );
+    assert_eq!(
+        one(&ms, "StatefulSet", "redis").value["spec"]["volumeClaimTemplates"][0]["spec"]["storageClassName"],
+        "gp3"
+    );
+    let ms = render(
+        &ValueSet::defaults()
+            .set("redis.auth.existingSecret=queue-auth")
+            .set("redis.auth.existingSecretPasswordKey=pw"),
+    );
+    assert!(of_kind(&ms, "Secret").is_empty());
+    let redis = container(one(&ms, "StatefulSet", "redis"), "redis");
+    assert_eq!(
+        env_secret(redis, "REDIS_PASSWORD"),
+        Some(("queue-auth".into(), "pw".into()))
+    );
+    let op = container(one(&ms, "Deployment", "operator"), "operator");
+    assert!(args(op).contains(&"--worker-redis-secret=queue-auth".to_string()));
+}
+
+#[test]
+fn the_model_download_job_fills_the_pool_volume() {
+    let ms = render(&ValueSet::defaults());
+    let job = only(&ms, "Job");
+    let c = container(job, "fetch-models");
+    assert_eq!(c["command"], serde_json::json!(["pawfect-worker"]));
+    assert_eq!(
+        args(c),
+        ["fetch-models", "--models", "/models", "--variant", "q5_k_m"]
+    );
+    let pool = &of_kind(&ms, "InpaintPool")[0].value;
+    assert_eq!(c["image"], pool["spec"]["worker"]["image"]);
+    let claim =
+        &job.value["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"];
+    assert_eq!(claim, &pool["spec"]["worker"]["modelVolume"]["claimName"]);
+    assert_eq!(
+        job.value["spec"]["template"]["spec"]["securityContext"]["runAsUser"],
+        65532
+    );
+    assert!(env_secret(c, "HF_TOKEN").is_none());
+
+    // A token Secret reaches the Job as HF_TOKEN.
+    let ms = render(&ValueSet::ci("metrics-netpol"));
+    let c = container(only(&ms, "Job"), "fetch-models");
+    assert_eq!(
+        env_secret(c, "HF_TOKEN"),
+        Some(("hf-token".into(), "HF_TOKEN".into()))
+    );
+    let ms = render(&ValueSet::defaults().set("models.download.hfToken.value=hf_x"));
+    let secret = one(&ms, "Secret", "hf-token");
+    let c = container(only(&ms, "Job"), "fetch-models");
+    assert_eq!(
+        env_secret(c, "HF_TOKEN"),
+        Some((secret.name().to_string(), "HF_TOKEN".into()))
+    );
+
+    // The Job's name follows what it downloads: a new variant runs a new download, an
+    // unrelated change keeps the finished Job.
+    let name = |v: ValueSet| only(&render(&v), "Job").name().to_string();
+    let base = name(ValueSet::defaults());
+    assert_eq!(base, name(ValueSet::defaults().set("pool.maxReplicas=8")));
+    assert_ne!(
+        base,
+        name(ValueSet::defaults().set("pool.worker.modelVariant=q8_0"))
+    );
+    assert_ne!(
+        base,
+        name(ValueSet::defaults().set("pool.worker.image.tag=0.2.0"))
+    );
+    assert!(base.len() <= 63);
+    let ms = render(&ValueSet::defaults().set("models.download.variant=q4_0"));
+    let c = container(only(&ms, "Job"), "fetch-models");
+    assert_eq!(args(c)[4], "q4_0");
+}
+
+#[test]
+fn notes_tell_how_to_submit_and_watch_a_job() {
+    let notes = |v: &ValueSet| v.install_notes().unwrap_or_else(|e| panic!("{e}"));
+    let first = notes(&ValueSet::defaults());
+    assert!(first.contains("kubectl -n pawfect get ij -w"), "{first}");
+    assert!(first.contains("kind: InpaintJob"), "{first}");
+    assert!(first.contains("wait --for=condition=Complete"), "{first}");
+    // helm install --dry-run has no cluster: this is the first install, the pool comes later.
+    assert!(first.contains("is not created yet"), "{first}");
+    assert!(first.contains("no Hugging Face token"), "{first}");
+    let later = notes(&ValueSet::defaults().set("pool.onlyWhenCRDInstalled=false"));
+    assert!(later.contains("get ipool default -w"), "{later}");
+    assert!(!later.contains("is not created yet"), "{later}");
+}
+
+// ---- Images ------------------------------------------------------------------------------------
+
+#[test]
+fn dockerfiles_build_with_the_release_script() {
+    let root = workspace_root();
+    let script = std::fs::read_to_string(root.join("scripts/build-release-binaries.sh")).unwrap();
+    for (dockerfile, what, binary) in [
+        ("operator/Dockerfile", "operator", "pawfect-operator"),
+        ("worker/Dockerfile", "worker", "pawfect-worker"),
+    ] {
+        let text = std::fs::read_to_string(root.join(dockerfile)).unwrap();
+        assert!(
+            text.lines().any(|l| l.starts_with("RUN ")
+                && l.contains("scripts/build-release-binaries.sh")
+                && l.trim_end().ends_with(what)),
+            "{dockerfile} must build with scripts/build-release-binaries.sh {what}"
+        );
+        assert!(
+            text.contains(&format!("/out/{binary} ")),
+            "{dockerfile} copies {binary}"
+        );
+        assert!(
+            text.contains("USER 65532:65532"),
+            "{dockerfile} runs as non-root"
+        );
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.trim_start().starts_with("HEALTHCHECK")),
+            "{dockerfile}: probes are the pod's"
+        );
+        assert!(
+            script.contains(&format!("-p {binary} --bin {binary}")),
+            "the script builds {binary}"
+        );
+    }
+    let worker = std::fs::read_to_string(root.join("worker/Dockerfile")).unwrap();
+    assert!(worker.contains("ARG CUDA_VERSION=13.0"), "CUDA 13.0 base");
+    assert!(
+        worker.contains("ARG CUDA_COMPUTE_CAP=75"),
+        "built for the T4"
+    );
+    assert!(
+        worker.contains("-runtime-"),
+        "runtime image for the final stage"
+    );
+    assert!(script.contains("--features cuda"));
+    let operator = std::fs::read_to_string(root.join("operator/Dockerfile")).unwrap();
+    assert!(operator.contains("distroless/static"));
+    assert!(script.contains("unknown-linux-musl"));
+}

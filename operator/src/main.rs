@@ -1,0 +1,17 @@
+//! `pawfect-operator run`: see `pawfect_operator::run::RunArgs` for the flags.
+
+use clap::Parser;
+use pawfect_operator::run::{self, Cli, Command};
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => {
+            run::init_tracing(&args.log_level, args.log_format)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(run::run(args))
+        }
+    }
+}

@@ -1,0 +1,503 @@
+//! `pawfect-operator run`: the command line, the start-up checks and the wiring of the two
+//! controllers, the queue events reader, the HTTP endpoints and optional leader election.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::api::{Api, ListParams};
+use kube::runtime::controller::{self, Controller};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Resource};
+use kube_lease_manager::LeaseManagerBuilder;
+use pawfect_api::{InpaintJob, InpaintPool};
+use pawfect_queue::{Queue, QueueConfig};
+use tracing::{error, info, warn};
+
+use crate::deployment::{SecretKeyRef, WorkerConnection};
+use crate::events::{self, Triggers};
+use crate::http::{self, HttpState};
+use crate::metrics::Metrics;
+use crate::{Context, job, pool};
+
+/// Name of the Lease used for leader election.
+pub const LEASE_NAME: &str = "pawfect-operator";
+
+/// The `pawfect-operator` command line.
+#[derive(Debug, clap::Parser)]
+#[command(name = "pawfect-operator", version, about = "Pawfect Inpaint operator")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Run the controllers (InpaintJob, InpaintPool), the queue events reader and the HTTP
+    /// endpoints (/metrics, /healthz, /readyz).
+    Run(RunArgs),
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Flags of `pawfect-operator run` (each also read from the environment variable named).
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Redis URL of the queue: redis://[user][:password@]host[:port][/db], rediss:// for TLS.
+    /// The environment variable PAWFECT_REDIS_PASSWORD, when set, overrides or adds the password.
+    #[arg(
+        long,
+        env = "PAWFECT_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/",
+        hide_env_values = true
+    )]
+    pub redis_url: String,
+    /// Prefix of every queue key (operator and workers must agree).
+    #[arg(long, env = "PAWFECT_QUEUE_PREFIX", default_value = "pawfect")]
+    pub queue_prefix: String,
+    /// Only watch this namespace (all namespaces when unset).
+    #[arg(long, env = "PAWFECT_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Address of the HTTP endpoints /metrics, /healthz, /readyz.
+    #[arg(long, env = "PAWFECT_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+    /// Log filter (tracing EnvFilter syntax, e.g. `info` or `info,pawfect_operator=debug`).
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log_level: String,
+    /// Log format.
+    #[arg(long, env = "PAWFECT_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// Elect a leader through the Lease `pawfect-operator` (for more than one replica).
+    #[arg(long, env = "PAWFECT_LEADER_ELECTION")]
+    pub leader_election: bool,
+    /// Namespace of the Lease (default: POD_NAMESPACE, else --namespace, else the client's namespace).
+    #[arg(long, env = "PAWFECT_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// Redis URL the worker pods get as PAWFECT_REDIS_URL (default: --redis-url without its password).
+    #[arg(long, env = "PAWFECT_WORKER_REDIS_URL", hide_env_values = true)]
+    pub worker_redis_url: Option<String>,
+    /// Secret (in each pool's namespace) whose key holds the Redis password, injected into
+    /// the workers as PAWFECT_REDIS_PASSWORD.
+    #[arg(long, env = "PAWFECT_WORKER_REDIS_SECRET")]
+    pub worker_redis_secret: Option<String>,
+    /// Key of the password in --worker-redis-secret.
+    #[arg(
+        long,
+        env = "PAWFECT_WORKER_REDIS_SECRET_KEY",
+        default_value = "redis-password"
+    )]
+    pub worker_redis_secret_key: String,
+}
+
+/// The Redis URLs of the operator and of the workers.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RedisUrls {
+    /// The operator's URL, with the password (if any).
+    pub operator: String,
+    /// What the workers get (never with the operator's password).
+    pub worker: String,
+    /// Whether the operator's URL has a password.
+    pub has_password: bool,
+}
+
+/// Builds the operator's and the workers' Redis URLs from the flags and `PAWFECT_REDIS_PASSWORD`.
+pub fn redis_urls(
+    redis_url: &str,
+    password: Option<&str>,
+    worker_url: Option<&str>,
+) -> anyhow::Result<RedisUrls> {
+    let mut url = url::Url::parse(redis_url).context("--redis-url is not a URL")?;
+    if !matches!(url.scheme(), "redis" | "rediss" | "redis+unix" | "unix") {
+        bail!(
+            "--redis-url must be redis://, rediss:// or redis+unix://, not {}://",
+            url.scheme()
+        );
+    }
+    if let Some(pw) = password.filter(|p| !p.is_empty()) {
+        url.set_password(Some(pw))
+            .map_err(|()| anyhow::anyhow!("cannot put a password into --redis-url (no host)"))?;
+    }
+    let has_password = url.password().is_some();
+    let worker = match worker_url {
+        Some(w) => {
+            let w = url::Url::parse(w).context("--worker-redis-url is not a URL")?;
+            w.to_string()
+        }
+        None => {
+            let mut w = url.clone();
+            // Fails only for URLs without a host, which cannot hold a password anyway.
+            let _ = w.set_password(None);
+            w.to_string()
+        }
+    };
+    Ok(RedisUrls {
+        operator: url.to_string(),
+        worker,
+        has_password,
+    })
+}
+
+/// Sets up logging.
+pub fn init_tracing(filter: &str, format: LogFormat) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .with_context(|| format!("invalid --log-level {filter:?}"))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let res = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+    res.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))
+}
+
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Why the operator cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(
+        "the {kind} CRD ({crd}) is not installed in this cluster: install it with \
+         `kubectl apply -f crds/` (or the Helm chart), then restart the operator"
+    )]
+    CrdMissing {
+        kind: &'static str,
+        crd: &'static str,
+    },
+    #[error(
+        "the operator may not list {plural} ({scope}): check its RBAC (ClusterRole/Role) — {source}"
+    )]
+    Forbidden {
+        plural: &'static str,
+        scope: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("cannot list {plural}: {source}")]
+    Api {
+        plural: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+async fn check_crd<K>(
+    api: Api<K>,
+    kind: &'static str,
+    plural: &'static str,
+    crd: &'static str,
+    scope: &str,
+) -> Result<(), StartError>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.list(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.is_not_found() => Err(StartError::CrdMissing { kind, crd }),
+        Err(e @ kube::Error::Api(_)) if matches!(&e, kube::Error::Api(s) if s.is_forbidden()) => {
+            Err(StartError::Forbidden {
+                plural,
+                scope: scope.to_string(),
+                source: e,
+            })
+        }
+        Err(source) => Err(StartError::Api { plural, source }),
+    }
+}
+
+/// Checks that both CRDs are installed and listable in the watched scope.
+pub async fn check_crds(client: &Client, namespace: Option<&str>) -> Result<(), StartError> {
+    let scope = namespace.map_or("all namespaces".to_string(), |n| format!("namespace {n}"));
+    check_crd(
+        scoped::<InpaintJob>(client, namespace),
+        "InpaintJob",
+        "inpaintjobs",
+        "inpaintjobs.inpaint.pawfect.dev",
+        &scope,
+    )
+    .await?;
+    check_crd(
+        scoped::<InpaintPool>(client, namespace),
+        "InpaintPool",
+        "inpaintpools",
+        "inpaintpools.inpaint.pawfect.dev",
+        &scope,
+    )
+    .await
+}
+
+fn identity() -> String {
+    std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .ok()
+        .filter(|s| !s.is_empty() && !s.contains(':') && !s.contains(char::is_whitespace))
+        .unwrap_or_else(|| format!("pawfect-operator-{}", std::process::id()))
+}
+
+/// Waits until this replica holds the Lease; the returned future resolves when it loses it.
+async fn acquire_leadership(
+    client: &Client,
+    namespace: &str,
+    identity: &str,
+) -> anyhow::Result<impl Future<Output = ()> + use<>> {
+    let manager = LeaseManagerBuilder::new(client.clone(), LEASE_NAME)
+        .with_namespace(namespace)
+        .with_identity(identity)
+        .build()
+        .await
+        .context("cannot set up leader election")?;
+    let (mut rx, _task) = manager.watch().await;
+    info!(lease = LEASE_NAME, %namespace, %identity, "waiting for leadership");
+    while !*rx.borrow_and_update() {
+        rx.changed()
+            .await
+            .context("leader election stopped before this replica became leader")?;
+    }
+    info!(%identity, "became leader");
+    Ok(async move {
+        loop {
+            if rx.changed().await.is_err() || !*rx.borrow_and_update() {
+                return;
+            }
+        }
+    })
+}
+
+/// Runs the operator until SIGTERM/SIGINT (or the loss of leadership, which is an error so
+/// that the pod restarts as a standby).
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let password = std::env::var("PAWFECT_REDIS_PASSWORD").ok();
+    let urls = redis_urls(
+        &args.redis_url,
+        password.as_deref(),
+        args.worker_redis_url.as_deref(),
+    )?;
+    if urls.has_password && args.worker_redis_secret.is_none() {
+        warn!(
+            "Redis needs a password but --worker-redis-secret is not set: worker pods get no password"
+        );
+    }
+    let worker = WorkerConnection {
+        redis_url: urls.worker.clone(),
+        password_secret: args.worker_redis_secret.clone().map(|name| SecretKeyRef {
+            name,
+            key: args.worker_redis_secret_key.clone(),
+        }),
+        queue_prefix: args.queue_prefix.clone(),
+    };
+
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let http_state = HttpState {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+    };
+    let addr = args.http_addr;
+    let http_task = tokio::spawn(async move {
+        if let Err(e) = http::serve(addr, http_state).await {
+            error!(%addr, %e, "HTTP server failed");
+        }
+    });
+
+    let client = Client::try_default()
+        .await
+        .context("cannot build a Kubernetes client (in-cluster config or KUBECONFIG)")?;
+    let namespace = args.namespace.as_deref();
+    check_crds(&client, namespace).await?;
+    info!(
+        scope = namespace.unwrap_or("all namespaces"),
+        "CRDs installed"
+    );
+
+    let queue = Queue::connect(QueueConfig {
+        url: urls.operator.clone(),
+        prefix: args.queue_prefix.clone(),
+        ..QueueConfig::default()
+    })
+    .await
+    .context("cannot connect to Redis (--redis-url)")?;
+    queue.ping().await.context("Redis does not answer PING")?;
+    info!(prefix = %args.queue_prefix, "queue connected");
+    ready.store(true, Ordering::Relaxed);
+
+    let me = identity();
+    let leadership_lost: futures::future::BoxFuture<'static, ()> = if args.leader_election {
+        let lease_ns = args
+            .lease_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .or_else(|| args.namespace.clone())
+            .unwrap_or_else(|| client.default_namespace().to_string());
+        Box::pin(acquire_leadership(&client, &lease_ns, &me).await?)
+    } else {
+        Box::pin(futures::future::pending())
+    };
+
+    let (job_tx, job_rx) = futures::channel::mpsc::unbounded::<ObjectRef<InpaintJob>>();
+    let (pool_tx, pool_rx) = futures::channel::mpsc::unbounded::<ObjectRef<InpaintPool>>();
+    let mut ctx = Context::new(
+        client.clone(),
+        queue.clone(),
+        metrics.clone(),
+        worker,
+        Some(me.clone()),
+    );
+    ctx.pool_wake = Some(pool_tx.clone());
+    let ctx = Arc::new(ctx);
+
+    let jobs_api: Api<InpaintJob> = scoped(&client, namespace);
+    let pools_api: Api<InpaintPool> = scoped(&client, namespace);
+    let deploys_api: Api<Deployment> = scoped(&client, namespace);
+
+    let job_controller = Controller::new(jobs_api, watcher::Config::default().any_semantic());
+    let jobs = job_controller.store();
+    let job_controller = job_controller
+        // A pool that appears (or changes) wakes the jobs that wait for it.
+        .watches(
+            pools_api.clone(),
+            watcher::Config::default(),
+            move |p: InpaintPool| {
+                let all = jobs.state();
+                job::waiting_for_pool(&p, all.iter().map(|j| j.as_ref()))
+            },
+        )
+        .reconcile_on(job_rx)
+        .with_config(
+            controller::Config::default()
+                .debounce(Duration::from_millis(200))
+                .concurrency(32),
+        )
+        .shutdown_on_signal()
+        .run(job::reconcile, job::error_policy, ctx.clone())
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(%e, "job controller");
+            }
+        });
+
+    let pool_controller = Controller::new(pools_api, watcher::Config::default().any_semantic())
+        .owns(
+            deploys_api,
+            watcher::Config::default().labels("app.kubernetes.io/managed-by=pawfect-operator"),
+        )
+        .reconcile_on(pool_rx)
+        .with_config(controller::Config::default().debounce(Duration::from_millis(500)))
+        .shutdown_on_signal()
+        .run(pool::reconcile, pool::error_policy, ctx.clone())
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::debug!(%e, "pool controller");
+            }
+        });
+
+    let events_metrics = metrics.clone();
+    let events_task = tokio::spawn(async move {
+        let triggers = Triggers {
+            jobs: job_tx,
+            pools: pool_tx,
+        };
+        events::run(queue, me, triggers, &events_metrics, Duration::from_secs(5)).await;
+    });
+
+    info!("controllers started");
+    let result = tokio::select! {
+        _ = futures::future::join(job_controller, pool_controller) => {
+            info!("controllers stopped");
+            Ok(())
+        }
+        _ = leadership_lost => Err(anyhow::anyhow!("lost the leader lease; exiting so a standby takes over")),
+    };
+    events_task.abort();
+    http_task.abort();
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn redis_url_password_handling() {
+        let u = redis_urls("redis://redis:6379/0", None, None).unwrap();
+        assert_eq!(u.operator, "redis://redis:6379/0");
+        assert_eq!(u.worker, "redis://redis:6379/0");
+        assert!(!u.has_password);
+
+        let u = redis_urls("redis://:s3cret@redis:6379", None, None).unwrap();
+        assert_eq!(u.operator, "redis://:s3cret@redis:6379");
+        assert_eq!(u.worker, "redis://redis:6379");
+        assert!(u.has_password);
+
+        // PAWFECT_REDIS_PASSWORD overrides (and is URL-encoded).
+        let u = redis_urls("rediss://default:old@redis:6380", Some("n@w/pw"), None).unwrap();
+        assert_eq!(u.operator, "rediss://default:n%40w%2Fpw@redis:6380");
+        assert_eq!(u.worker, "rediss://default@redis:6380");
+
+        let u = redis_urls(
+            "redis://:pw@redis:6379",
+            None,
+            Some("redis://redis-proxy:6379"),
+        )
+        .unwrap();
+        assert_eq!(u.worker, "redis://redis-proxy:6379");
+
+        assert!(redis_urls("http://redis", None, None).is_err());
+        assert!(redis_urls("not a url", None, None).is_err());
+    }
+
+    #[test]
+    fn cli_contract() {
+        let cli = Cli::try_parse_from([
+            "pawfect-operator",
+            "run",
+            "--redis-url",
+            "redis://r:6379",
+            "--queue-prefix",
+            "pi",
+            "--namespace",
+            "media",
+            "--http-addr",
+            "127.0.0.1:9090",
+            "--log-level",
+            "debug",
+            "--log-format",
+            "json",
+            "--leader-election",
+            "--worker-redis-url",
+            "redis://w:6379",
+            "--worker-redis-secret",
+            "redis-auth",
+            "--worker-redis-secret-key",
+            "password",
+        ])
+        .unwrap();
+        let Command::Run(a) = cli.command;
+        assert_eq!(a.redis_url, "redis://r:6379");
+        assert_eq!(a.queue_prefix, "pi");
+        assert_eq!(a.namespace.as_deref(), Some("media"));
+        assert_eq!(a.http_addr.port(), 9090);
+        assert_eq!(a.log_level, "debug");
+        assert_eq!(a.log_format, LogFormat::Json);
+        assert!(a.leader_election);
+        assert_eq!(a.worker_redis_url.as_deref(), Some("redis://w:6379"));
+        assert_eq!(a.worker_redis_secret.as_deref(), Some("redis-auth"));
+        assert_eq!(a.worker_redis_secret_key, "password");
+    }
+}

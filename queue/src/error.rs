@@ -1,0 +1,63 @@
+//! Errors of the queue.
+
+/// Everything that can go wrong talking the queue protocol.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// Redis could not be reached or answered with an error.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// A pool name, uid, worker name or prefix that cannot be used in a key.
+    #[error("invalid {what} {value:?}: {reason}")]
+    InvalidName {
+        what: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+    /// A configuration value out of range.
+    #[error("invalid queue config: {0}")]
+    Config(String),
+    /// Redis answered with something the protocol does not expect (a bug or a foreign writer).
+    #[error("unexpected reply to {op}: {detail}")]
+    Protocol { op: &'static str, detail: String },
+    /// A JSON document in Redis (spec, timings, event payload) could not be read or written.
+    #[error("json of {what}: {source}")]
+    Json {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl QueueError {
+    pub(crate) fn protocol(op: &'static str, detail: impl Into<String>) -> Self {
+        QueueError::Protocol {
+            op,
+            detail: detail.into(),
+        }
+    }
+
+    /// True when the error is about reaching Redis (connection refused, dropped, timed out):
+    /// the call may succeed when retried later.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            QueueError::Redis(e) => {
+                e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_timeout()
+                    || matches!(
+                        e.code(),
+                        Some("LOADING" | "TRYAGAIN" | "BUSY" | "MASTERDOWN")
+                    )
+            }
+            _ => false,
+        }
+    }
+
+    /// True when Redis says a consumer group or stream is missing (e.g. its data was lost).
+    pub(crate) fn is_nogroup(&self) -> bool {
+        matches!(self, QueueError::Redis(e) if e.code() == Some("NOGROUP"))
+    }
+}
+
+pub type Result<T, E = QueueError> = std::result::Result<T, E>;

@@ -1,0 +1,5 @@
+//! `pawfect-worker`: the GPU worker binary.
+
+fn main() -> anyhow::Result<()> {
+    pawfect_worker::cli::main()
+}

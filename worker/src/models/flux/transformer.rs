@@ -1,0 +1,585 @@
+//! FLUX transformer (MMDiT: double-stream then single-stream blocks), Fill configuration
+//! (`in_channels` 384 → `out_channels` 64, guidance embedding), numerically following diffusers'
+//! `FluxTransformer2DModel`. Weights are held in BFL's layout (fused qkv, fused `linear1`); the
+//! diffusers folder is mapped onto it at load time, GGUF files use it as stored.
+//!
+//! Hot-path ops go through `pawfect_kernels` (fused on CUDA when available, plain candle otherwise).
+
+use candle_core::{D, DType, Device, Tensor};
+use pawfect_kernels as k;
+
+use super::config::TransformerConfig;
+use super::error::{FluxError, Result};
+use super::sampling::{Rope, timestep_embedding};
+use super::store::{Linear, LinearOpts, WeightStore};
+
+const LN_EPS: f64 = 1e-6;
+const QK_EPS: f64 = 1e-6;
+
+/// Checkpoint naming scheme of a transformer store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// BFL names (`double_blocks.N.img_attn.qkv`, …), as in `flux1-fill-dev.safetensors` and GGUF files.
+    /// `prefix` is prepended to every name (ComfyUI saves under `model.diffusion_model.`).
+    Bfl { comfy_prefix: bool },
+    /// diffusers names (`transformer_blocks.N.attn.to_q`, …), `transformer/` of the diffusers folder.
+    Diffusers,
+}
+
+/// Where one BFL tensor group lives in a store.
+enum Src {
+    One(String),
+    Cat(Vec<String>),
+    /// `final_layer.adaLN_modulation.1`: diffusers stores (scale, shift), BFL (shift, scale).
+    SwapHalves(String),
+}
+
+fn diffusers_module(bfl: &str) -> Result<Src> {
+    let one = |s: String| Ok(Src::One(s));
+    let fixed = [
+        ("img_in", "x_embedder"),
+        ("txt_in", "context_embedder"),
+        (
+            "time_in.in_layer",
+            "time_text_embed.timestep_embedder.linear_1",
+        ),
+        (
+            "time_in.out_layer",
+            "time_text_embed.timestep_embedder.linear_2",
+        ),
+        (
+            "guidance_in.in_layer",
+            "time_text_embed.guidance_embedder.linear_1",
+        ),
+        (
+            "guidance_in.out_layer",
+            "time_text_embed.guidance_embedder.linear_2",
+        ),
+        (
+            "vector_in.in_layer",
+            "time_text_embed.text_embedder.linear_1",
+        ),
+        (
+            "vector_in.out_layer",
+            "time_text_embed.text_embedder.linear_2",
+        ),
+        ("final_layer.linear", "proj_out"),
+    ];
+    if let Some((_, d)) = fixed.iter().find(|(b, _)| *b == bfl) {
+        return one(d.to_string());
+    }
+    if bfl == "final_layer.adaLN_modulation.1" {
+        return Ok(Src::SwapHalves("norm_out.linear".into()));
+    }
+    let parts: Vec<&str> = bfl.splitn(3, '.').collect();
+    let bad = || FluxError::Weights(format!("no diffusers name for {bfl}"));
+    let [kind, idx, rest] = parts.as_slice() else {
+        return Err(bad());
+    };
+    match *kind {
+        "double_blocks" => {
+            let p = format!("transformer_blocks.{idx}.");
+            let qkv = |xs: [&str; 3]| {
+                Ok(Src::Cat(
+                    xs.iter().map(|x| format!("{p}attn.{x}")).collect(),
+                ))
+            };
+            match *rest {
+                "img_mod.lin" => one(format!("{p}norm1.linear")),
+                "txt_mod.lin" => one(format!("{p}norm1_context.linear")),
+                "img_attn.qkv" => qkv(["to_q", "to_k", "to_v"]),
+                "txt_attn.qkv" => qkv(["add_q_proj", "add_k_proj", "add_v_proj"]),
+                "img_attn.proj" => one(format!("{p}attn.to_out.0")),
+                "txt_attn.proj" => one(format!("{p}attn.to_add_out")),
+                "img_attn.norm.query_norm" => one(format!("{p}attn.norm_q")),
+                "img_attn.norm.key_norm" => one(format!("{p}attn.norm_k")),
+                "txt_attn.norm.query_norm" => one(format!("{p}attn.norm_added_q")),
+                "txt_attn.norm.key_norm" => one(format!("{p}attn.norm_added_k")),
+                "img_mlp.0" => one(format!("{p}ff.net.0.proj")),
+                "img_mlp.2" => one(format!("{p}ff.net.2")),
+                "txt_mlp.0" => one(format!("{p}ff_context.net.0.proj")),
+                "txt_mlp.2" => one(format!("{p}ff_context.net.2")),
+                _ => Err(bad()),
+            }
+        }
+        "single_blocks" => {
+            let p = format!("single_transformer_blocks.{idx}.");
+            match *rest {
+                "linear1" => Ok(Src::Cat(vec![
+                    format!("{p}attn.to_q"),
+                    format!("{p}attn.to_k"),
+                    format!("{p}attn.to_v"),
+                    format!("{p}proj_mlp"),
+                ])),
+                "linear2" => one(format!("{p}proj_out")),
+                "modulation.lin" => one(format!("{p}norm.linear")),
+                "norm.query_norm" => one(format!("{p}attn.norm_q")),
+                "norm.key_norm" => one(format!("{p}attn.norm_k")),
+                _ => Err(bad()),
+            }
+        }
+        _ => Err(bad()),
+    }
+}
+
+/// Reads BFL-named modules from a store in either layout.
+pub struct Loader<'a> {
+    pub store: &'a dyn WeightStore,
+    pub layout: Layout,
+    pub opts: LinearOpts,
+}
+
+impl Loader<'_> {
+    fn bfl_name(&self, module: &str) -> String {
+        match self.layout {
+            Layout::Bfl { comfy_prefix: true } => format!("model.diffusion_model.{module}"),
+            _ => module.to_string(),
+        }
+    }
+
+    /// A linear `[out, in]`; for fused diffusers modules `outs` gives the part sizes.
+    fn linear(&self, module: &str, outs: &[usize], in_dim: usize) -> Result<Linear> {
+        let out: usize = outs.iter().sum();
+        match self.layout {
+            Layout::Bfl { .. } => Linear::load(
+                self.store,
+                &self.bfl_name(module),
+                out,
+                in_dim,
+                true,
+                self.opts,
+            ),
+            Layout::Diffusers => match diffusers_module(module)? {
+                Src::One(n) => Linear::load(self.store, &n, out, in_dim, true, self.opts),
+                Src::Cat(ns) => Linear::load_cat(self.store, &ns, outs, in_dim, true, self.opts),
+                Src::SwapHalves(n) => {
+                    let w =
+                        self.store
+                            .get(&format!("{n}.weight"), &[out, in_dim], self.opts.dtype)?;
+                    let b = self
+                        .store
+                        .get(&format!("{n}.bias"), &[out], self.opts.dtype)?;
+                    let h = out / 2;
+                    let w = Tensor::cat(&[w.narrow(0, h, h)?, w.narrow(0, 0, h)?], 0)?;
+                    let b = Tensor::cat(&[b.narrow(0, h, h)?, b.narrow(0, 0, h)?], 0)?;
+                    Linear::from_dense(w, Some(b))
+                }
+            },
+        }
+    }
+
+    /// An RMSNorm gain (`….scale` in BFL, `….weight` in diffusers), kept in f32.
+    fn norm(&self, module: &str, dim: usize) -> Result<Tensor> {
+        let name = match self.layout {
+            Layout::Bfl { .. } => format!("{}.scale", self.bfl_name(module)),
+            Layout::Diffusers => match diffusers_module(module)? {
+                Src::One(n) => format!("{n}.weight"),
+                _ => return Err(FluxError::Weights(format!("{module} is not a norm"))),
+            },
+        };
+        self.store.get(&name, &[dim], DType::F32)
+    }
+
+    fn has(&self, module: &str) -> bool {
+        match self.layout {
+            Layout::Bfl { .. } => self
+                .store
+                .contains(&format!("{}.weight", self.bfl_name(module))),
+            Layout::Diffusers => match diffusers_module(module) {
+                Ok(Src::One(n)) | Ok(Src::SwapHalves(n)) => {
+                    self.store.contains(&format!("{n}.weight"))
+                }
+                Ok(Src::Cat(ns)) => ns
+                    .iter()
+                    .all(|n| self.store.contains(&format!("{n}.weight"))),
+                Err(_) => false,
+            },
+        }
+    }
+
+    /// Detects the naming scheme of a store.
+    pub fn detect_layout(store: &dyn WeightStore) -> Result<Layout> {
+        if store.contains("x_embedder.weight") {
+            Ok(Layout::Diffusers)
+        } else if store.contains("img_in.weight") {
+            Ok(Layout::Bfl {
+                comfy_prefix: false,
+            })
+        } else if store.contains("model.diffusion_model.img_in.weight") {
+            Ok(Layout::Bfl { comfy_prefix: true })
+        } else {
+            Err(FluxError::Weights(format!(
+                "{}: not a FLUX transformer (neither img_in.weight nor x_embedder.weight found)",
+                store.origin().display()
+            )))
+        }
+    }
+
+    /// The configuration of a BFL-layout checkpoint, read from tensor shapes. RoPE axes cannot be
+    /// read from weights: the FLUX values are used when the head dim is 128.
+    pub fn infer_config(store: &dyn WeightStore, layout: Layout) -> Result<TransformerConfig> {
+        let pre = if layout == (Layout::Bfl { comfy_prefix: true }) {
+            "model.diffusion_model."
+        } else {
+            ""
+        };
+        let shape = |n: &str| {
+            store
+                .shape(&format!("{pre}{n}"))
+                .ok_or_else(|| store.missing(&format!("{pre}{n}")))
+        };
+        let img_in = shape("img_in.weight")?;
+        let hidden = img_in[0];
+        let head_dim = shape("double_blocks.0.img_attn.norm.query_norm.scale")?[0];
+        let count = |kind: &str| {
+            let names = store.names();
+            (0..)
+                .take_while(|i| {
+                    names
+                        .iter()
+                        .any(|n| n.starts_with(&format!("{pre}{kind}.{i}.")))
+                })
+                .count()
+        };
+        let mlp = shape("double_blocks.0.img_mlp.0.weight")?[0];
+        let axes = if head_dim == 128 {
+            vec![16, 56, 56]
+        } else {
+            return Err(FluxError::Weights(format!(
+                "{}: head dim {head_dim} has no known RoPE axes; provide the diffusers transformer/config.json",
+                store.origin().display()
+            )));
+        };
+        Ok(TransformerConfig {
+            patch_size: 1,
+            in_channels: img_in[1],
+            out_channels: Some(shape("final_layer.linear.weight")?[0]),
+            num_layers: count("double_blocks"),
+            num_single_layers: count("single_blocks"),
+            attention_head_dim: head_dim,
+            num_attention_heads: hidden / head_dim,
+            joint_attention_dim: shape("txt_in.weight")?[1],
+            pooled_projection_dim: shape("vector_in.in_layer.weight")?[1],
+            guidance_embeds: store.contains(&format!("{pre}guidance_in.in_layer.weight")),
+            axes_dims_rope: axes,
+            mlp_ratio: mlp as f64 / hidden as f64,
+            theta: 10_000.0,
+        })
+    }
+}
+
+struct MlpEmbedder {
+    in_layer: Linear,
+    out_layer: Linear,
+}
+
+impl MlpEmbedder {
+    fn load(l: &Loader, name: &str, in_dim: usize, hidden: usize) -> Result<Self> {
+        Ok(Self {
+            in_layer: l.linear(&format!("{name}.in_layer"), &[hidden], in_dim)?,
+            out_layer: l.linear(&format!("{name}.out_layer"), &[hidden], hidden)?,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.out_layer.forward(&self.in_layer.forward(x)?.silu()?)
+    }
+}
+
+/// The 3 (or 6) modulation vectors `[B, H]` of an AdaLN-Zero layer.
+fn chunks(m: &Tensor, n: usize) -> Result<Vec<Tensor>> {
+    let h = m.dim(D::Minus1)? / n;
+    (0..n).map(|i| Ok(m.narrow(D::Minus1, i * h, h)?)).collect()
+}
+
+struct StreamWeights {
+    modulation: Linear,
+    qkv: Linear,
+    q_norm: Tensor,
+    k_norm: Tensor,
+    proj: Linear,
+    mlp0: Linear,
+    mlp2: Linear,
+}
+
+struct DoubleBlock {
+    img: StreamWeights,
+    txt: StreamWeights,
+}
+
+struct SingleBlock {
+    modulation: Linear,
+    linear1: Linear,
+    linear2: Linear,
+    q_norm: Tensor,
+    k_norm: Tensor,
+}
+
+/// Projects to q, k, v `[B, heads, N, D]`, with QK-RMSNorm and RoPE applied to q and k.
+fn qkv_heads(
+    qkv: &Tensor,
+    heads: usize,
+    q_norm: &Tensor,
+    k_norm: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, n, three_h) = qkv.dims3()?;
+    let hd = three_h / 3 / heads;
+    let qkv = qkv.reshape((b, n, 3, heads, hd))?;
+    let part = |i: usize| -> Result<Tensor> {
+        Ok(qkv
+            .narrow(2, i, 1)?
+            .squeeze(2)?
+            .transpose(1, 2)?
+            .contiguous()?)
+    };
+    let q = k::qk_rmsnorm_rope(&part(0)?, q_norm, cos, sin, QK_EPS)?;
+    let kk = k::qk_rmsnorm_rope(&part(1)?, k_norm, cos, sin, QK_EPS)?;
+    Ok((q, kk, part(2)?))
+}
+
+/// `[B, heads, N, D]` → `[B, N, heads·D]`.
+fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, n, d) = x.dims4()?;
+    Ok(x.transpose(1, 2)?.reshape((b, n, h * d))?)
+}
+
+/// `gelu_tanh(x·W₀ᵀ + b₀)·W₂ᵀ + b₂`.
+fn mlp(mlp0: &Linear, mlp2: &Linear, x: &Tensor) -> Result<Tensor> {
+    let h = mlp0.matmul(x)?;
+    let h = match mlp0.bias() {
+        Some(b) => k::bias_gelu_tanh(&h, b)?,
+        None => h.gelu()?,
+    };
+    mlp2.forward(&h)
+}
+
+/// The FLUX transformer.
+pub struct FluxTransformer {
+    cfg: TransformerConfig,
+    dtype: DType,
+    device: Device,
+    img_in: Linear,
+    txt_in: Linear,
+    time_in: MlpEmbedder,
+    vector_in: MlpEmbedder,
+    guidance_in: Option<MlpEmbedder>,
+    double: Vec<DoubleBlock>,
+    single: Vec<SingleBlock>,
+    final_mod: Linear,
+    final_linear: Linear,
+}
+
+impl FluxTransformer {
+    pub fn load(l: &Loader, cfg: &TransformerConfig) -> Result<Self> {
+        cfg.validate()?;
+        let h = cfg.hidden_size();
+        let hd = cfg.attention_head_dim;
+        let mh = cfg.mlp_hidden();
+        let stream = |b: usize, s: &str| -> Result<StreamWeights> {
+            let p = format!("double_blocks.{b}.{s}");
+            Ok(StreamWeights {
+                modulation: l.linear(&format!("{p}_mod.lin"), &[6 * h], h)?,
+                qkv: l.linear(&format!("{p}_attn.qkv"), &[h, h, h], h)?,
+                q_norm: l.norm(&format!("{p}_attn.norm.query_norm"), hd)?,
+                k_norm: l.norm(&format!("{p}_attn.norm.key_norm"), hd)?,
+                proj: l.linear(&format!("{p}_attn.proj"), &[h], h)?,
+                mlp0: l.linear(&format!("{p}_mlp.0"), &[mh], h)?,
+                mlp2: l.linear(&format!("{p}_mlp.2"), &[h], mh)?,
+            })
+        };
+        let double = (0..cfg.num_layers)
+            .map(|b| {
+                Ok(DoubleBlock {
+                    img: stream(b, "img")?,
+                    txt: stream(b, "txt")?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let single = (0..cfg.num_single_layers)
+            .map(|b| {
+                let p = format!("single_blocks.{b}");
+                Ok(SingleBlock {
+                    modulation: l.linear(&format!("{p}.modulation.lin"), &[3 * h], h)?,
+                    linear1: l.linear(&format!("{p}.linear1"), &[h, h, h, mh], h)?,
+                    linear2: l.linear(&format!("{p}.linear2"), &[h], h + mh)?,
+                    q_norm: l.norm(&format!("{p}.norm.query_norm"), hd)?,
+                    k_norm: l.norm(&format!("{p}.norm.key_norm"), hd)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let guidance_in = if cfg.guidance_embeds {
+            Some(MlpEmbedder::load(l, "guidance_in", 256, h)?)
+        } else {
+            if l.has("guidance_in.in_layer") {
+                return Err(FluxError::Weights(
+                    "checkpoint has guidance_in but config says guidance_embeds=false".into(),
+                ));
+            }
+            None
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            dtype: l.opts.dtype,
+            device: l.store.device().clone(),
+            img_in: l.linear("img_in", &[h], cfg.in_channels)?,
+            txt_in: l.linear("txt_in", &[h], cfg.joint_attention_dim)?,
+            time_in: MlpEmbedder::load(l, "time_in", 256, h)?,
+            vector_in: MlpEmbedder::load(l, "vector_in", cfg.pooled_projection_dim, h)?,
+            guidance_in,
+            double,
+            single,
+            final_mod: l.linear("final_layer.adaLN_modulation.1", &[2 * h], h)?,
+            final_linear: l.linear("final_layer.linear", &[cfg.out_channels()], h)?,
+        })
+    }
+
+    pub fn config(&self) -> &TransformerConfig {
+        &self.cfg
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The conditioning vector `temb` `[B, H]`: timestep + guidance + pooled-text embeddings.
+    /// `t` and `guidance` are the values after the ×1000 scaling (see `model_time_inputs`).
+    pub fn conditioning(
+        &self,
+        t: &[f32],
+        guidance: Option<&[f32]>,
+        pooled: &Tensor,
+    ) -> Result<Tensor> {
+        let dt = self.dtype;
+        let temb = self
+            .time_in
+            .forward(&timestep_embedding(t, 256, &self.device)?.to_dtype(dt)?)?;
+        let temb = match (&self.guidance_in, guidance) {
+            (Some(g_in), Some(g)) => {
+                (temb + g_in.forward(&timestep_embedding(g, 256, &self.device)?.to_dtype(dt)?)?)?
+            }
+            (Some(_), None) => {
+                return Err(FluxError::InvalidInput(
+                    "this transformer needs a guidance value".into(),
+                ));
+            }
+            (None, _) => temb,
+        };
+        Ok((temb
+            + self
+                .vector_in
+                .forward(&pooled.to_device(&self.device)?.to_dtype(dt)?)?)?)
+    }
+
+    /// Velocity `[B, L, out_channels]` for packed image tokens `img` `[B, L, in_channels]` and T5
+    /// states `txt` `[B, T, joint_attention_dim]`. `rope` covers `T + L` positions.
+    pub fn forward(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        temb: &Tensor,
+        rope: &Rope,
+    ) -> Result<Tensor> {
+        let dt = self.dtype;
+        let heads = self.cfg.num_attention_heads;
+        let scale = 1.0 / (self.cfg.attention_head_dim as f64).sqrt();
+        let mut img = self
+            .img_in
+            .forward(&img.to_device(&self.device)?.to_dtype(dt)?)?;
+        let mut txt = self
+            .txt_in
+            .forward(&txt.to_device(&self.device)?.to_dtype(dt)?)?;
+        let t_len = txt.dim(1)?;
+        let l_len = img.dim(1)?;
+        if rope.txt_len != t_len || rope.cos.dim(0)? != t_len + l_len {
+            return Err(FluxError::InvalidInput(format!(
+                "rope table for {} text + {} positions, inputs have {t_len} + {l_len}",
+                rope.txt_len,
+                rope.cos.dim(0)? - rope.txt_len
+            )));
+        }
+        let (cos_t, sin_t) = rope.rows(0, t_len)?;
+        let (cos_i, sin_i) = rope.rows(t_len, l_len)?;
+        let vec = temb.silu()?;
+
+        for blk in &self.double {
+            let im = chunks(&blk.img.modulation.forward(&vec)?, 6)?;
+            let tm = chunks(&blk.txt.modulation.forward(&vec)?, 6)?;
+            let img_n = k::layer_norm_modulate(&img, &im[0], &im[1], LN_EPS)?;
+            let txt_n = k::layer_norm_modulate(&txt, &tm[0], &tm[1], LN_EPS)?;
+            let (iq, ik, iv) = qkv_heads(
+                &blk.img.qkv.forward(&img_n)?,
+                heads,
+                &blk.img.q_norm,
+                &blk.img.k_norm,
+                &cos_i,
+                &sin_i,
+            )?;
+            let (tq, tk, tv) = qkv_heads(
+                &blk.txt.qkv.forward(&txt_n)?,
+                heads,
+                &blk.txt.q_norm,
+                &blk.txt.k_norm,
+                &cos_t,
+                &sin_t,
+            )?;
+            let q = Tensor::cat(&[tq, iq], 2)?;
+            let kk = Tensor::cat(&[tk, ik], 2)?;
+            let v = Tensor::cat(&[tv, iv], 2)?;
+            let attn = merge_heads(&k::attention(&q, &kk, &v, scale, false)?)?;
+            let txt_a = attn.narrow(1, 0, t_len)?;
+            let img_a = attn.narrow(1, t_len, l_len)?;
+
+            img = k::gated_residual(&img, &im[2], &blk.img.proj.forward(&img_a)?, false)?;
+            let img_n2 = k::layer_norm_modulate(&img, &im[3], &im[4], LN_EPS)?;
+            img = k::gated_residual(
+                &img,
+                &im[5],
+                &mlp(&blk.img.mlp0, &blk.img.mlp2, &img_n2)?,
+                false,
+            )?;
+
+            txt = k::gated_residual(&txt, &tm[2], &blk.txt.proj.forward(&txt_a)?, false)?;
+            let txt_n2 = k::layer_norm_modulate(&txt, &tm[3], &tm[4], LN_EPS)?;
+            txt = k::gated_residual(
+                &txt,
+                &tm[5],
+                &mlp(&blk.txt.mlp0, &blk.txt.mlp2, &txt_n2)?,
+                true,
+            )?;
+        }
+
+        let h = self.cfg.hidden_size();
+        let mh = self.cfg.mlp_hidden();
+        let mut x = Tensor::cat(&[txt, img], 1)?;
+        for blk in &self.single {
+            let m = chunks(&blk.modulation.forward(&vec)?, 3)?;
+            let xn = k::layer_norm_modulate(&x, &m[0], &m[1], LN_EPS)?;
+            let y = blk.linear1.matmul(&xn)?;
+            let (qkv, mlp_h) = match blk.linear1.bias() {
+                Some(b) => (
+                    y.narrow(D::Minus1, 0, 3 * h)?
+                        .broadcast_add(&b.narrow(0, 0, 3 * h)?)?,
+                    k::bias_gelu_tanh(&y.narrow(D::Minus1, 3 * h, mh)?, &b.narrow(0, 3 * h, mh)?)?,
+                ),
+                None => (
+                    y.narrow(D::Minus1, 0, 3 * h)?,
+                    y.narrow(D::Minus1, 3 * h, mh)?.gelu()?,
+                ),
+            };
+            let (q, kk, v) =
+                qkv_heads(&qkv, heads, &blk.q_norm, &blk.k_norm, &rope.cos, &rope.sin)?;
+            let attn = merge_heads(&k::attention(&q, &kk, &v, scale, false)?)?;
+            let out = blk
+                .linear2
+                .forward(&Tensor::cat(&[attn, mlp_h], D::Minus1)?)?;
+            x = k::gated_residual(&x, &m[2], &out, true)?;
+        }
+        let img = x.narrow(1, t_len, l_len)?;
+        let m = chunks(&self.final_mod.forward(&vec)?, 2)?;
+        let img = k::layer_norm_modulate(&img, &m[0], &m[1], LN_EPS)?;
+        self.final_linear.forward(&img)
+    }
+}
