@@ -3,6 +3,7 @@
 pub mod cli;
 pub mod models;
 pub mod pipeline;
+pub mod serve;
 pub mod storage;
 pub mod surface_prompt;
 pub mod weights;

@@ -50,32 +50,56 @@ async fn file_reads_are_confined_to_the_roots() {
     std::os::unix::fs::symlink(&d.outside, d.root.join("linkdir")).unwrap();
     let s = storage(&[&d.root]);
 
-    assert_eq!(s.read(&uri(&d.root.join("in.png")), 100).await.unwrap(), Bytes::from_static(b"inside"));
+    assert_eq!(
+        s.read(&uri(&d.root.join("in.png")), 100).await.unwrap(),
+        Bytes::from_static(b"inside")
+    );
     let dotdot = format!("file://{}/../outside/secret.png", d.root.display());
     let cases = [
         ("outside", uri(&d.outside.join("secret.png"))),
         ("dot-dot", dotdot),
-        ("encoded dot-dot", format!("file://{}/%2e%2e/outside/secret.png", d.root.display())),
+        (
+            "encoded dot-dot",
+            format!("file://{}/%2e%2e/outside/secret.png", d.root.display()),
+        ),
         ("symlink to a file outside", uri(&d.root.join("link.png"))),
-        ("symlinked directory", uri(&d.root.join("linkdir/secret.png"))),
+        (
+            "symlinked directory",
+            uri(&d.root.join("linkdir/secret.png")),
+        ),
         ("missing outside", uri(&d.outside.join("nope.png"))),
     ];
     for (name, u) in cases {
         let e = s.read(&u, 100).await.unwrap_err();
-        assert!(matches!(e, StorageError::OutsideRoots { .. }), "{name}: {e}");
+        assert!(
+            matches!(e, StorageError::OutsideRoots { .. }),
+            "{name}: {e}"
+        );
     }
-    let e = s.read(&uri(&d.root.join("nope.png")), 100).await.unwrap_err();
+    let e = s
+        .read(&uri(&d.root.join("nope.png")), 100)
+        .await
+        .unwrap_err();
     assert!(matches!(e, StorageError::NotFound { .. }), "{e}");
     let e = s.read(&uri(&d.root), 100).await.unwrap_err();
-    assert!(matches!(e, StorageError::NotFound { .. }), "a directory: {e}");
+    assert!(
+        matches!(e, StorageError::NotFound { .. }),
+        "a directory: {e}"
+    );
     let e = s.read(&uri(&d.root.join("in.png")), 3).await.unwrap_err();
     assert!(matches!(e, StorageError::TooLarge { limit: 3, .. }), "{e}");
-    let e = s.read("file://otherhost/etc/passwd", 100).await.unwrap_err();
+    let e = s
+        .read("file://otherhost/etc/passwd", 100)
+        .await
+        .unwrap_err();
     assert!(matches!(e, StorageError::InvalidUri { .. }), "{e}");
 
     // No roots: every file:// is refused, and the error says how to allow one.
     let none = storage(&[]);
-    let e = none.read(&uri(&d.root.join("in.png")), 100).await.unwrap_err();
+    let e = none
+        .read(&uri(&d.root.join("in.png")), 100)
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("--allow-root"), "{e}");
 }
 
@@ -88,36 +112,68 @@ async fn file_writes_are_atomic_and_confined() {
 
     let target = d.root.join("out/sub/result.png");
     s.check_writable(&uri(&target)).await.unwrap();
-    s.write(&uri(&target), Bytes::from_static(b"first")).await.unwrap();
+    s.write(&uri(&target), Bytes::from_static(b"first"))
+        .await
+        .unwrap();
     assert_eq!(std::fs::read(&target).unwrap(), b"first");
-    s.write(&uri(&target), Bytes::from_static(b"second")).await.unwrap();
+    s.write(&uri(&target), Bytes::from_static(b"second"))
+        .await
+        .unwrap();
     assert_eq!(std::fs::read(&target).unwrap(), b"second");
     let left: Vec<_> = std::fs::read_dir(target.parent().unwrap())
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
-    assert_eq!(left, vec!["result.png".to_string()], "no temporary files left");
+    assert_eq!(
+        left,
+        vec!["result.png".to_string()],
+        "no temporary files left"
+    );
 
     for (name, u) in [
         ("outside", uri(&d.outside.join("x.png"))),
-        ("through a symlinked dir", uri(&d.root.join("linkdir/x.png"))),
-        ("dot-dot", format!("file://{}/../outside/x.png", d.root.display())),
+        (
+            "through a symlinked dir",
+            uri(&d.root.join("linkdir/x.png")),
+        ),
+        (
+            "dot-dot",
+            format!("file://{}/../outside/x.png", d.root.display()),
+        ),
     ] {
         let e = s.write(&u, Bytes::from_static(b"no")).await.unwrap_err();
-        assert!(matches!(e, StorageError::OutsideRoots { .. }), "{name}: {e}");
+        assert!(
+            matches!(e, StorageError::OutsideRoots { .. }),
+            "{name}: {e}"
+        );
         let e = s.check_writable(&u).await.unwrap_err();
-        assert!(matches!(e, StorageError::OutsideRoots { .. }), "{name}: {e}");
+        assert!(
+            matches!(e, StorageError::OutsideRoots { .. }),
+            "{name}: {e}"
+        );
     }
-    assert!(std::fs::read_dir(&d.outside).unwrap().next().is_none(), "nothing written outside");
+    assert!(
+        std::fs::read_dir(&d.outside).unwrap().next().is_none(),
+        "nothing written outside"
+    );
 
     let under_file = uri(&d.root.join("afile/x.png"));
     let e = s.check_writable(&under_file).await.unwrap_err();
     assert!(matches!(e, StorageError::NotWritable { .. }), "{e}");
-    let e = s.write(&under_file, Bytes::from_static(b"no")).await.unwrap_err();
+    let e = s
+        .write(&under_file, Bytes::from_static(b"no"))
+        .await
+        .unwrap_err();
     assert!(matches!(e, StorageError::NotWritable { .. }), "{e}");
     std::fs::create_dir(d.root.join("adir")).unwrap();
-    let e = s.check_writable(&uri(&d.root.join("adir"))).await.unwrap_err();
-    assert!(matches!(e, StorageError::NotWritable { .. }), "a directory: {e}");
+    let e = s
+        .check_writable(&uri(&d.root.join("adir")))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, StorageError::NotWritable { .. }),
+        "a directory: {e}"
+    );
 }
 
 #[tokio::test]
@@ -134,9 +190,15 @@ async fn schemes() {
         let e = s.read(u, 10).await.unwrap_err();
         assert!(format!("{e:?}").starts_with(want), "{u}: {e:?}");
     }
-    let e = s.write("https://example.com/x.png", Bytes::new()).await.unwrap_err();
+    let e = s
+        .write("https://example.com/x.png", Bytes::new())
+        .await
+        .unwrap_err();
     assert!(matches!(e, StorageError::ReadOnly { .. }), "{e}");
-    let e = s.check_writable("http://example.com/x.png").await.unwrap_err();
+    let e = s
+        .check_writable("http://example.com/x.png")
+        .await
+        .unwrap_err();
     assert!(matches!(e, StorageError::ReadOnly { .. }), "{e}");
 }
 
@@ -163,24 +225,46 @@ async fn http_reads_with_limits() {
     srv.route("/403.png", Route::status(403));
     let s = storage(&[]);
 
-    assert_eq!(s.read(&srv.url("/ok.png?sig=abc"), 100).await.unwrap(), Bytes::from_static(b"hello"));
+    assert_eq!(
+        s.read(&srv.url("/ok.png?sig=abc"), 100).await.unwrap(),
+        Bytes::from_static(b"hello")
+    );
     assert_eq!(srv.hits("/ok.png?sig=abc"), 1, "query string kept");
     let e = s.read(&srv.url("/missing.png"), 100).await.unwrap_err();
     assert!(matches!(e, StorageError::NotFound { .. }), "{e}");
     for path in ["/big.png", "/big-unsized.png"] {
         let e = s.read(&srv.url(path), 1000).await.unwrap_err();
-        assert!(matches!(e, StorageError::TooLarge { limit: 1000, .. }), "{path}: {e}");
+        assert!(
+            matches!(e, StorageError::TooLarge { limit: 1000, .. }),
+            "{path}: {e}"
+        );
     }
     let e = s.read(&srv.url("/slow.png"), 100).await.unwrap_err();
-    assert!(matches!(e, StorageError::Unreachable { .. }) && e.is_transient(), "{e}");
+    assert!(
+        matches!(e, StorageError::Unreachable { .. }) && e.is_transient(),
+        "{e}"
+    );
     assert!(e.to_string().contains("timed out"), "{e}");
     let e = s.read(&srv.url("/500.png"), 100).await.unwrap_err();
-    assert!(matches!(e, StorageError::HttpStatus { status: 500, .. }) && e.is_transient(), "{e}");
+    assert!(
+        matches!(e, StorageError::HttpStatus { status: 500, .. }) && e.is_transient(),
+        "{e}"
+    );
     let e = s.read(&srv.url("/403.png"), 100).await.unwrap_err();
-    assert!(matches!(e, StorageError::HttpStatus { status: 403, .. }) && !e.is_transient(), "{e}");
+    assert!(
+        matches!(e, StorageError::HttpStatus { status: 403, .. }) && !e.is_transient(),
+        "{e}"
+    );
 
     // Nothing listens on this port.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let e = s.read(&format!("http://127.0.0.1:{port}/x.png"), 100).await.unwrap_err();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let e = s
+        .read(&format!("http://127.0.0.1:{port}/x.png"), 100)
+        .await
+        .unwrap_err();
     assert!(matches!(e, StorageError::Unreachable { .. }), "{e}");
 }

@@ -14,6 +14,7 @@
 //! [`PromptRules`] that turn captions into prompts), so the same stages run in `serve`, in the
 //! `inpaint` CLI and in tests. Every failure carries a [`FailureReason`] that the queue reports.
 
+pub mod adapters;
 pub mod crop;
 pub mod fetch;
 pub mod inpaint;
