@@ -43,6 +43,7 @@ pub fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     // Err only when a subscriber is already installed (e.g. twice in one process): keep it.
     let _ = match format {
@@ -101,10 +102,19 @@ pub struct PipelineArgs {
     /// Most crops per photo (a thin mask spread over the frame is split into several).
     #[arg(long, default_value_t = 4)]
     pub max_crops: usize,
+    /// Shortest long side of a crop's model input (smaller regions grow for context first).
+    #[arg(long, default_value_t = 512)]
+    pub crop_min_side: u32,
+    /// Longest side of a crop's model input (larger regions are scaled down or split).
+    #[arg(long, default_value_t = 1024)]
+    pub crop_max_side: u32,
 }
 
 impl PipelineArgs {
     pub fn config(&self) -> PipelineConfig {
+        // Multiples of 16 (the model's granularity), min ≤ max.
+        let side = |v: u32| (v / 16 * 16).clamp(16, 4096);
+        let (min_side, max_side) = (side(self.crop_min_side), side(self.crop_max_side));
         PipelineConfig {
             limits: InputLimits {
                 max_pixels: self.max_pixels,
@@ -118,6 +128,8 @@ impl PipelineArgs {
             },
             crop: CropConfig {
                 max_crops: self.max_crops.max(1),
+                min_side,
+                max_side: max_side.max(min_side),
                 ..CropConfig::default()
             },
             full_frame: false,

@@ -149,7 +149,20 @@ where
     let shared = Arc::new(Shared::new());
     shared.update_ready();
     let http_addr = listener.local_addr()?;
-    let http = tokio::spawn(http::serve(listener, shared.clone(), shutdown.clone()));
+    // The endpoints stay up while a job drains; they stop once the loop has ended.
+    let (http_stop, http_stopped) = watch::channel(false);
+    let http = tokio::spawn(http::serve(listener, shared.clone(), http_stopped));
+    // Not ready from the moment shutdown is requested (a running job may still drain).
+    {
+        let shared = shared.clone();
+        let mut shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            if shutdown.wait_for(|s| *s).await.is_ok() {
+                shared.draining.store(true, Ordering::Release);
+                shared.update_ready();
+            }
+        });
+    }
     tracing::info!(%http_addr, pool = %pool, worker = %worker_name, "worker starting");
 
     let storage = Storage::new(storage)?;
@@ -215,13 +228,8 @@ where
     .await;
     shared.draining.store(true, Ordering::Release);
     shared.update_ready();
-    // The HTTP server stops with the same shutdown signal; when the loop ended for another
-    // reason (an error), it is aborted.
-    if *shutdown.borrow() {
-        let _ = http.await;
-    } else {
-        http.abort();
-    }
+    let _ = http_stop.send(true);
+    let _ = http.await;
     tracing::info!("worker stopped");
     result
 }
