@@ -200,7 +200,7 @@ fn staged(a: &InpaintArgs) -> Result<()> {
     let fill = a.flux.load(&device, None)?;
     // A caption is only needed when neither a prompt nor labels are given.
     let captioner = if a.prompt.is_none() && a.labels.is_empty() {
-        a.caption.load(&a.flux.models, &device)?
+        a.caption.load(&a.flux.models, &device, a.flux.download)?
     } else {
         None
     };

@@ -9,7 +9,7 @@ use candle_core::{DType, Device};
 use clap::Args;
 use pawfect_api::ModelVariant;
 
-use crate::models::florence2::{Florence2, Task};
+use crate::models::florence2::{Florence2, HUB_REPO, Task};
 use crate::models::flux::{FluxFill, FluxLoadOptions, Placement, QuantMatmul};
 use crate::pipeline::adapters::{FlorenceCaptioner, FluxInpainter, SurfaceRules};
 use crate::pipeline::{Captioner, Models};
@@ -232,8 +232,14 @@ impl FluxArgs {
 }
 
 impl CaptionArgs {
-    /// Loads Florence-2 on `device` (f16 on CUDA, f32 on the CPU), unless `--no-caption`.
-    pub fn load(&self, models: &Path, device: &Device) -> Result<Option<FlorenceCaptioner>> {
+    /// Loads Florence-2 on `device` (f16 on CUDA, f32 on the CPU), unless `--no-caption`;
+    /// with `download`, fetches microsoft/Florence-2-base when it is not on disk.
+    pub fn load(
+        &self,
+        models: &Path,
+        device: &Device,
+        download: bool,
+    ) -> Result<Option<FlorenceCaptioner>> {
         if self.no_caption {
             return Ok(None);
         }
@@ -247,12 +253,22 @@ impl CaptionArgs {
             DType::F32
         };
         let t = Instant::now();
-        let model = Florence2::load(&dir, device, dtype).with_context(|| {
-            format!(
-                "loading Florence-2 from {} (pass --florence DIR, or --no-caption to run without captions)",
-                dir.display()
-            )
-        })?;
+        let model = match Florence2::load(&dir, device, dtype) {
+            Ok(m) => m,
+            Err(e) if download => {
+                tracing::info!(error = %e, repo = HUB_REPO, "Florence-2 not on disk: downloading");
+                Florence2::from_hub(HUB_REPO, None, device, dtype)?
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "loading Florence-2 from {} (pass --florence DIR, --download to fetch \
+                         {HUB_REPO}, or --no-caption to run without captions)",
+                        dir.display()
+                    )
+                });
+            }
+        };
         let mut generation = model.default_generation();
         if let Some(b) = self.caption_beams {
             if b == 0 {
@@ -289,7 +305,7 @@ pub fn load_models(
 ) -> Result<Loaded> {
     let device = flux.device()?;
     let fill = flux.load(&device, variant)?;
-    let captioner = caption.load(&flux.models, &device)?;
+    let captioner = caption.load(&flux.models, &device, flux.download)?;
     Ok(Loaded {
         models: Models {
             inpainter: Arc::new(FluxInpainter::new(fill, flux.max_sequence_length)),
