@@ -1,6 +1,9 @@
-//! Pawfect Inpaint worker: models (candle) and, with their issues, the pipeline and queue loop.
+//! Pawfect Inpaint worker: models (candle), the pipeline stages, storage and the queue loop.
 
 pub mod cli;
 pub mod models;
+pub mod pipeline;
+pub mod serve;
+pub mod storage;
 pub mod surface_prompt;
 pub mod weights;

@@ -474,7 +474,15 @@ fn flux_parity_cli_binary() -> R {
     let out = dir.path().join("out.png");
     let m = manifest()?;
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_pawfect-worker"))
-        .args(["inpaint", "--device", "cpu", "--dtype", "f32", "--models"])
+        .args([
+            "inpaint",
+            "--full-frame",
+            "--device",
+            "cpu",
+            "--dtype",
+            "f32",
+            "--models",
+        ])
         .arg(fixtures().join("pipeline"))
         .arg("--image")
         .arg(fixtures().join("image.png"))

@@ -1,112 +1,80 @@
-//! `pawfect-worker inpaint`: one image + mask + prompt → inpainted image, on the full frame.
+//! `pawfect-worker inpaint`: one photo + mask → the photo without the masked object.
+//!
+//! By default the same stages as `serve` run on local files: decode and validate (EXIF
+//! orientation, pixel limit, mask size policy), mask cleanup, crops around the mask, the prompt
+//! (`--prompt` › `--labels` › a Florence-2 caption of the crop › the neutral prompt), FLUX.1-Fill-dev
+//! on each crop, a feathered stitch that leaves every pixel outside the dilated mask untouched,
+//! and the encoded result. The per-stage timings are printed.
+//!
+//! `--full-frame` keeps the diffusers-equivalent path (`FluxFillPipeline`): the whole image
+//! (sides multiples of 16) and the mask (binarized at 128) go through FLUX as they are, and the
+//! raw output is written; `--noise` loads diffusers' initial noise for parity runs.
+//!
+//! ```text
+//! pawfect-worker inpaint --models DIR --image photo.jpg --mask mask.png --out result.png
+//! ```
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use clap::Args;
+use pawfect_api::{InpaintJobSpec, Priority, StageTimings};
+use serde::Serialize;
 
-use crate::models::flux::{
-    FluxFill, FluxLoadOptions, InpaintOptions, Placement, QuantMatmul, Step,
+use super::models::{CaptionArgs, FluxArgs, parse_dtype};
+use super::serve::PipelineArgs;
+use crate::models::flux::{InpaintOptions, Step};
+use crate::pipeline::adapters::{FluxInpainter, SurfaceRules};
+use crate::pipeline::{
+    Captioner, JobParams, Models, Observer, OutputFormat, Pipeline, Progress, Stage, store,
 };
-use crate::weights::{FluxModelPaths, FluxOverrides, download_flux};
+use crate::storage::{Storage, StorageConfig};
 
-/// The prompt used when none is given (until captioning picks one).
+/// The prompt of `--full-frame` runs without `--prompt`.
 pub const NEUTRAL_PROMPT: &str = "seamless continuation of the surrounding background, no objects";
 
 #[derive(Debug, Clone, Args)]
 pub struct InpaintArgs {
-    /// The FLUX.1-Fill-dev diffusers folder, or a folder containing `FLUX.1-Fill-dev/`.
-    #[arg(long, env = "PAWFECT_MODELS")]
-    pub models: PathBuf,
-    /// Input image (PNG/JPEG/WebP); width and height must be multiples of 16.
+    #[command(flatten)]
+    pub flux: FluxArgs,
+    #[command(flatten)]
+    pub caption: CaptionArgs,
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// Input photo (PNG/JPEG/WebP). With --full-frame, width and height must be multiples of 16.
     #[arg(long)]
     pub image: PathBuf,
-    /// Mask, same size as the image; white (≥ 128) = fill.
+    /// Mask (white = remove): same size as the photo, or resized (see --mask-size-policy).
     #[arg(long)]
     pub mask: PathBuf,
-    /// Output image (format from the extension).
+    /// Output image (format from the extension: .png, .jpg, .webp).
     #[arg(long)]
     pub out: PathBuf,
-    #[arg(long, default_value = NEUTRAL_PROMPT)]
-    pub prompt: String,
+    /// Prompt (default: from --labels, else a caption of the crop, else the neutral prompt).
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Surfaces around the mask (comma-separated, e.g. `grass,gravel path`): prompt without captioning.
+    #[arg(long, value_delimiter = ',')]
+    pub labels: Vec<String>,
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
     #[arg(long, default_value_t = 30.0)]
     pub guidance: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Initial noise as safetensors (tensor `noise`, or the only tensor): `[1,16,H/8,W/8]` or packed.
+    /// Whole frame through FLUX, no cleanup, crop or stitch (diffusers' FluxFillPipeline).
     #[arg(long)]
+    pub full_frame: bool,
+    /// With --full-frame: initial noise as safetensors (tensor `noise`, or the only tensor),
+    /// `[1,16,H/8,W/8]` or packed.
+    #[arg(long, requires = "full_frame")]
     pub noise: Option<PathBuf>,
-    /// Transformer compute dtype: f32, f16, bf16 (default f16 on CUDA, f32 on CPU; never bf16 on a T4).
+    /// Print the summary (prompt, crops, timings) as one JSON object on stdout.
     #[arg(long)]
-    pub dtype: Option<String>,
-    /// cpu, cuda or cuda:N (default: cuda when built with it and present).
-    #[arg(long)]
-    pub device: Option<String>,
-    /// T5 device (default: the main device). `cpu` keeps T5-XXL off a 16 GB card.
-    #[arg(long)]
-    pub t5_device: Option<String>,
-    /// T5 dtype (default: the transformer dtype; f32 when T5 runs on the CPU).
-    #[arg(long)]
-    pub t5_dtype: Option<String>,
-    /// VAE dtype (default f32; the FLUX VAE is unreliable in f16).
-    #[arg(long)]
-    pub vae_dtype: Option<String>,
-    /// CLIP dtype (default f32).
-    #[arg(long)]
-    pub clip_dtype: Option<String>,
-    /// GGUF transformer (city96 layout, e.g. flux1-fill-dev-Q5_K_M.gguf).
-    #[arg(long)]
-    pub transformer_gguf: Option<PathBuf>,
-    /// BFL single-file transformer (flux1-fill-dev.safetensors).
-    #[arg(long)]
-    pub transformer_file: Option<PathBuf>,
-    /// BFL ae.safetensors.
-    #[arg(long)]
-    pub vae_file: Option<PathBuf>,
-    /// GGUF T5-XXL encoder.
-    #[arg(long)]
-    pub t5_gguf: Option<PathBuf>,
-    /// GGUF matmul: auto, dequant-f16, dequant, native.
-    #[arg(long, default_value = "auto")]
-    pub gguf_matmul: String,
-    /// Tile the VAE above this many pixels (e.g. 512 on a 16 GB card).
-    #[arg(long)]
-    pub vae_tile: Option<usize>,
-    #[arg(long, default_value_t = 512)]
-    pub max_sequence_length: usize,
-    /// Dtype of the timestep rounding chain (default: bf16 for f16/bf16, f32 for f32).
-    #[arg(long)]
-    pub time_dtype: Option<String>,
-    /// Download missing files from the Hub (gated: HF_TOKEN).
-    #[arg(long)]
-    pub download: bool,
-}
-
-fn parse_dtype(s: &str) -> Result<DType> {
-    Ok(match s {
-        "f32" | "float32" => DType::F32,
-        "f16" | "float16" | "fp16" => DType::F16,
-        "bf16" | "bfloat16" => DType::BF16,
-        o => bail!("unknown dtype {o} (f32, f16, bf16)"),
-    })
-}
-
-pub fn parse_device(s: &str) -> Result<Device> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::new_cuda(0)?),
-        o => match o.strip_prefix("cuda:") {
-            Some(i) => Ok(Device::new_cuda(i.parse().context("cuda:N")?)?),
-            None => bail!("unknown device {o} (cpu, cuda, cuda:N)"),
-        },
-    }
-}
-
-fn default_device() -> Device {
-    Device::cuda_if_available(0).unwrap_or(Device::Cpu)
+    pub json: bool,
 }
 
 fn load_noise(path: &Path) -> Result<Tensor> {
@@ -126,86 +94,51 @@ fn load_noise(path: &Path) -> Result<Tensor> {
     )
 }
 
-pub fn run(a: &InpaintArgs) -> Result<()> {
-    let device = match &a.device {
-        Some(d) => parse_device(d)?,
-        None => default_device(),
-    };
-    let dtype = match &a.dtype {
-        Some(d) => parse_dtype(d)?,
-        None if device.is_cuda() => DType::F16,
-        None => DType::F32,
-    };
-    let overrides = FluxOverrides {
-        transformer_gguf: a.transformer_gguf.clone(),
-        transformer_file: a.transformer_file.clone(),
-        vae_file: a.vae_file.clone(),
-        t5_gguf: a.t5_gguf.clone(),
-    };
-    let mut models = a.models.clone();
-    if a.download {
-        models = download_flux(&a.models, None, &overrides)?;
-    }
-    let paths = FluxModelPaths::resolve(&models, &overrides)?;
+fn progress_bar(len: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:8} {bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
+}
 
-    let mut o = FluxLoadOptions::new(device.clone(), dtype);
-    if let Some(d) = &a.t5_device {
-        let dev = parse_device(d)?;
-        let t5_dtype = if dev.is_cpu() { DType::F32 } else { dtype };
-        o.t5 = Placement {
-            device: dev,
-            dtype: t5_dtype,
-        };
+pub fn run(a: &InpaintArgs) -> Result<()> {
+    if a.full_frame {
+        full_frame(a)
+    } else {
+        staged(a)
     }
-    if let Some(d) = &a.t5_dtype {
-        o.t5.dtype = parse_dtype(d)?;
-    }
-    if let Some(d) = &a.vae_dtype {
-        o.vae.dtype = parse_dtype(d)?;
-    }
-    if let Some(d) = &a.clip_dtype {
-        o.clip.dtype = parse_dtype(d)?;
-    }
-    o.quant_matmul = a
-        .gguf_matmul
-        .parse::<QuantMatmul>()
-        .map_err(anyhow::Error::msg)?;
-    if let Some(t) = a.vae_tile {
-        o.vae_tiling = true;
-        o.vae_tile = Some(t);
-    }
+}
+
+/// The diffusers-equivalent path.
+fn full_frame(a: &InpaintArgs) -> Result<()> {
+    let device = a.flux.device()?;
     let image = image::open(&a.image)
         .with_context(|| format!("reading {}", a.image.display()))?
         .to_rgb8();
     let mask = image::open(&a.mask)
         .with_context(|| format!("reading {}", a.mask.display()))?
         .to_luma8();
-
-    tracing::info!(root = %paths.root.display(), ?device, ?dtype, "loading FLUX.1-Fill-dev");
-    let t = std::time::Instant::now();
-    let fill = FluxFill::load(&paths, &o)?;
-    tracing::info!(ms = t.elapsed().as_millis() as u64, "loaded");
-
+    let fill = a.flux.load(&device, None)?;
     let opts = InpaintOptions {
         steps: a.steps,
         guidance: a.guidance,
         seed: a.seed,
         noise: a.noise.as_deref().map(load_noise).transpose()?,
-        max_sequence_length: a.max_sequence_length,
-        time_dtype: a.time_dtype.as_deref().map(parse_dtype).transpose()?,
+        max_sequence_length: a.flux.max_sequence_length,
+        time_dtype: a.flux.time_dtype.as_deref().map(parse_dtype).transpose()?,
     };
-    let bar = indicatif::ProgressBar::new(a.steps as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "denoise {bar:40} {pos}/{len} [{elapsed_precise}<{eta_precise}]",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let bar = progress_bar(a.steps as u64);
+    bar.set_message("denoise");
     let mut progress = |s: Step| {
         bar.set_position(s.step as u64);
         true
     };
-    let out = fill.inpaint(&image, &mask, &a.prompt, &opts, &mut progress)?;
+    let prompt = a.prompt.as_deref().unwrap_or(NEUTRAL_PROMPT);
+    let out = fill.inpaint(&image, &mask, prompt, &opts, &mut progress)?;
     bar.finish_and_clear();
     out.image
         .save(&a.out)
@@ -218,4 +151,200 @@ pub fn run(a: &InpaintArgs) -> Result<()> {
         "done"
     );
     Ok(())
+}
+
+/// Shows the stages on stderr.
+struct BarObserver {
+    bar: indicatif::ProgressBar,
+}
+
+impl Observer for BarObserver {
+    fn progress(&mut self, p: Progress) {
+        self.bar.set_message(p.stage.as_str());
+        if let (Some(step), Some(total)) = (p.step, p.total) {
+            self.bar.set_length(total as u64);
+            self.bar.set_position(step as u64);
+        }
+    }
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+#[derive(Serialize)]
+struct CropSummary {
+    region: [u32; 4],
+    target: [u32; 2],
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Summary {
+    output: String,
+    prompt: String,
+    prompt_source: &'static str,
+    caption: Option<String>,
+    note: Option<String>,
+    crops: Vec<CropSummary>,
+    mask_coverage: f64,
+    specks_removed: u64,
+    timings: StageTimings,
+    load_ms: u64,
+}
+
+/// The pipeline of `serve` on local files.
+fn staged(a: &InpaintArgs) -> Result<()> {
+    let started = Instant::now();
+    let format = OutputFormat::from_uri(&a.out.to_string_lossy())?;
+    let device = a.flux.device()?;
+    let fill = a.flux.load(&device, None)?;
+    // A caption is only needed when neither a prompt nor labels are given.
+    let captioner = if a.prompt.is_none() && a.labels.is_empty() {
+        a.caption.load(&a.flux.models, &device, a.flux.download)?
+    } else {
+        None
+    };
+    let load_ms = started.elapsed().as_millis() as u64;
+    let models = Models {
+        inpainter: Arc::new(FluxInpainter::new(fill, a.flux.max_sequence_length)),
+        captioner: captioner.map(|c| Arc::new(c) as Arc<dyn Captioner>),
+        rules: Arc::new(SurfaceRules),
+    };
+    let storage = Storage::new(StorageConfig::default())?;
+    let pipeline = Pipeline::new(models, storage, a.pipeline.config());
+
+    let total = Instant::now();
+    let t = Instant::now();
+    let image =
+        std::fs::read(&a.image).with_context(|| format!("reading {}", a.image.display()))?;
+    let mask = std::fs::read(&a.mask).with_context(|| format!("reading {}", a.mask.display()))?;
+    let (photo, mask) = pipeline.decode(&image, &mask)?;
+    let fetch_ms = t.elapsed().as_millis() as u64;
+
+    let spec = InpaintJobSpec {
+        image: a.image.display().to_string(),
+        mask: a.mask.display().to_string(),
+        output: a.out.display().to_string(),
+        prompt: a.prompt.clone(),
+        scene_labels: (!a.labels.is_empty()).then(|| a.labels.clone()),
+        steps: u32::try_from(a.steps).context("--steps")?,
+        guidance_scale: a.guidance as f64,
+        seed: Some(a.seed),
+        pool: pawfect_api::job::DEFAULT_POOL.to_string(),
+        priority: Priority::Normal,
+        max_attempts: pawfect_api::job::DEFAULT_MAX_ATTEMPTS,
+        timeout_seconds: pawfect_api::job::DEFAULT_TIMEOUT_SECONDS,
+        ttl_seconds_after_finished: None,
+    };
+    let params = JobParams {
+        spec,
+        default_seed: a.seed,
+    };
+    let mut observer = BarObserver {
+        bar: progress_bar(a.steps as u64),
+    };
+    let processed = pipeline.process(photo, &mask, &params, &mut observer);
+    observer.bar.finish_and_clear();
+    let p = processed?;
+
+    observer.progress(Progress::stage(Stage::Store));
+    let t = Instant::now();
+    let bytes = store::encode(&p.image, format)?;
+    write_atomic(&a.out, &bytes)?;
+    let mut timings = p.timings.clone();
+    timings.fetch = Some(fetch_ms);
+    timings.store = Some(t.elapsed().as_millis() as u64);
+    timings.total = Some(total.elapsed().as_millis() as u64);
+
+    let summary = Summary {
+        output: a.out.display().to_string(),
+        prompt: p.prompt.text.clone(),
+        prompt_source: p.prompt.origin.as_str(),
+        caption: p.prompt.caption.clone(),
+        note: p.prompt.note.clone(),
+        crops: p
+            .crops
+            .iter()
+            .map(|c| CropSummary {
+                region: [c.region.x, c.region.y, c.region.w, c.region.h],
+                target: [c.target.0, c.target.1],
+            })
+            .collect(),
+        mask_coverage: p.mask.coverage,
+        specks_removed: p.mask.specks_removed,
+        timings,
+        load_ms,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        print_summary(&summary);
+    }
+    Ok(())
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("writing {}", path.display()));
+    }
+    Ok(())
+}
+
+fn print_summary(s: &Summary) {
+    println!("prompt:  {} ({})", s.prompt, s.prompt_source);
+    if let Some(c) = &s.caption {
+        println!("caption: {c}");
+    }
+    if let Some(n) = &s.note {
+        println!("note:    {n}");
+    }
+    println!(
+        "mask:    {:.2}% of the photo after cleanup ({} speck pixels removed)",
+        s.mask_coverage * 100.0,
+        s.specks_removed
+    );
+    for (i, c) in s.crops.iter().enumerate() {
+        println!(
+            "crop {}:  {}x{} at ({}, {}) -> model {}x{}",
+            i + 1,
+            c.region[2],
+            c.region[3],
+            c.region[0],
+            c.region[1],
+            c.target[0],
+            c.target[1]
+        );
+    }
+    let t = &s.timings;
+    println!("stage      ms");
+    for (name, v) in [
+        ("fetch", t.fetch),
+        ("mask", t.mask),
+        ("crop", t.crop),
+        ("caption", t.caption),
+        ("encode", t.encode),
+        ("denoise", t.denoise),
+        ("decode", t.decode),
+        ("stitch", t.stitch),
+        ("store", t.store),
+        ("total", t.total),
+    ] {
+        println!(
+            "{name:<8} {:>6}",
+            v.map(|v| v.to_string()).unwrap_or_default()
+        );
+    }
+    println!("(models loaded in {} ms)", s.load_ms);
+    println!("wrote {}", s.output);
 }

@@ -4,6 +4,8 @@ use clap::{Parser, Subcommand};
 
 pub mod caption;
 pub mod inpaint;
+pub mod models;
+pub mod serve;
 
 #[derive(Debug, Parser)]
 #[command(name = "pawfect-worker", version, about = "Pawfect Inpaint GPU worker")]
@@ -14,24 +16,25 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Inpaint one image locally with FLUX.1-Fill-dev (full frame).
-    Inpaint(inpaint::InpaintArgs),
+    /// Inpaint one photo locally: the stages of `serve` (or --full-frame: diffusers' path).
+    Inpaint(Box<inpaint::InpaintArgs>),
     /// Caption an image with Florence-2 and print the surface prompt it yields.
     Caption(caption::CaptionArgs),
+    /// Take inpainting jobs from the queue and run them, one at a time.
+    Serve(Box<serve::ServeArgs>),
 }
 
 /// Entry point of the binary.
 pub fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let format = match &cli.command {
+        Command::Serve(args) => args.log_format,
+        _ => serve::LogFormat::Text,
+    };
+    serve::init_tracing(format);
     match cli.command {
         Command::Inpaint(args) => inpaint::run(&args),
         Command::Caption(args) => caption::run(args),
+        Command::Serve(args) => serve::main(*args),
     }
 }

@@ -1,0 +1,355 @@
+//! Model flags shared by `inpaint` and `serve`, and loading the models behind the pipeline.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device};
+use clap::Args;
+use pawfect_api::ModelVariant;
+
+use crate::models::florence2::{Florence2, HUB_REPO, Task};
+use crate::models::flux::{FluxFill, FluxLoadOptions, Placement, QuantMatmul};
+use crate::pipeline::adapters::{FlorenceCaptioner, FluxInpainter, SurfaceRules};
+use crate::pipeline::{Captioner, Models};
+use crate::weights::{FluxModelPaths, FluxOverrides, download_flux, find_root};
+
+/// FLUX.1-Fill-dev: where the files are and how it runs.
+#[derive(Debug, Clone, Args)]
+pub struct FluxArgs {
+    /// Models directory: the FLUX.1-Fill-dev diffusers folder, or a folder containing
+    /// `FLUX.1-Fill-dev/` (and `Florence-2-base/`, and GGUF transformers).
+    #[arg(long, env = "PAWFECT_MODELS")]
+    pub models: PathBuf,
+    /// Transformer compute dtype: f32, f16, bf16 (default f16 on CUDA, f32 on CPU; never bf16 on a T4).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// cpu, cuda or cuda:N (default: cuda when built with it and present).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// T5 device (default: the main device). `cpu` keeps T5-XXL off a 16 GB card.
+    #[arg(long)]
+    pub t5_device: Option<String>,
+    /// T5 dtype (default: the transformer dtype; f32 when T5 runs on the CPU).
+    #[arg(long)]
+    pub t5_dtype: Option<String>,
+    /// VAE dtype (default f32; the FLUX VAE is unreliable in f16).
+    #[arg(long)]
+    pub vae_dtype: Option<String>,
+    /// CLIP dtype (default f32).
+    #[arg(long)]
+    pub clip_dtype: Option<String>,
+    /// GGUF transformer (city96 layout, e.g. flux1-fill-dev-Q5_K_M.gguf).
+    #[arg(long)]
+    pub transformer_gguf: Option<PathBuf>,
+    /// BFL single-file transformer (flux1-fill-dev.safetensors).
+    #[arg(long)]
+    pub transformer_file: Option<PathBuf>,
+    /// BFL ae.safetensors.
+    #[arg(long)]
+    pub vae_file: Option<PathBuf>,
+    /// GGUF T5-XXL encoder.
+    #[arg(long)]
+    pub t5_gguf: Option<PathBuf>,
+    /// GGUF matmul: auto, dequant-f16, dequant, native.
+    #[arg(long, default_value = "auto")]
+    pub gguf_matmul: String,
+    /// Tile the VAE above this many pixels (e.g. 512 on a 16 GB card).
+    #[arg(long)]
+    pub vae_tile: Option<usize>,
+    #[arg(long, default_value_t = 512)]
+    pub max_sequence_length: usize,
+    /// Dtype of the timestep rounding chain (default: bf16 for f16/bf16, f32 for f32).
+    #[arg(long)]
+    pub time_dtype: Option<String>,
+    /// Download missing files from the Hub (gated: HF_TOKEN).
+    #[arg(long)]
+    pub download: bool,
+}
+
+/// Florence-2 (captions of the crop for the prompt).
+#[derive(Debug, Clone, Args)]
+pub struct CaptionArgs {
+    /// Florence-2 checkpoint folder (default: `Florence-2-base/` under --models).
+    #[arg(long, env = "PAWFECT_FLORENCE")]
+    pub florence: Option<PathBuf>,
+    /// Do not load Florence-2: prompts come from the job (prompt, scene labels) or the
+    /// neutral fallback.
+    #[arg(long)]
+    pub no_caption: bool,
+    /// Caption beams (default: the checkpoint's, 3 for Florence-2-base; 1 = greedy).
+    #[arg(long)]
+    pub caption_beams: Option<usize>,
+}
+
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    Ok(match s {
+        "f32" | "float32" => DType::F32,
+        "f16" | "float16" | "fp16" => DType::F16,
+        "bf16" | "bfloat16" => DType::BF16,
+        o => bail!("unknown dtype {o} (f32, f16, bf16)"),
+    })
+}
+
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::new_cuda(0)?),
+        o => match o.strip_prefix("cuda:") {
+            Some(i) => Ok(Device::new_cuda(i.parse().context("cuda:N")?)?),
+            None => bail!("unknown device {o} (cpu, cuda, cuda:N)"),
+        },
+    }
+}
+
+fn default_device() -> Device {
+    Device::cuda_if_available(0).unwrap_or(Device::Cpu)
+}
+
+/// `PAWFECT_MODEL_VARIANT` values as they appear in GGUF file names.
+fn variant_tag(v: ModelVariant) -> Option<&'static str> {
+    match v {
+        ModelVariant::Q4_0 => Some("Q4_0"),
+        ModelVariant::Q4KM => Some("Q4_K_M"),
+        ModelVariant::Q5KM => Some("Q5_K_M"),
+        ModelVariant::Q8_0 => Some("Q8_0"),
+        ModelVariant::Bf16 => None,
+    }
+}
+
+/// The GGUF transformer of `variant` in the models directory (or its FLUX folder): a `.gguf`
+/// file whose name contains `fill` and the quantisation tag (e.g. `flux1-fill-dev-Q5_K_M.gguf`).
+/// `bf16` uses the diffusers or BFL weights (None).
+pub fn gguf_for_variant(models: &Path, variant: ModelVariant) -> Result<Option<PathBuf>> {
+    let Some(tag) = variant_tag(variant) else {
+        return Ok(None);
+    };
+    let mut found: Vec<PathBuf> = Vec::new();
+    for dir in [models.to_path_buf(), find_root(models)] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_uppercase();
+            let stem = name.trim_end_matches(".GGUF");
+            let tagged = stem.ends_with(&format!("-{tag}")) || stem.ends_with(&format!("_{tag}"));
+            if name.ends_with(".GGUF") && name.contains("FILL") && tagged {
+                found.push(e.path());
+            }
+        }
+    }
+    found.sort();
+    found.dedup();
+    match found.into_iter().next() {
+        Some(p) => Ok(Some(p)),
+        None => bail!(
+            "PAWFECT_MODEL_VARIANT={}: no FLUX.1-Fill-dev GGUF transformer named like \
+             flux1-fill-dev-{tag}.gguf in {} (put one there, e.g. from a GGUF conversion of \
+             black-forest-labs/FLUX.1-Fill-dev, or pass --transformer-gguf FILE, or use \
+             PAWFECT_MODEL_VARIANT=bf16 for the diffusers/BFL weights)",
+            variant.as_str(),
+            models.display()
+        ),
+    }
+}
+
+impl FluxArgs {
+    pub fn device(&self) -> Result<Device> {
+        match &self.device {
+            Some(d) => parse_device(d),
+            None => Ok(default_device()),
+        }
+    }
+
+    /// Resolves the files (downloading them with `--download`) and loads the pipeline on
+    /// `device`. `variant` picks the GGUF transformer unless a transformer file is given.
+    pub fn load(&self, device: &Device, variant: Option<ModelVariant>) -> Result<FluxFill> {
+        let dtype = match &self.dtype {
+            Some(d) => parse_dtype(d)?,
+            None if device.is_cuda() => DType::F16,
+            None => DType::F32,
+        };
+        let mut overrides = FluxOverrides {
+            transformer_gguf: self.transformer_gguf.clone(),
+            transformer_file: self.transformer_file.clone(),
+            vae_file: self.vae_file.clone(),
+            t5_gguf: self.t5_gguf.clone(),
+        };
+        if overrides.transformer_gguf.is_none()
+            && overrides.transformer_file.is_none()
+            && let Some(v) = variant
+        {
+            overrides.transformer_gguf = gguf_for_variant(&self.models, v)?;
+        }
+        let mut models = self.models.clone();
+        if self.download {
+            models = download_flux(&self.models, None, &overrides)?;
+        }
+        let paths = FluxModelPaths::resolve(&models, &overrides)?;
+
+        let mut o = FluxLoadOptions::new(device.clone(), dtype);
+        if let Some(d) = &self.t5_device {
+            let dev = parse_device(d)?;
+            let t5_dtype = if dev.is_cpu() { DType::F32 } else { dtype };
+            o.t5 = Placement {
+                device: dev,
+                dtype: t5_dtype,
+            };
+        }
+        if let Some(d) = &self.t5_dtype {
+            o.t5.dtype = parse_dtype(d)?;
+        }
+        if let Some(d) = &self.vae_dtype {
+            o.vae.dtype = parse_dtype(d)?;
+        }
+        if let Some(d) = &self.clip_dtype {
+            o.clip.dtype = parse_dtype(d)?;
+        }
+        o.quant_matmul = self
+            .gguf_matmul
+            .parse::<QuantMatmul>()
+            .map_err(anyhow::Error::msg)?;
+        if let Some(t) = self.vae_tile {
+            o.vae_tiling = true;
+            o.vae_tile = Some(t);
+        }
+        tracing::info!(
+            root = %paths.root.display(),
+            transformer = ?paths.transformer,
+            ?device,
+            ?dtype,
+            "loading FLUX.1-Fill-dev"
+        );
+        let t = Instant::now();
+        let fill = FluxFill::load(&paths, &o)?;
+        tracing::info!(
+            ms = t.elapsed().as_millis() as u64,
+            "FLUX.1-Fill-dev loaded"
+        );
+        Ok(fill)
+    }
+}
+
+impl CaptionArgs {
+    /// Loads Florence-2 on `device` (f16 on CUDA, f32 on the CPU), unless `--no-caption`;
+    /// with `download`, fetches microsoft/Florence-2-base when it is not on disk.
+    pub fn load(
+        &self,
+        models: &Path,
+        device: &Device,
+        download: bool,
+    ) -> Result<Option<FlorenceCaptioner>> {
+        if self.no_caption {
+            return Ok(None);
+        }
+        let dir = self
+            .florence
+            .clone()
+            .unwrap_or_else(|| models.to_path_buf());
+        let dtype = if device.is_cuda() {
+            DType::F16
+        } else {
+            DType::F32
+        };
+        let t = Instant::now();
+        let model = match Florence2::load(&dir, device, dtype) {
+            Ok(m) => m,
+            Err(e) if download => {
+                tracing::info!(error = %e, repo = HUB_REPO, "Florence-2 not on disk: downloading");
+                Florence2::from_hub(HUB_REPO, None, device, dtype)?
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "loading Florence-2 from {} (pass --florence DIR, --download to fetch \
+                         {HUB_REPO}, or --no-caption to run without captions)",
+                        dir.display()
+                    )
+                });
+            }
+        };
+        let mut generation = model.default_generation();
+        if let Some(b) = self.caption_beams {
+            if b == 0 {
+                bail!("--caption-beams must be at least 1");
+            }
+            generation.num_beams = b;
+        }
+        tracing::info!(
+            dir = %model.dir().display(),
+            ?dtype,
+            beams = generation.num_beams,
+            ms = t.elapsed().as_millis() as u64,
+            "Florence-2 loaded"
+        );
+        Ok(Some(FlorenceCaptioner::new(
+            model,
+            Task::DetailedCaption,
+            generation,
+        )))
+    }
+}
+
+/// Everything the pipeline runs on, and the device the models use.
+pub struct Loaded {
+    pub models: Models,
+    pub device: Device,
+}
+
+/// Loads FLUX (and Florence-2 unless disabled) for the pipeline.
+pub fn load_models(
+    flux: &FluxArgs,
+    caption: &CaptionArgs,
+    variant: Option<ModelVariant>,
+) -> Result<Loaded> {
+    let device = flux.device()?;
+    let fill = flux.load(&device, variant)?;
+    let captioner = caption.load(&flux.models, &device, flux.download)?;
+    Ok(Loaded {
+        models: Models {
+            inpainter: Arc::new(FluxInpainter::new(fill, flux.max_sequence_length)),
+            captioner: captioner.map(|c| Arc::new(c) as Arc<dyn Captioner>),
+            rules: Arc::new(SurfaceRules),
+        },
+        device,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variant_files() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "flux1-fill-dev-Q5_K_M.gguf",
+            "flux1-fill-dev-Q4_K_M.gguf",
+            "flux1-dev-Q8_0.gguf",
+            "t5-v1_1-xxl-encoder-Q5_K_M.gguf",
+        ] {
+            std::fs::write(dir.path().join(name), b"").unwrap();
+        }
+        let got = gguf_for_variant(dir.path(), ModelVariant::Q5KM)
+            .unwrap()
+            .unwrap();
+        assert!(got.ends_with("flux1-fill-dev-Q5_K_M.gguf"), "{got:?}");
+        let got = gguf_for_variant(dir.path(), ModelVariant::Q4KM)
+            .unwrap()
+            .unwrap();
+        assert!(got.ends_with("flux1-fill-dev-Q4_K_M.gguf"), "{got:?}");
+        assert_eq!(
+            gguf_for_variant(dir.path(), ModelVariant::Bf16).unwrap(),
+            None
+        );
+        let e = gguf_for_variant(dir.path(), ModelVariant::Q8_0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("flux1-fill-dev-Q8_0.gguf"), "{e}");
+        let e = gguf_for_variant(dir.path(), ModelVariant::Q4_0)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("PAWFECT_MODEL_VARIANT=q4_0"), "{e}");
+    }
+}

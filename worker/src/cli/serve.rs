@@ -1,0 +1,313 @@
+//! `pawfect-worker serve`: run jobs from the queue (see `crate::serve` for the loop).
+//!
+//! ```text
+//! pawfect-worker serve --models DIR --pool NAME --worker-name NAME --http-addr 0.0.0.0:8080
+//!     [--allow-root DIR]... [--device cpu|cuda] [--dtype f16|bf16|f32] [--drain-timeout 120s]
+//! env: PAWFECT_REDIS_URL, PAWFECT_REDIS_PASSWORD, PAWFECT_QUEUE_PREFIX (default pawfect),
+//!      PAWFECT_MODEL_VARIANT (q4_0|q4_k_m|q5_k_m|q8_0|bf16), POD_NAME (worker name),
+//!      RUST_LOG (default info)
+//! ```
+//!
+//! SIGTERM or SIGINT: stop claiming, finish the current job within `--drain-timeout` or hand it
+//! back to the queue, exit 0. A second signal exits at once (the queue gives the job to another
+//! worker after the lease).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use pawfect_api::ModelVariant;
+use pawfect_queue::QueueConfig;
+use tokio::sync::watch;
+
+use super::models::{CaptionArgs, FluxArgs, load_models};
+use crate::pipeline::{CropConfig, InputLimits, MaskConfig, MaskSizePolicy, PipelineConfig};
+use crate::serve::{self, Loaded, ServeConfig};
+use crate::storage::StorageConfig;
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (span fields such as the job uid in front of each message).
+    #[default]
+    Text,
+    /// One JSON object per line, with the current span's fields (the job uid).
+    Json,
+}
+
+/// Installs the global `tracing` subscriber: `RUST_LOG` filter (default `info`), to stderr.
+pub fn init_tracing(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    // Err only when a subscriber is already installed (e.g. twice in one process): keep it.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+    };
+}
+
+/// Parses `90`, `90s`, `1500ms`, `2m`, `1h` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 90s, 1500ms, 2m)"))?;
+    let secs = match unit.trim() {
+        "" | "s" => v,
+        "ms" => v / 1000.0,
+        "m" => v * 60.0,
+        "h" => v * 3600.0,
+        other => return Err(format!("unknown duration unit {other:?} (ms, s, m, h)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{s:?} is not a duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_variant(s: &str) -> Result<ModelVariant, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_ascii_lowercase()))
+        .map_err(|_| format!("{s:?}: expected q4_0, q4_k_m, q5_k_m, q8_0 or bf16"))
+}
+
+/// Limits and geometry of the pipeline (shared with `inpaint`).
+#[derive(Args, Clone, Debug)]
+pub struct PipelineArgs {
+    /// Most pixels of a photo or mask (decompression-bomb guard).
+    #[arg(long, default_value_t = 40_000_000)]
+    pub max_pixels: u64,
+    /// Most bytes read for one input.
+    #[arg(long, default_value_t = 64 << 20)]
+    pub max_input_bytes: u64,
+    /// A mask whose size differs from the photo's: resize it (same aspect ratio ±2%) or reject it.
+    #[arg(long, value_enum, default_value_t = MaskSizePolicy::Resize)]
+    pub mask_size_policy: MaskSizePolicy,
+    /// Mask dilation radius in pixels (default: long side / 128, in [4, 48]).
+    #[arg(long)]
+    pub dilate: Option<u8>,
+    /// Most crops per photo (a thin mask spread over the frame is split into several).
+    #[arg(long, default_value_t = 4)]
+    pub max_crops: usize,
+    /// Shortest long side of a crop's model input (smaller regions grow for context first).
+    #[arg(long, default_value_t = 512)]
+    pub crop_min_side: u32,
+    /// Longest side of a crop's model input (larger regions are scaled down or split).
+    #[arg(long, default_value_t = 1024)]
+    pub crop_max_side: u32,
+}
+
+impl PipelineArgs {
+    pub fn config(&self) -> PipelineConfig {
+        // Multiples of 16 (the model's granularity), min ≤ max.
+        let side = |v: u32| (v / 16 * 16).clamp(16, 4096);
+        let (min_side, max_side) = (side(self.crop_min_side), side(self.crop_max_side));
+        PipelineConfig {
+            limits: InputLimits {
+                max_pixels: self.max_pixels,
+                max_bytes: self.max_input_bytes,
+                mask_policy: self.mask_size_policy,
+                ..InputLimits::default()
+            },
+            mask: MaskConfig {
+                dilate_px: self.dilate,
+                ..MaskConfig::default()
+            },
+            crop: CropConfig {
+                max_crops: self.max_crops.max(1),
+                min_side,
+                max_side: max_side.max(min_side),
+                ..CropConfig::default()
+            },
+            full_frame: false,
+            raw_output: false,
+        }
+    }
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub flux: FluxArgs,
+    /// FLUX transformer weights: picks the GGUF file in --models (`bf16`: the diffusers or BFL
+    /// weights). --transformer-gguf / --transformer-file win over it.
+    #[arg(long, env = "PAWFECT_MODEL_VARIANT", default_value = "q5_k_m", value_parser = parse_variant)]
+    pub model_variant: ModelVariant,
+    #[command(flatten)]
+    pub caption: CaptionArgs,
+    #[command(flatten)]
+    pub pipeline: PipelineArgs,
+    /// Queue pool to take jobs from.
+    #[arg(long, env = "PAWFECT_POOL", default_value = "default")]
+    pub pool: String,
+    /// This worker's name, unique in the pool (the pod name).
+    #[arg(long, env = "POD_NAME")]
+    pub worker_name: String,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+    #[arg(
+        long,
+        env = "PAWFECT_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/"
+    )]
+    pub redis_url: String,
+    /// Redis password (kept out of the URL and the logs).
+    #[arg(long, env = "PAWFECT_REDIS_PASSWORD", hide_env_values = true)]
+    pub redis_password: Option<String>,
+    #[arg(long, env = "PAWFECT_QUEUE_PREFIX", default_value = "pawfect")]
+    pub queue_prefix: String,
+    /// A job whose worker stopped heartbeating this long is taken over by another worker.
+    #[arg(long, env = "PAWFECT_LEASE", default_value = "60s", value_parser = parse_duration)]
+    pub lease: Duration,
+    /// On SIGTERM, how long the current job may still run before it is handed back.
+    /// Keep it below the pod's terminationGracePeriodSeconds.
+    #[arg(long, env = "PAWFECT_DRAIN_TIMEOUT", default_value = "120s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+    /// Directories `file://` inputs and outputs may be in (repeatable; none: file:// refused).
+    #[arg(long = "allow-root", value_name = "DIR")]
+    pub allow_roots: Vec<PathBuf>,
+    /// Whole-request limit of http(s) reads.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub http_timeout: Duration,
+    #[arg(long, env = "PAWFECT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+fn redis_url(url: &str, password: Option<&str>) -> anyhow::Result<String> {
+    let Some(password) = password.filter(|p| !p.is_empty()) else {
+        return Ok(url.to_string());
+    };
+    let mut u = url::Url::parse(url).context("PAWFECT_REDIS_URL is not a URL")?;
+    if u.password().is_none() && u.host_str().is_some() {
+        u.set_password(Some(password))
+            .map_err(|()| anyhow::anyhow!("can't put the password into {url}"))?;
+    }
+    Ok(u.to_string())
+}
+
+pub fn main(args: ServeArgs) -> anyhow::Result<()> {
+    init_tracing(args.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let queue = QueueConfig {
+        url: redis_url(&args.redis_url, args.redis_password.as_deref())?,
+        prefix: args.queue_prefix.clone(),
+        lease: args.lease,
+        ..QueueConfig::default()
+    };
+    let config = ServeConfig {
+        pool: args.pool.clone(),
+        worker_name: args.worker_name.clone(),
+        claim_wait: Duration::from_secs(2).min(args.lease / 2),
+        queue,
+        storage: StorageConfig {
+            allow_roots: args.allow_roots.clone(),
+            http_timeout: args.http_timeout,
+            ..StorageConfig::default()
+        },
+        pipeline: args.pipeline.config(),
+        drain_timeout: args.drain_timeout,
+        model_variant: args.model_variant.as_str().to_string(),
+        device: args.flux.device.clone().unwrap_or_else(|| "auto".into()),
+        faults: match std::env::var(serve::faults::ENV) {
+            Ok(spec) => serve::faults::parse(&spec).map_err(anyhow::Error::msg)?,
+            Err(_) => Vec::new(),
+        },
+    };
+    let listener = serve::bind(args.http_addr)
+        .await
+        .with_context(|| format!("binding {}", args.http_addr))?;
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        if let Err(e) = wait_for_signals(tx).await {
+            tracing::error!(error = %e, "installing signal handlers failed");
+        }
+    });
+    let (flux, caption, variant) = (args.flux.clone(), args.caption.clone(), args.model_variant);
+    let load = move || -> Result<Loaded, String> {
+        let loaded = load_models(&flux, &caption, Some(variant)).map_err(|e| format!("{e:#}"))?;
+        Ok(Loaded {
+            gpu_memory: crate::pipeline::adapters::gpu_memory(&loaded.device),
+            models: loaded.models,
+        })
+    };
+    serve::run(config, listener, load, rx)
+        .await
+        .map_err(anyhow::Error::from)
+}
+
+async fn wait_for_signals(tx: watch::Sender<bool>) -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: draining"),
+        _ = int.recv() => tracing::info!("SIGINT: draining"),
+    }
+    let _ = tx.send(true);
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::warn!("second signal: exiting now");
+    std::process::exit(1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn password_goes_into_the_url() {
+        assert_eq!(
+            redis_url("redis://redis:6379/0", Some("s3cret")).unwrap(),
+            "redis://:s3cret@redis:6379/0"
+        );
+        assert_eq!(
+            redis_url("redis://redis:6379/", None).unwrap(),
+            "redis://redis:6379/"
+        );
+        assert_eq!(
+            redis_url("redis://:old@redis:6379/", Some("new")).unwrap(),
+            "redis://:old@redis:6379/"
+        );
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("810s"), Ok(Duration::from_secs(810)));
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("0.5s"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn variants_parse() {
+        assert_eq!(parse_variant("q4_k_m"), Ok(ModelVariant::Q4KM));
+        assert_eq!(parse_variant("BF16"), Ok(ModelVariant::Bf16));
+        assert!(parse_variant("q3").is_err());
+    }
+}

@@ -1,0 +1,132 @@
+//! The real models behind the pipeline's traits: FLUX.1-Fill-dev ([`Inpainter`]), Florence-2
+//! ([`Captioner`]) and the surface-prompt rules ([`PromptRules`]).
+
+use candle_core::Device;
+use image::{GrayImage, RgbImage};
+
+use super::inpaint::{InpaintError, InpaintParams, Inpainted, Inpainter, ModelTimings, Step};
+use super::prompt::{CaptionError, Captioner, PromptRules, RulePrompt};
+use crate::models::florence2::{Florence2, GenerationConfig, Task};
+use crate::models::flux::{self, FluxError, FluxFill, InpaintOptions};
+use crate::surface_prompt::{PromptSource, SurfacePrompt};
+
+/// FLUX.1-Fill-dev.
+pub struct FluxInpainter {
+    fill: FluxFill,
+    max_sequence_length: usize,
+}
+
+impl FluxInpainter {
+    pub fn new(fill: FluxFill, max_sequence_length: usize) -> Self {
+        FluxInpainter {
+            fill,
+            max_sequence_length,
+        }
+    }
+
+    pub fn fill(&self) -> &FluxFill {
+        &self.fill
+    }
+}
+
+impl Inpainter for FluxInpainter {
+    fn inpaint(
+        &self,
+        image: &RgbImage,
+        mask: &GrayImage,
+        prompt: &str,
+        params: &InpaintParams,
+        progress: &mut dyn FnMut(Step) -> bool,
+    ) -> Result<Inpainted, InpaintError> {
+        let opts = InpaintOptions {
+            steps: params.steps as usize,
+            guidance: params.guidance as f32,
+            seed: params.seed,
+            max_sequence_length: self.max_sequence_length,
+            ..InpaintOptions::default()
+        };
+        let mut on_step = |s: flux::Step| {
+            progress(Step {
+                step: s.step as u32,
+                total: s.total as u32,
+            })
+        };
+        match self.fill.inpaint(image, mask, prompt, &opts, &mut on_step) {
+            Ok(out) => Ok(Inpainted {
+                image: out.image,
+                timings: ModelTimings {
+                    encode_ms: out.timings.encode_ms.round() as u64,
+                    denoise_ms: out.timings.denoise_ms.round() as u64,
+                    decode_ms: out.timings.decode_ms.round() as u64,
+                },
+            }),
+            Err(FluxError::Cancelled) => Err(InpaintError::Cancelled),
+            Err(FluxError::InvalidInput(m)) => Err(InpaintError::InvalidInput(m)),
+            Err(e) => Err(InpaintError::from_backend(e.to_string())),
+        }
+    }
+}
+
+/// Florence-2 captions.
+pub struct FlorenceCaptioner {
+    model: Florence2,
+    task: Task,
+    generation: GenerationConfig,
+}
+
+impl FlorenceCaptioner {
+    pub fn new(model: Florence2, task: Task, generation: GenerationConfig) -> Self {
+        FlorenceCaptioner {
+            model,
+            task,
+            generation,
+        }
+    }
+}
+
+impl Captioner for FlorenceCaptioner {
+    fn caption(&self, image: &RgbImage) -> Result<String, CaptionError> {
+        self.model
+            .caption(image, self.task, &self.generation)
+            .map(|c| c.text)
+            .map_err(|e| CaptionError(e.to_string()))
+    }
+}
+
+/// `surface_prompt`: "{surface}, seamless continuation, no objects".
+pub struct SurfaceRules;
+
+fn rule(p: SurfacePrompt) -> RulePrompt {
+    RulePrompt {
+        prompt: p.prompt,
+        surface: p.surface,
+        neutral: p.source == PromptSource::Fallback,
+        note: p.note,
+    }
+}
+
+impl PromptRules for SurfaceRules {
+    fn for_caption(&self, caption: &str) -> RulePrompt {
+        rule(SurfacePrompt::from_caption(caption))
+    }
+    fn for_labels(&self, labels: &[String]) -> RulePrompt {
+        rule(SurfacePrompt::from_labels(labels))
+    }
+    fn neutral(&self) -> RulePrompt {
+        rule(SurfacePrompt::neutral())
+    }
+}
+
+/// Reads (used, total) bytes of the GPU `device` is on; None for the CPU.
+pub fn gpu_memory(device: &Device) -> Option<crate::serve::GpuMemoryProbe> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        let ctx = d.cuda_stream().context().clone();
+        return Some(Box::new(move || {
+            let (free, total) = ctx.mem_get_info().ok()?;
+            Some(((total - free) as u64, total as u64))
+        }));
+    }
+    let _ = device;
+    None
+}

@@ -1,0 +1,147 @@
+//! `s3://`, `gs://` and `az://` through object_store, one client per bucket (or container),
+//! configured from the environment the way the vendors' SDKs are (`AWS_*`, `GOOGLE_*`,
+//! `AZURE_*`; instance and workload identities included).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
+use object_store::path::Path as ObjectPath;
+use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, RetryConfig};
+use url::Url;
+
+use super::{StorageConfig, StorageError, temp_name};
+
+#[derive(Default)]
+pub(super) struct CloudStores {
+    stores: Mutex<HashMap<String, Arc<dyn ObjectStore>>>,
+}
+
+impl CloudStores {
+    pub(super) fn resolve(
+        &self,
+        uri: &str,
+        url: &Url,
+        config: &StorageConfig,
+    ) -> Result<(Arc<dyn ObjectStore>, ObjectPath), StorageError> {
+        let invalid = |reason: String| StorageError::InvalidUri {
+            uri: uri.to_string(),
+            reason,
+        };
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(invalid("no bucket".into()));
+        }
+        let path = ObjectPath::from_url_path(url.path()).map_err(|e| invalid(e.to_string()))?;
+        if path.filename().is_none() {
+            return Err(invalid("names a bucket, not an object".into()));
+        }
+        let base = &url[..url::Position::BeforePath];
+        let mut stores = self
+            .stores
+            .lock()
+            .map_err(|_| invalid("object store cache poisoned".into()))?;
+        if let Some(store) = stores.get(base) {
+            return Ok((store.clone(), path));
+        }
+        let options = ClientOptions::new()
+            .with_timeout(config.object_store_timeout)
+            .with_connect_timeout(config.connect_timeout);
+        let retry = RetryConfig {
+            max_retries: config.object_store_retries,
+            retry_timeout: config.object_store_timeout,
+            ..RetryConfig::default()
+        };
+        let built: Result<Arc<dyn ObjectStore>, object_store::Error> = match url.scheme() {
+            "s3" | "s3a" => AmazonS3Builder::from_env()
+                .with_url(base)
+                .with_client_options(options)
+                .with_retry(retry)
+                .build()
+                .map(|s| Arc::new(s) as _),
+            "gs" => GoogleCloudStorageBuilder::from_env()
+                .with_url(base)
+                .with_client_options(options)
+                .with_retry(retry)
+                .build()
+                .map(|s| Arc::new(s) as _),
+            _ => MicrosoftAzureBuilder::from_env()
+                .with_url(base)
+                .with_client_options(options)
+                .with_retry(retry)
+                .build()
+                .map(|s| Arc::new(s) as _),
+        };
+        let store = built.map_err(|e| StorageError::Backend {
+            uri: uri.to_string(),
+            reason: format!("object store client: {e}"),
+        })?;
+        stores.insert(base.to_string(), store.clone());
+        Ok((store, path))
+    }
+}
+
+fn map_err(uri: &str, e: object_store::Error) -> StorageError {
+    match e {
+        object_store::Error::NotFound { .. } => StorageError::NotFound {
+            uri: uri.to_string(),
+        },
+        object_store::Error::PermissionDenied { source, .. }
+        | object_store::Error::Unauthenticated { source, .. } => StorageError::AccessDenied {
+            uri: uri.to_string(),
+            reason: source.to_string(),
+        },
+        e => StorageError::Backend {
+            uri: uri.to_string(),
+            reason: e.to_string(),
+        },
+    }
+}
+
+pub(super) async fn read(
+    uri: &str,
+    store: &dyn ObjectStore,
+    path: &ObjectPath,
+    max_bytes: u64,
+) -> Result<Bytes, StorageError> {
+    let got = store.get(path).await.map_err(|e| map_err(uri, e))?;
+    if got.meta.size > max_bytes {
+        return Err(StorageError::TooLarge {
+            uri: uri.to_string(),
+            limit: max_bytes,
+        });
+    }
+    got.bytes().await.map_err(|e| map_err(uri, e))
+}
+
+pub(super) async fn write_atomic(
+    uri: &str,
+    store: &dyn ObjectStore,
+    path: &ObjectPath,
+    data: Bytes,
+) -> Result<(), StorageError> {
+    let not_writable = |e: object_store::Error| match map_err(uri, e) {
+        StorageError::Backend { reason, .. } | StorageError::AccessDenied { reason, .. } => {
+            StorageError::NotWritable {
+                uri: uri.to_string(),
+                reason,
+            }
+        }
+        other => other,
+    };
+    let name = path.filename().unwrap_or("object");
+    let parts: Vec<_> = path.parts().collect();
+    let dir: ObjectPath = parts[..parts.len().saturating_sub(1)]
+        .iter()
+        .cloned()
+        .collect();
+    let tmp = dir.clone().join(temp_name(name));
+    store.put(&tmp, data.into()).await.map_err(not_writable)?;
+    if let Err(e) = store.rename(&tmp, path).await {
+        let _ = store.delete(&tmp).await;
+        return Err(not_writable(e));
+    }
+    Ok(())
+}

@@ -1,0 +1,230 @@
+//! Object storage for job inputs and results.
+//!
+//! One [`Storage`] per worker serves every URI scheme a job may name:
+//!
+//! | scheme | read | write | notes |
+//! |---|---|---|---|
+//! | `file://` | yes | yes | only below the configured roots (`--allow-root`); `..` and symlink escapes are refused |
+//! | `s3://`, `s3a://` | yes | yes | credentials and region from the environment as the AWS SDKs read them (`AWS_*`) |
+//! | `gs://` | yes | yes | `GOOGLE_*` / service account from the environment |
+//! | `az://`, `abfs://`, `azure://` | yes | yes | `AZURE_*` from the environment |
+//! | `http://`, `https://` | yes | no | size and time limits; query strings (pre-signed URLs) are kept |
+//!
+//! Writes are atomic: the bytes go to a temporary object next to the target, which is then
+//! renamed into place, so a reader sees either the previous object or the whole new one.
+
+mod cloud;
+mod file;
+mod http;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Once};
+use std::time::Duration;
+
+use bytes::Bytes;
+use object_store::ObjectStore;
+use object_store::path::Path as ObjectPath;
+use url::Url;
+
+pub use file::Roots;
+
+/// Limits and roots of a [`Storage`].
+#[derive(Clone, Debug)]
+pub struct StorageConfig {
+    /// Directories `file://` URIs may point into (read and write). Empty: `file://` is refused.
+    pub allow_roots: Vec<PathBuf>,
+    /// Whole-request limit for `http(s)://` reads (connect + headers + body).
+    pub http_timeout: Duration,
+    /// Connect limit for `http(s)://` and object-store requests.
+    pub connect_timeout: Duration,
+    /// Request limit for object-store (s3/gs/az) requests.
+    pub object_store_timeout: Duration,
+    /// Retries of object-store requests on transient errors.
+    pub object_store_retries: usize,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            allow_roots: Vec::new(),
+            http_timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(5),
+            object_store_timeout: Duration::from_secs(60),
+            object_store_retries: 3,
+        }
+    }
+}
+
+/// Why a read or write failed. [`StorageError::is_transient`] tells which are worth a retry.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("invalid URI {uri:?}: {reason}")]
+    InvalidUri { uri: String, reason: String },
+    #[error(
+        "unsupported URI scheme {scheme:?} in {uri:?} (expected file, s3, gs, az, http or https)"
+    )]
+    UnsupportedScheme { uri: String, scheme: String },
+    #[error("{uri} is outside the allowed storage roots ({roots})")]
+    OutsideRoots { uri: String, roots: String },
+    #[error("{uri} is read-only (http(s) locations can't be written)")]
+    ReadOnly { uri: String },
+    #[error("{uri}: access denied: {reason}")]
+    AccessDenied { uri: String, reason: String },
+    #[error("{uri} not found")]
+    NotFound { uri: String },
+    #[error("{uri} is larger than the limit of {limit} bytes")]
+    TooLarge { uri: String, limit: u64 },
+    #[error("{uri} is unreachable: {reason}")]
+    Unreachable { uri: String, reason: String },
+    #[error("{uri}: HTTP status {status}")]
+    HttpStatus { uri: String, status: u16 },
+    #[error("{uri} can't be written: {reason}")]
+    NotWritable { uri: String, reason: String },
+    #[error("{uri}: {reason}")]
+    Backend { uri: String, reason: String },
+}
+
+impl StorageError {
+    /// A network or server-side failure that may pass on its own (another attempt may succeed).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StorageError::Unreachable { .. } => true,
+            StorageError::HttpStatus { status, .. } => *status >= 500 || *status == 429,
+            StorageError::Backend { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+/// Reads and writes job objects by URI. Cheap to clone.
+#[derive(Clone)]
+pub struct Storage {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: StorageConfig,
+    roots: Roots,
+    http: http::HttpReader,
+    cloud: cloud::CloudStores,
+}
+
+/// Where a URI points, once parsed and checked.
+enum Location {
+    File(PathBuf),
+    Http(Url),
+    Cloud {
+        store: Arc<dyn ObjectStore>,
+        path: ObjectPath,
+    },
+}
+
+static CRYPTO_PROVIDER: Once = Once::new();
+
+/// TLS for object_store's HTTP client and for `https://` reads: rustls with the ring provider.
+fn install_crypto_provider() {
+    CRYPTO_PROVIDER.call_once(|| {
+        // Err means another provider is already installed process-wide: that one is used.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+impl Storage {
+    /// Canonicalises the roots (they must exist) and builds the HTTP client.
+    pub fn new(config: StorageConfig) -> Result<Self, StorageError> {
+        install_crypto_provider();
+        let roots = Roots::new(&config.allow_roots)?;
+        let http = http::HttpReader::new(config.http_timeout, config.connect_timeout)?;
+        let cloud = cloud::CloudStores::default();
+        Ok(Storage {
+            inner: Arc::new(Inner {
+                config,
+                roots,
+                http,
+                cloud,
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &StorageConfig {
+        &self.inner.config
+    }
+
+    /// Reads a whole object, refusing more than `max_bytes`.
+    pub async fn read(&self, uri: &str, max_bytes: u64) -> Result<Bytes, StorageError> {
+        match self.locate(uri, Access::Read)? {
+            Location::File(path) => file::read(uri, &path, max_bytes).await,
+            Location::Http(url) => self.inner.http.get(uri, url, max_bytes).await,
+            Location::Cloud { store, path } => cloud::read(uri, &*store, &path, max_bytes).await,
+        }
+    }
+
+    /// Checks, before any work is spent, that `uri` names a location this worker can write
+    /// (scheme, roots, and for `file://` an existing-or-creatable, writable directory).
+    pub async fn check_writable(&self, uri: &str) -> Result<(), StorageError> {
+        match self.locate(uri, Access::Write)? {
+            Location::File(path) => file::check_writable(uri, &path).await,
+            Location::Http(_) => Err(StorageError::ReadOnly {
+                uri: uri.to_string(),
+            }),
+            // Object stores have no cheap write probe; permissions show at store time.
+            Location::Cloud { .. } => Ok(()),
+        }
+    }
+
+    /// Writes `data` atomically: temporary object next to the target, then a rename.
+    pub async fn write(&self, uri: &str, data: Bytes) -> Result<(), StorageError> {
+        match self.locate(uri, Access::Write)? {
+            Location::File(path) => file::write_atomic(uri, &path, data).await,
+            Location::Http(_) => Err(StorageError::ReadOnly {
+                uri: uri.to_string(),
+            }),
+            Location::Cloud { store, path } => cloud::write_atomic(uri, &*store, &path, data).await,
+        }
+    }
+
+    fn locate(&self, uri: &str, access: Access) -> Result<Location, StorageError> {
+        let url = Url::parse(uri).map_err(|e| StorageError::InvalidUri {
+            uri: uri.to_string(),
+            reason: e.to_string(),
+        })?;
+        match url.scheme() {
+            "file" => {
+                let path = file::url_to_path(uri, &url)?;
+                let path = match access {
+                    Access::Read => self.inner.roots.confine_existing(uri, &path)?,
+                    Access::Write => self.inner.roots.confine_new(uri, &path)?,
+                };
+                Ok(Location::File(path))
+            }
+            "http" | "https" => {
+                if url.host_str().is_none_or(str::is_empty) {
+                    return Err(StorageError::InvalidUri {
+                        uri: uri.to_string(),
+                        reason: "no host".into(),
+                    });
+                }
+                Ok(Location::Http(url))
+            }
+            "s3" | "s3a" | "gs" | "az" | "abfs" | "abfss" | "azure" => {
+                let (store, path) = self.inner.cloud.resolve(uri, &url, &self.inner.config)?;
+                Ok(Location::Cloud { store, path })
+            }
+            other => Err(StorageError::UnsupportedScheme {
+                uri: uri.to_string(),
+                scheme: other.to_string(),
+            }),
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Read,
+    Write,
+}
+
+/// File name of the temporary object written next to `name` before the rename.
+fn temp_name(name: &str) -> String {
+    format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple())
+}

@@ -1,0 +1,5 @@
+//! Helpers shared by the worker's integration tests.
+#![allow(dead_code)]
+
+pub mod http;
+pub mod jobs;

@@ -1,0 +1,270 @@
+//! Storage: file:// confinement and atomic writes, http(s) limits, scheme handling.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::http::{Route, Server};
+use pawfect_worker::storage::{Storage, StorageConfig, StorageError};
+
+struct Dirs {
+    _tmp: tempfile::TempDir,
+    root: std::path::PathBuf,
+    outside: std::path::PathBuf,
+}
+
+fn dirs() -> Dirs {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    Dirs {
+        root: root.canonicalize().unwrap(),
+        outside: outside.canonicalize().unwrap(),
+        _tmp: tmp,
+    }
+}
+
+fn storage(roots: &[&std::path::Path]) -> Storage {
+    Storage::new(StorageConfig {
+        allow_roots: roots.iter().map(|p| p.to_path_buf()).collect(),
+        http_timeout: Duration::from_millis(800),
+        connect_timeout: Duration::from_millis(500),
+        ..StorageConfig::default()
+    })
+    .unwrap()
+}
+
+fn uri(p: &std::path::Path) -> String {
+    format!("file://{}", p.display())
+}
+
+#[tokio::test]
+async fn file_reads_are_confined_to_the_roots() {
+    let d = dirs();
+    std::fs::write(d.root.join("in.png"), b"inside").unwrap();
+    std::fs::write(d.outside.join("secret.png"), b"outside").unwrap();
+    std::os::unix::fs::symlink(d.outside.join("secret.png"), d.root.join("link.png")).unwrap();
+    std::os::unix::fs::symlink(&d.outside, d.root.join("linkdir")).unwrap();
+    let s = storage(&[&d.root]);
+
+    assert_eq!(
+        s.read(&uri(&d.root.join("in.png")), 100).await.unwrap(),
+        Bytes::from_static(b"inside")
+    );
+    let dotdot = format!("file://{}/../outside/secret.png", d.root.display());
+    let cases = [
+        ("outside", uri(&d.outside.join("secret.png"))),
+        ("dot-dot", dotdot),
+        (
+            "encoded dot-dot",
+            format!("file://{}/%2e%2e/outside/secret.png", d.root.display()),
+        ),
+        ("symlink to a file outside", uri(&d.root.join("link.png"))),
+        (
+            "symlinked directory",
+            uri(&d.root.join("linkdir/secret.png")),
+        ),
+        ("missing outside", uri(&d.outside.join("nope.png"))),
+    ];
+    for (name, u) in cases {
+        let e = s.read(&u, 100).await.unwrap_err();
+        assert!(
+            matches!(e, StorageError::OutsideRoots { .. }),
+            "{name}: {e}"
+        );
+    }
+    let e = s
+        .read(&uri(&d.root.join("nope.png")), 100)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StorageError::NotFound { .. }), "{e}");
+    let e = s.read(&uri(&d.root), 100).await.unwrap_err();
+    assert!(
+        matches!(e, StorageError::NotFound { .. }),
+        "a directory: {e}"
+    );
+    let e = s.read(&uri(&d.root.join("in.png")), 3).await.unwrap_err();
+    assert!(matches!(e, StorageError::TooLarge { limit: 3, .. }), "{e}");
+    let e = s
+        .read("file://otherhost/etc/passwd", 100)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StorageError::InvalidUri { .. }), "{e}");
+
+    // No roots: every file:// is refused, and the error says how to allow one.
+    let none = storage(&[]);
+    let e = none
+        .read(&uri(&d.root.join("in.png")), 100)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("--allow-root"), "{e}");
+}
+
+#[tokio::test]
+async fn file_writes_are_atomic_and_confined() {
+    let d = dirs();
+    std::os::unix::fs::symlink(&d.outside, d.root.join("linkdir")).unwrap();
+    std::fs::write(d.root.join("afile"), b"x").unwrap();
+    let s = storage(&[&d.root]);
+
+    let target = d.root.join("out/sub/result.png");
+    s.check_writable(&uri(&target)).await.unwrap();
+    s.write(&uri(&target), Bytes::from_static(b"first"))
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&target).unwrap(), b"first");
+    s.write(&uri(&target), Bytes::from_static(b"second"))
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&target).unwrap(), b"second");
+    let left: Vec<_> = std::fs::read_dir(target.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        left,
+        vec!["result.png".to_string()],
+        "no temporary files left"
+    );
+
+    for (name, u) in [
+        ("outside", uri(&d.outside.join("x.png"))),
+        (
+            "through a symlinked dir",
+            uri(&d.root.join("linkdir/x.png")),
+        ),
+        (
+            "dot-dot",
+            format!("file://{}/../outside/x.png", d.root.display()),
+        ),
+    ] {
+        let e = s.write(&u, Bytes::from_static(b"no")).await.unwrap_err();
+        assert!(
+            matches!(e, StorageError::OutsideRoots { .. }),
+            "{name}: {e}"
+        );
+        let e = s.check_writable(&u).await.unwrap_err();
+        assert!(
+            matches!(e, StorageError::OutsideRoots { .. }),
+            "{name}: {e}"
+        );
+    }
+    assert!(
+        std::fs::read_dir(&d.outside).unwrap().next().is_none(),
+        "nothing written outside"
+    );
+
+    let under_file = uri(&d.root.join("afile/x.png"));
+    let e = s.check_writable(&under_file).await.unwrap_err();
+    assert!(matches!(e, StorageError::NotWritable { .. }), "{e}");
+    let e = s
+        .write(&under_file, Bytes::from_static(b"no"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StorageError::NotWritable { .. }), "{e}");
+    std::fs::create_dir(d.root.join("adir")).unwrap();
+    let e = s
+        .check_writable(&uri(&d.root.join("adir")))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, StorageError::NotWritable { .. }),
+        "a directory: {e}"
+    );
+}
+
+#[tokio::test]
+async fn schemes() {
+    let s = storage(&[]);
+    let cases = [
+        ("ftp://host/x.png", "UnsupportedScheme"),
+        ("data:image/png;base64,AAAA", "UnsupportedScheme"),
+        ("not a uri", "InvalidUri"),
+        ("/abs/path.png", "InvalidUri"),
+        ("s3:///x.png", "InvalidUri"),
+    ];
+    for (u, want) in cases {
+        let e = s.read(u, 10).await.unwrap_err();
+        assert!(format!("{e:?}").starts_with(want), "{u}: {e:?}");
+    }
+    let e = s
+        .write("https://example.com/x.png", Bytes::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StorageError::ReadOnly { .. }), "{e}");
+    let e = s
+        .check_writable("http://example.com/x.png")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StorageError::ReadOnly { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn http_reads_with_limits() {
+    let srv = Server::start().await;
+    srv.route("/ok.png?sig=abc", Route::ok(b"hello".to_vec()));
+    srv.route("/big.png", Route::ok(vec![7u8; 5000]));
+    srv.route(
+        "/big-unsized.png",
+        Route {
+            content_length: false,
+            ..Route::ok(vec![7u8; 5000])
+        },
+    );
+    srv.route(
+        "/slow.png",
+        Route {
+            delay: Duration::from_secs(5),
+            ..Route::ok(b"late".to_vec())
+        },
+    );
+    srv.route("/500.png", Route::status(500));
+    srv.route("/403.png", Route::status(403));
+    let s = storage(&[]);
+
+    assert_eq!(
+        s.read(&srv.url("/ok.png?sig=abc"), 100).await.unwrap(),
+        Bytes::from_static(b"hello")
+    );
+    assert_eq!(srv.hits("/ok.png?sig=abc"), 1, "query string kept");
+    let e = s.read(&srv.url("/missing.png"), 100).await.unwrap_err();
+    assert!(matches!(e, StorageError::NotFound { .. }), "{e}");
+    for path in ["/big.png", "/big-unsized.png"] {
+        let e = s.read(&srv.url(path), 1000).await.unwrap_err();
+        assert!(
+            matches!(e, StorageError::TooLarge { limit: 1000, .. }),
+            "{path}: {e}"
+        );
+    }
+    let e = s.read(&srv.url("/slow.png"), 100).await.unwrap_err();
+    assert!(
+        matches!(e, StorageError::Unreachable { .. }) && e.is_transient(),
+        "{e}"
+    );
+    assert!(e.to_string().contains("timed out"), "{e}");
+    let e = s.read(&srv.url("/500.png"), 100).await.unwrap_err();
+    assert!(
+        matches!(e, StorageError::HttpStatus { status: 500, .. }) && e.is_transient(),
+        "{e}"
+    );
+    let e = s.read(&srv.url("/403.png"), 100).await.unwrap_err();
+    assert!(
+        matches!(e, StorageError::HttpStatus { status: 403, .. }) && !e.is_transient(),
+        "{e}"
+    );
+
+    // Nothing listens on this port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let e = s
+        .read(&format!("http://127.0.0.1:{port}/x.png"), 100)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StorageError::Unreachable { .. }), "{e}");
+}
