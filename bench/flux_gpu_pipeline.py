@@ -1,13 +1,17 @@
 """Whole FluxFillPipeline at full size with random weights: diffusers vs `pawfect-worker inpaint`.
 
     python3 bench/flux_gpu_pipeline.py build --work DIR --tokenizers FIXTURE_PIPELINE [--tiny] [--device cuda]
-    python3 bench/flux_gpu_pipeline.py compare --work DIR --rust OUT.png
+    python3 bench/flux_gpu_pipeline.py compare --work DIR --rust OUT.png [--rust-trace TRACE.safetensors]
 
 `build` writes a diffusers folder (FLUX.1-Fill-dev sizes: transformer 11.9 B, T5-XXL, CLIP-L, FLUX VAE;
 seeded random weights, fp16; tokenizers taken from the tiny fixture since the real ones cannot be
 downloaded here), a 1024x1024 image + mask + noise, and runs diffusers' FluxFillPipeline in fp16 with
 that noise and the posterior mean (as the Rust pipeline): `expected.png` and timings (JSON on stdout).
-`--tiny` uses the fixture's own sizes (a CPU check of this script).
+`--tiny` uses the fixture's own sizes (a CPU check of this script). `build` also writes
+`diffusers_trace.safetensors`: the T5 and CLIP embeddings and the condition the transformer saw (first
+call), the unscaled latents `z` handed to the VAE, that image, and the same `z` decoded by the VAE in
+fp32 (`image_vae32`). `compare --rust-trace` (the `flux_step --pipeline` trace) splits the image
+difference by component: text encoders, condition (VAE encode), transformer loop, VAE decode.
 """
 import argparse
 import json
@@ -105,25 +109,71 @@ def build(work, tok_dir, tiny, device, steps, size):
     out = pipe(**call).images[0]  # warm-up (and the reference image)
     if device == "cuda":
         torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    trace = {}
+
+    def first_call(_mod, args, kwargs):
+        if "t5" not in trace:
+            trace["t5"] = kwargs["encoder_hidden_states"].float().cpu()
+            trace["pooled"] = kwargs["pooled_projections"].float().cpu()
+            trace["cond"] = kwargs["hidden_states"][..., 64:].float().cpu()
+
+    hook = pipe.transformer.register_forward_pre_hook(first_call, with_kwargs=True)
+    decode = pipe.vae.decode
+
+    def decode_traced(z, *a, **k):
+        trace["z"] = z.float().cpu()
+        return decode(z, *a, **k)
+
+    pipe.vae.decode = decode_traced
     t = time.perf_counter()
     out = pipe(**call).images[0]
     if device == "cuda":
         torch.cuda.synchronize()
+        res["diffusers_peak_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     res["diffusers_pipeline_s"] = time.perf_counter() - t
+    hook.remove()
+    pipe.vae.decode = decode
+    trace["image"] = torch.from_numpy(np.asarray(out).astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+    vae32 = pipe.vae.to(torch.float32)
+    trace["image_vae32"] = (vae32.decode(trace["z"].to(device)).sample / 2 + 0.5).clamp(0, 1).float().cpu()
+    save_file({k: v.contiguous() for k, v in trace.items()}, os.path.join(work, "diffusers_trace.safetensors"))
     res["steps"] = steps
     res["size"] = [h, w]
     out.save(os.path.join(work, "expected.png"))
     print(json.dumps(res))
 
 
-def compare(work, rust):
-    a = np.asarray(Image.open(rust).convert("RGB")).astype(np.float64)
-    b = np.asarray(Image.open(os.path.join(work, "expected.png")).convert("RGB")).astype(np.float64)
-    m = np.asarray(Image.open(os.path.join(work, "mask.png"))) >= 128
-    print(json.dumps({"mean_abs_err_255": float(np.abs(a - b).mean()),
-                      "mean_abs_err_255_in_mask": float(np.abs(a - b)[m].mean()),
-                      "max_abs_err_255": float(np.abs(a - b).max()), "rust_std": float(a.std()),
-                      "diffusers_std": float(b.std())}))
+def compare(work, rust, rust_trace):
+    from safetensors.torch import load_file
+
+    res = {}
+    if rust:
+        a = np.asarray(Image.open(rust).convert("RGB")).astype(np.float64)
+        b = np.asarray(Image.open(os.path.join(work, "expected.png")).convert("RGB")).astype(np.float64)
+        m = np.asarray(Image.open(os.path.join(work, "mask.png"))) >= 128
+        res.update({"mean_abs_err_255": float(np.abs(a - b).mean()),
+                    "mean_abs_err_255_in_mask": float(np.abs(a - b)[m].mean()),
+                    "max_abs_err_255": float(np.abs(a - b).max()), "rust_std": float(a.std()),
+                    "diffusers_std": float(b.std())})
+    if rust_trace:
+        r = load_file(rust_trace)
+        d = load_file(os.path.join(work, "diffusers_trace.safetensors"))
+        rel = lambda x, y: float((x.float() - y.float()).norm() / y.float().norm())  # noqa: E731
+        u8 = lambda x: (x.float().clamp(0, 1) * 255).round()  # noqa: E731
+        mae = lambda x, y: float((u8(x) - u8(y)).abs().mean())  # noqa: E731
+        res["rel_t5"] = rel(r["t5"], d["t5"])
+        res["rel_pooled"] = rel(r["pooled"], d["pooled"])
+        res["rel_cond"] = rel(r["cond"], d["cond"])
+        res["rel_z"] = rel(r["z"], d["z"])
+        if "z_dinputs" in r:
+            res["rel_z_with_diffusers_inputs"] = rel(r["z_dinputs"], d["z"])
+            res["mae255_rust_vae_on_diffusers_z"] = mae(r["image_dz"], d["image"])
+            res["mae255_rust_vae32_on_diffusers_z_vs_diffusers_vae32"] = mae(r["image_dz_vae32"], d["image_vae32"])
+            res["mae255_rust_vae32_own_z_vs_diffusers"] = mae(r["image_vae32"], d["image"])
+        res["mae255_image"] = mae(r["image"], d["image"])
+        res["mae255_diffusers_vae16_vs_vae32"] = mae(d["image"], d["image_vae32"])
+    print(json.dumps(res))
 
 
 if __name__ == "__main__":
@@ -136,9 +186,10 @@ if __name__ == "__main__":
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--rust")
+    p.add_argument("--rust-trace")
     a = p.parse_args()
     if a.stage == "build":
         os.makedirs(a.work, exist_ok=True)
         build(a.work, a.tokenizers, a.tiny, a.device, a.steps, a.size)
     else:
-        compare(a.work, a.rust)
+        compare(a.work, a.rust, a.rust_trace)

@@ -175,11 +175,10 @@ impl WindowAttention {
             .forward(&windows)?
             .reshape(vec![bw, t, 3, self.heads, hd])?;
         let qkv = qkv.permute(vec![2, 0, 3, 1, 4])?;
-        let q = qkv.get(0)?.contiguous()?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let o = pawfect_kernels::attention(&q, &k, &v, (hd as f64).powf(-0.5), false)?;
-        let o = o.transpose(1, 2)?.reshape((bw, t, c))?;
+        // Strided `[bw, heads, t, hd]` views: the CUDA kernel reads them in place, the reference
+        // path copies them; the output comes back as `[bw, t, heads·hd]`.
+        let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+        let o = pawfect_kernels::attention_merged_heads(&q, &k, &v, (hd as f64).powf(-0.5), false)?;
         let o = self.proj.forward(&o)?;
         let o = o
             .reshape(vec![b, nh, nw, ws, ws, c])?

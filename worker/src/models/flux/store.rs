@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
+use pawfect_kernels as k;
 
 use super::error::{FluxError, Result};
 
@@ -506,12 +507,97 @@ impl Linear {
         }
     }
 
+    /// The weight as a dense tensor in the compute dtype when this linear can run as one fused
+    /// cuBLASLt matmul with its bias in the epilogue: CUDA input, f16/bf16 compute dtype, a bias.
+    /// GGUF weights are dequantized here (as `matmul` would), except in `Native` mode (MMQ).
+    /// `None` keeps the plain path (always on CPU, so CPU results do not depend on this).
+    fn fused_weight(&self, x: &Tensor) -> Result<Option<(Tensor, &Tensor)>> {
+        let Some(b) = &self.bias else {
+            return Ok(None);
+        };
+        if !x.device().is_cuda()
+            || !matches!(self.dtype, DType::F16 | DType::BF16)
+            || b.dtype() != self.dtype
+        {
+            return Ok(None);
+        }
+        let w = match &self.weight {
+            LinearWeight::Dense(w) if w.dtype() == self.dtype => w.clone(),
+            LinearWeight::Dense(_) => return Ok(None),
+            LinearWeight::Quant { q, mode, .. } => match mode {
+                QuantMatmul::DequantF16 if self.dtype == DType::F16 => {
+                    q.dequantize_f16(&q.device())?
+                }
+                QuantMatmul::DequantF16 | QuantMatmul::Dequant | QuantMatmul::Auto => {
+                    q.dequantize(&q.device())?.to_dtype(self.dtype)?
+                }
+                QuantMatmul::Native => return Ok(None),
+            },
+        };
+        Ok(Some((w, b)))
+    }
+
+    /// `x·Wᵀ + b`. On CUDA in f16/bf16 one cuBLASLt matmul with the bias in its epilogue.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some((w, b)) = self.fused_weight(x)? {
+            return Ok(k::linear_bias(&x.to_dtype(self.dtype)?, &w, b)?);
+        }
         let y = self.matmul(x)?;
         match &self.bias {
             Some(b) => Ok(y.broadcast_add(b)?),
             None => Ok(y),
         }
+    }
+
+    /// `gelu_tanh(x·Wᵀ + b)` (FLUX's MLP input). On CUDA in f16/bf16 the bias and the GELU run in
+    /// the cuBLASLt epilogue; otherwise a matmul and the (fused where possible) bias+GELU op.
+    pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some((w, b)) = self.fused_weight(x)? {
+            return Ok(k::linear_bias_gelu_tanh(&x.to_dtype(self.dtype)?, &w, b)?);
+        }
+        let h = self.matmul(x)?;
+        match &self.bias {
+            Some(b) => Ok(k::bias_gelu_tanh(&h, b)?),
+            None => Ok(h.gelu()?),
+        }
+    }
+
+    /// The first `n_plain` outputs as `x·Wᵀ + b`, the rest through GELU(tanh): FLUX's single-block
+    /// `linear1` (q, k, v | MLP input). On CUDA in f16/bf16 two cuBLASLt matmuls over row views of
+    /// the weight, each with its epilogue; otherwise one matmul, split afterwards.
+    pub fn forward_split_gelu(&self, x: &Tensor, n_plain: usize) -> Result<(Tensor, Tensor)> {
+        let n_gelu = self.out_dim.checked_sub(n_plain).ok_or_else(|| {
+            FluxError::InvalidInput(format!(
+                "split at {n_plain} of a linear with {} outputs",
+                self.out_dim
+            ))
+        })?;
+        if let Some((w, b)) = self.fused_weight(x)? {
+            let x = x.to_dtype(self.dtype)?;
+            let plain = k::linear_bias(&x, &w.narrow(0, 0, n_plain)?, &b.narrow(0, 0, n_plain)?)?;
+            let gelu = k::linear_bias_gelu_tanh(
+                &x,
+                &w.narrow(0, n_plain, n_gelu)?,
+                &b.narrow(0, n_plain, n_gelu)?,
+            )?;
+            return Ok((plain, gelu));
+        }
+        let y = self.matmul(x)?;
+        let last = y.rank() - 1;
+        Ok(match &self.bias {
+            Some(b) => (
+                y.narrow(last, 0, n_plain)?
+                    .broadcast_add(&b.narrow(0, 0, n_plain)?)?,
+                k::bias_gelu_tanh(
+                    &y.narrow(last, n_plain, n_gelu)?,
+                    &b.narrow(0, n_plain, n_gelu)?,
+                )?,
+            ),
+            None => (
+                y.narrow(last, 0, n_plain)?,
+                y.narrow(last, n_plain, n_gelu)?.gelu()?,
+            ),
+        })
     }
 }
 

@@ -314,7 +314,10 @@ struct SingleBlock {
     k_norm: Tensor,
 }
 
-/// Projects to q, k, v `[B, heads, N, D]`, with QK-RMSNorm and RoPE applied to q and k.
+/// Splits a fused projection `[B, N, 3·heads·D]` into q, k, v `[B, heads, N, D]`, with
+/// QK-RMSNorm and RoPE applied to q and k. q and k come back contiguous (the fused norm+RoPE reads
+/// the strided views directly), v stays a strided view of `qkv` (the attention kernel reads it as
+/// is; the reference path copies it).
 fn qkv_heads(
     qkv: &Tensor,
     heads: usize,
@@ -326,32 +329,50 @@ fn qkv_heads(
     let (b, n, three_h) = qkv.dims3()?;
     let hd = three_h / 3 / heads;
     let qkv = qkv.reshape((b, n, 3, heads, hd))?;
-    let part = |i: usize| -> Result<Tensor> {
-        Ok(qkv
-            .narrow(2, i, 1)?
-            .squeeze(2)?
-            .transpose(1, 2)?
-            .contiguous()?)
-    };
+    let part =
+        |i: usize| -> Result<Tensor> { Ok(qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2)?) };
     let q = k::qk_rmsnorm_rope(&part(0)?, q_norm, cos, sin, QK_EPS)?;
     let kk = k::qk_rmsnorm_rope(&part(1)?, k_norm, cos, sin, QK_EPS)?;
     Ok((q, kk, part(2)?))
 }
 
-/// `[B, heads, N, D]` → `[B, N, heads·D]`.
-fn merge_heads(x: &Tensor) -> Result<Tensor> {
-    let (b, h, n, d) = x.dims4()?;
-    Ok(x.transpose(1, 2)?.reshape((b, n, h * d))?)
+/// How attention runs when the transformer computes in f32 on a CUDA device (the fused attention
+/// kernel has f16/bf16 variants only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum F32Attention {
+    /// q, k and v are cast to f16 around the fused kernel, the output back to f32 (f32
+    /// accumulation inside; |v| must stay below 65504, as on the f16 path).
+    #[default]
+    F16,
+    /// The plain f32 reference: materialises the `heads × N × N` scores (2 GB at 1024², f32).
+    Reference,
+}
+
+/// Joint attention over q, k, v `[B, heads, N, D]`, heads merged into `[B, N, heads·D]`.
+fn attend(
+    q: &Tensor,
+    kk: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    f32_mode: F32Attention,
+) -> Result<Tensor> {
+    if q.dtype() == DType::F32 && q.device().is_cuda() && f32_mode == F32Attention::F16 {
+        let h = DType::F16;
+        let o = k::attention_merged_heads(
+            &q.to_dtype(h)?,
+            &kk.to_dtype(h)?,
+            &v.to_dtype(h)?,
+            scale,
+            false,
+        )?;
+        return Ok(o.to_dtype(DType::F32)?);
+    }
+    Ok(k::attention_merged_heads(q, kk, v, scale, false)?)
 }
 
 /// `gelu_tanh(x·W₀ᵀ + b₀)·W₂ᵀ + b₂`.
 fn mlp(mlp0: &Linear, mlp2: &Linear, x: &Tensor) -> Result<Tensor> {
-    let h = mlp0.matmul(x)?;
-    let h = match mlp0.bias() {
-        Some(b) => k::bias_gelu_tanh(&h, b)?,
-        None => h.gelu()?,
-    };
-    mlp2.forward(&h)
+    mlp2.forward(&mlp0.forward_gelu(x)?)
 }
 
 /// The FLUX transformer.
@@ -368,6 +389,7 @@ pub struct FluxTransformer {
     single: Vec<SingleBlock>,
     final_mod: Linear,
     final_linear: Linear,
+    f32_attention: F32Attention,
 }
 
 impl FluxTransformer {
@@ -431,6 +453,7 @@ impl FluxTransformer {
             single,
             final_mod: l.linear("final_layer.adaLN_modulation.1", &[2 * h], h)?,
             final_linear: l.linear("final_layer.linear", &[cfg.out_channels()], h)?,
+            f32_attention: F32Attention::default(),
         })
     }
 
@@ -442,6 +465,15 @@ impl FluxTransformer {
     }
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// How attention runs for f32 activations on CUDA (default: f16 around the fused kernel).
+    /// No effect on CPU (always the f32 reference) or in f16/bf16.
+    pub fn set_f32_attention(&mut self, mode: F32Attention) {
+        self.f32_attention = mode;
+    }
+    pub fn f32_attention(&self) -> F32Attention {
+        self.f32_attention
     }
 
     /// The conditioning vector `temb` `[B, H]`: timestep + guidance + pooled-text embeddings.
@@ -528,7 +560,7 @@ impl FluxTransformer {
             let q = Tensor::cat(&[tq, iq], 2)?;
             let kk = Tensor::cat(&[tk, ik], 2)?;
             let v = Tensor::cat(&[tv, iv], 2)?;
-            let attn = merge_heads(&k::attention(&q, &kk, &v, scale, false)?)?;
+            let attn = attend(&q, &kk, &v, scale, self.f32_attention)?;
             let txt_a = attn.narrow(1, 0, t_len)?;
             let img_a = attn.narrow(1, t_len, l_len)?;
 
@@ -552,26 +584,14 @@ impl FluxTransformer {
         }
 
         let h = self.cfg.hidden_size();
-        let mh = self.cfg.mlp_hidden();
         let mut x = Tensor::cat(&[txt, img], 1)?;
         for blk in &self.single {
             let m = chunks(&blk.modulation.forward(&vec)?, 3)?;
             let xn = k::layer_norm_modulate(&x, &m[0], &m[1], LN_EPS)?;
-            let y = blk.linear1.matmul(&xn)?;
-            let (qkv, mlp_h) = match blk.linear1.bias() {
-                Some(b) => (
-                    y.narrow(D::Minus1, 0, 3 * h)?
-                        .broadcast_add(&b.narrow(0, 0, 3 * h)?)?,
-                    k::bias_gelu_tanh(&y.narrow(D::Minus1, 3 * h, mh)?, &b.narrow(0, 3 * h, mh)?)?,
-                ),
-                None => (
-                    y.narrow(D::Minus1, 0, 3 * h)?,
-                    y.narrow(D::Minus1, 3 * h, mh)?.gelu()?,
-                ),
-            };
+            let (qkv, mlp_h) = blk.linear1.forward_split_gelu(&xn, 3 * h)?;
             let (q, kk, v) =
                 qkv_heads(&qkv, heads, &blk.q_norm, &blk.k_norm, &rope.cos, &rope.sin)?;
-            let attn = merge_heads(&k::attention(&q, &kk, &v, scale, false)?)?;
+            let attn = attend(&q, &kk, &v, scale, self.f32_attention)?;
             let out = blk
                 .linear2
                 .forward(&Tensor::cat(&[attn, mlp_h], D::Minus1)?)?;
