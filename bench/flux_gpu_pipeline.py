@@ -144,7 +144,7 @@ def build(work, tok_dir, tiny, device, steps, size):
     print(json.dumps(res))
 
 
-def compare(work, rust, rust_trace):
+def compare(work, rust, rust_trace, t5_f32=False):
     from safetensors.torch import load_file
 
     res = {}
@@ -172,6 +172,20 @@ def compare(work, rust, rust_trace):
             res["mae255_rust_vae32_on_diffusers_z_vs_diffusers_vae32"] = mae(r["image_dz_vae32"], d["image_vae32"])
             res["mae255_rust_vae32_own_z_vs_diffusers"] = mae(r["image_vae32"], d["image"])
         res["mae255_image"] = mae(r["image"], d["image"])
+        if t5_f32:
+            # Both T5 outputs against the same encoder in fp32: which side the fp16 difference is on.
+            from transformers import T5EncoderModel, T5Tokenizer
+
+            dev = "cuda" if torch.cuda.is_available() else "cpu"
+            tok = T5Tokenizer.from_pretrained(os.path.join(work, "pipeline", "tokenizer_2"))
+            ids = tok(PROMPT, padding="max_length", max_length=512, truncation=True, return_tensors="pt").input_ids
+            enc = T5EncoderModel.from_pretrained(os.path.join(work, "pipeline", "text_encoder_2"),
+                                                 torch_dtype=torch.float32).to(dev).eval()
+            with torch.no_grad():
+                ref = enc(ids.to(dev))[0].float().cpu()
+            res["rel_t5_rust_vs_fp32"] = rel(r["t5"], ref)
+            res["rel_t5_diffusers_fp16_vs_fp32"] = rel(d["t5"], ref)
+            res["t5_fp32_absmax"] = float(ref.abs().max())
         res["mae255_diffusers_vae16_vs_vae32"] = mae(d["image"], d["image_vae32"])
     print(json.dumps(res))
 
@@ -187,9 +201,10 @@ if __name__ == "__main__":
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--rust")
     p.add_argument("--rust-trace")
+    p.add_argument("--t5-f32", action="store_true", help="also compare both T5 outputs with T5 in fp32")
     a = p.parse_args()
     if a.stage == "build":
         os.makedirs(a.work, exist_ok=True)
         build(a.work, a.tokenizers, a.tiny, a.device, a.steps, a.size)
     else:
-        compare(a.work, a.rust, a.rust_trace)
+        compare(a.work, a.rust, a.rust_trace, a.t5_f32)

@@ -31,4 +31,4 @@ kill "$SMI" || true
 DONE=$(grep -o '"runs_done_unix_ms":[0-9]*' "$OUT/rust_pipeline.log" | cut -d: -f2)
 # Peak over the timed runs only (the component split afterwards loads an extra f32 VAE).
 echo "{\"rust_peak_gpu_mem_mib_runs\": $(awk -v d="$DONE" '$1 <= d {print $2}' "$WORK/mem.txt" | sort -n | tail -1), \"rust_peak_gpu_mem_mib_all\": $(awk '{print $2}' "$WORK/mem.txt" | sort -n | tail -1)}" | tee -a "$OUT/rust_pipeline.log"
-python3 "$GPU_DIR/flux_gpu_pipeline.py" compare --work "$WORK" --rust-trace "$WORK/rust_trace.safetensors" | tee "$OUT/pipeline_compare.json"
+python3 "$GPU_DIR/flux_gpu_pipeline.py" compare --work "$WORK" --rust-trace "$WORK/rust_trace.safetensors" ${T5_F32:+--t5-f32} | tee "$OUT/pipeline_compare.json"
