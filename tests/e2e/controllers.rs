@@ -67,7 +67,10 @@ impl Record {
 
 fn key_of(obj: &Value) -> Key {
     (
-        obj["metadata"]["namespace"].as_str().unwrap_or("").to_string(),
+        obj["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("")
+            .to_string(),
         obj["metadata"]["name"].as_str().unwrap_or("").to_string(),
     )
 }
@@ -129,7 +132,11 @@ pub async fn run(
             let rv = rv_of(&d);
             if owned_rv.get(&k) != Some(&rv) {
                 owned_rv.insert(k.clone(), rv);
-                for o in d["metadata"]["ownerReferences"].as_array().into_iter().flatten() {
+                for o in d["metadata"]["ownerReferences"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                {
                     if o["kind"] == "InpaintPool" {
                         let owner = o["name"].as_str().unwrap_or("").to_string();
                         pool_woken.insert((k.0.clone(), owner));

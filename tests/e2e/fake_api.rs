@@ -391,7 +391,12 @@ impl FakeApi {
     }
 
     /// A typed copy of an object.
-    pub fn get_as<K: for<'de> k8s_openapi::serde::Deserialize<'de>>(&self, res: Res, ns: &str, name: &str) -> Option<K> {
+    pub fn get_as<K: for<'de> k8s_openapi::serde::Deserialize<'de>>(
+        &self,
+        res: Res,
+        ns: &str,
+        name: &str,
+    ) -> Option<K> {
         self.get(res, ns, name)
             .map(|v| serde_json::from_value(v).expect("stored objects are valid"))
     }
@@ -412,10 +417,7 @@ impl FakeApi {
         let mut st = self.lock();
         st.rv += 1;
         let rv = st.rv;
-        let Some(obj) = st
-            .objects
-            .get_mut(&(res, ns.to_string(), name.to_string()))
-        else {
+        let Some(obj) = st.objects.get_mut(&(res, ns.to_string(), name.to_string())) else {
             return false;
         };
         let before = obj.clone();
@@ -498,7 +500,9 @@ impl FakeApi {
                 let selector = params.get("labelSelector").cloned().unwrap_or_default();
                 let mut items = Vec::new();
                 for o in self.list(Res::Pods) {
-                    if meta(&o)["namespace"] == ns && selector_matches(&selector, &o).map_err(bad)? {
+                    if meta(&o)["namespace"] == ns
+                        && selector_matches(&selector, &o).map_err(bad)?
+                    {
                         items.push(o);
                     }
                 }
@@ -530,9 +534,7 @@ impl FakeApi {
                 Ok(self.apply_object(t.res, ns, name, body))
             }
             // Finalizers (kube's finalizer helper).
-            ("PATCH", Res::Jobs, Some(name), None)
-                if ctype == "application/json-patch+json" =>
-            {
+            ("PATCH", Res::Jobs, Some(name), None) if ctype == "application/json-patch+json" => {
                 let ops = body_json()?;
                 Ok(self.patch(t.res, ns, name, |obj| json_patch(obj, &ops)))
             }
@@ -542,7 +544,9 @@ impl FakeApi {
             {
                 let patch = body_json()?;
                 if !patch["status"].is_null() {
-                    return Err(bad("a merge patch of the main resource changes status".into()));
+                    return Err(bad(
+                        "a merge patch of the main resource changes status".into()
+                    ));
                 }
                 Ok(self.patch(t.res, ns, name, |obj| {
                     merge_patch(obj, &patch);
@@ -622,7 +626,13 @@ impl FakeApi {
         }
         self.update(res, ns, name, |obj| {
             let mut next = body.clone();
-            for k in ["uid", "resourceVersion", "generation", "creationTimestamp", "deletionTimestamp"] {
+            for k in [
+                "uid",
+                "resourceVersion",
+                "generation",
+                "creationTimestamp",
+                "deletionTimestamp",
+            ] {
                 if let Some(v) = obj["metadata"].get(k) {
                     next["metadata"][k] = v.clone();
                 }
@@ -736,16 +746,25 @@ mod tests {
     #[test]
     fn merge_patch_sets_and_removes() {
         let mut o = json!({"metadata": {"annotations": {"a": "1", "b": "2"}}});
-        merge_patch(&mut o, &json!({"metadata": {"annotations": {"a": null, "c": "3"}}}));
+        merge_patch(
+            &mut o,
+            &json!({"metadata": {"annotations": {"a": null, "c": "3"}}}),
+        );
         assert_eq!(o["metadata"]["annotations"], json!({"b": "2", "c": "3"}));
     }
 
     #[test]
     fn paths() {
-        let t = parse_path("/apis/inpaint.pawfect.dev/v1alpha1/namespaces/pets/inpaintjobs/rex/status")
-            .unwrap();
+        let t =
+            parse_path("/apis/inpaint.pawfect.dev/v1alpha1/namespaces/pets/inpaintjobs/rex/status")
+                .unwrap();
         assert_eq!(
-            (t.res, t.namespace.as_str(), t.name.as_deref(), t.sub.as_deref()),
+            (
+                t.res,
+                t.namespace.as_str(),
+                t.name.as_deref(),
+                t.sub.as_deref()
+            ),
             (Res::Jobs, "pets", Some("rex"), Some("status"))
         );
         let t = parse_path("/api/v1/namespaces/pets/pods").unwrap();

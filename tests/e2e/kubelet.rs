@@ -107,9 +107,11 @@ async fn http_status(port: u16, path: &str) -> Option<u16> {
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
             .ok()?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: pod\r\nConnection: close\r\n\r\n").as_bytes())
-            .await
-            .ok()?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: pod\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .ok()?;
         let mut buf = Vec::new();
         s.read_to_end(&mut buf).await.ok()?;
         let text = String::from_utf8_lossy(&buf);
@@ -238,9 +240,9 @@ impl Kubelet {
     }
 
     async fn step(&self) {
-        let Some(d) = self
-            .api
-            .get_as::<Deployment>(Res::Deployments, &self.namespace, &self.deployment)
+        let Some(d) =
+            self.api
+                .get_as::<Deployment>(Res::Deployments, &self.namespace, &self.deployment)
         else {
             return;
         };
@@ -305,10 +307,11 @@ impl Kubelet {
             for (_, _, _, name) in ranked.into_iter().take((n - replicas) as usize) {
                 let cost = self.deletion_cost(&name);
                 self.api.update(Res::Pods, &self.namespace, &name, |o| {
-                    o["metadata"]["deletionTimestamp"] = serde_json::to_value(
-                        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now()),
-                    )
-                    .expect("time serializes");
+                    o["metadata"]["deletionTimestamp"] =
+                        serde_json::to_value(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                            jiff::Timestamp::now(),
+                        ))
+                        .expect("time serializes");
                 });
                 let mut inner = self.lock();
                 let Some(p) = inner.pods.get_mut(&name) else {
@@ -376,9 +379,11 @@ impl Kubelet {
     }
 
     fn deletion_cost(&self, pod: &str) -> Option<String> {
-        self.api
-            .get(Res::Pods, &self.namespace, pod)
-            .and_then(|o| o["metadata"]["annotations"][DELETION_COST].as_str().map(str::to_string))
+        self.api.get(Res::Pods, &self.namespace, pod).and_then(|o| {
+            o["metadata"]["annotations"][DELETION_COST]
+                .as_str()
+                .map(str::to_string)
+        })
     }
 
     /// Processes that exited: deleted pods leave, others restart.
@@ -397,12 +402,7 @@ impl Kubelet {
         }
         for (name, code) in gone {
             inner.pods.remove(&name);
-            if let Some(t) = inner
-                .terminations
-                .iter_mut()
-                .rev()
-                .find(|t| t.pod == name)
-            {
+            if let Some(t) = inner.terminations.iter_mut().rev().find(|t| t.pod == name) {
                 t.exit = Some(code);
             }
             self.api.remove(Res::Pods, &self.namespace, &name);
@@ -414,7 +414,12 @@ impl Kubelet {
         }
     }
 
-    fn create_pod(&self, d: &Deployment, template: &k8s_openapi::api::core::v1::PodTemplateSpec, c: &Container) {
+    fn create_pod(
+        &self,
+        d: &Deployment,
+        template: &k8s_openapi::api::core::v1::PodTemplateSpec,
+        c: &Container,
+    ) {
         let n = {
             let mut inner = self.lock();
             inner.created += 1;
@@ -422,7 +427,10 @@ impl Kubelet {
         };
         let name = format!("{}-{n:05x}", self.deployment);
         let labels = template.metadata.as_ref().and_then(|m| m.labels.clone());
-        let annotations = template.metadata.as_ref().and_then(|m| m.annotations.clone());
+        let annotations = template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.annotations.clone());
         let spec = serde_json::to_value(template.spec.clone()).expect("serializes");
         self.api.create(
             Res::Pods,
@@ -457,8 +465,8 @@ impl Kubelet {
             .get(Res::Pods, &self.namespace, name)
             .expect("a pod with a process is in the API");
         // The pod's own spec (as the kubelet has it), not the Deployment's current template.
-        let c: Container = serde_json::from_value(pod["spec"]["containers"][0].clone())
-            .expect("a container");
+        let c: Container =
+            serde_json::from_value(pod["spec"]["containers"][0].clone()).expect("a container");
         let restarts = self.restarts(name) + 1;
         let (child, port) = self.spawn(name, &c, restarts);
         if let Some(p) = self.lock().pods.get_mut(name) {
@@ -494,7 +502,9 @@ impl Kubelet {
                         .field_ref
                         .as_ref()
                         .map(|f| f.field_path.as_str())
-                        .unwrap_or_else(|| panic!("env {} needs more than a field reference", e.name));
+                        .unwrap_or_else(|| {
+                            panic!("env {} needs more than a field reference", e.name)
+                        });
                     match path {
                         "metadata.name" => name.to_string(),
                         "metadata.namespace" => self.namespace.clone(),

@@ -38,7 +38,7 @@ use pawfect_api::{InpaintJobStatus, InpaintPoolStatus, JobPhase};
 use pawfect_operator::deployment::WorkerConnection;
 use pawfect_operator::events::Triggers;
 use pawfect_operator::metrics::Metrics;
-use pawfect_operator::{Context, Settings};
+use pawfect_operator::{Context, Settings, pool};
 use pawfect_queue::testing::RedisServer;
 use pawfect_queue::{Queue, QueueConfig};
 use serde_json::json;
@@ -154,10 +154,7 @@ impl Env {
     fn dump(&self) -> String {
         let mut out = String::new();
         for j in self.api.list(Res::Jobs) {
-            out.push_str(&format!(
-                "job {}: {}\n",
-                j["metadata"]["name"], j["status"]
-            ));
+            out.push_str(&format!("job {}: {}\n", j["metadata"]["name"], j["status"]));
         }
         if let Some(p) = self.api.get(Res::Pools, NS, POOL) {
             out.push_str(&format!("pool status: {}\n", p["status"]));
@@ -179,7 +176,10 @@ impl Env {
         for pod in self.kubelet.all_pods() {
             let logs = self.kubelet.logs(&pod);
             let tail: Vec<&str> = logs.lines().rev().take(30).collect();
-            out.push_str(&format!("logs of {pod} (last lines first):\n{}\n", tail.join("\n")));
+            out.push_str(&format!(
+                "logs of {pod} (last lines first):\n{}\n",
+                tail.join("\n")
+            ));
         }
         out
     }
@@ -243,7 +243,9 @@ impl Env {
     async fn check_succeeded(&self, name: &str, attempts: u32) -> InpaintJobStatus {
         let s = self.job_status(name).unwrap();
         assert_eq!(s.phase, Some(JobPhase::Succeeded), "{s:?}");
-        let complete = s.condition(conditions::COMPLETE).expect("Complete condition");
+        let complete = s
+            .condition(conditions::COMPLETE)
+            .expect("Complete condition");
         assert_eq!(
             (complete.status.as_str(), complete.reason.as_str()),
             ("True", reasons::SUCCEEDED)
@@ -319,7 +321,12 @@ async fn queue_events(url: &str, queue: &Queue) -> Vec<std::collections::HashMap
         .map(|e| {
             e.map
                 .iter()
-                .filter_map(|(k, v)| Some((k.clone(), <String as redis::FromRedisValue>::from_redis_value_ref(v).ok()?)))
+                .filter_map(|(k, v)| {
+                    Some((
+                        k.clone(),
+                        <String as redis::FromRedisValue>::from_redis_value_ref(v).ok()?,
+                    ))
+                })
                 .collect()
         })
         .collect()
@@ -450,7 +457,8 @@ async fn operator_redis_and_worker_processes() {
     let ps = env
         .wait_for("pool status", |e| {
             e.pool_status().filter(|s| {
-                conditions::is_true(&s.conditions, conditions::READY) && s.observed_generation == Some(1)
+                conditions::is_true(&s.conditions, conditions::READY)
+                    && s.observed_generation == Some(1)
             })
         })
         .await;
@@ -468,12 +476,17 @@ async fn operator_redis_and_worker_processes() {
             .find(|e| e.name == name)
             .and_then(|e| e.value.clone())
     };
-    assert_eq!(env_of("PAWFECT_REDIS_URL").as_deref(), Some(env.redis_url.as_str()));
+    assert_eq!(
+        env_of("PAWFECT_REDIS_URL").as_deref(),
+        Some(env.redis_url.as_str())
+    );
     assert_eq!(env_of("PAWFECT_QUEUE_PREFIX").as_deref(), Some(PREFIX));
     // A few more pool reconciles: still nothing to run.
     let (_, pools_before) = env.record.counts();
-    env.wait_for("pool reconciles", |e| (e.record.counts().1 >= pools_before + 2).then_some(()))
-        .await;
+    env.wait_for("pool reconciles", |e| {
+        (e.record.counts().1 >= pools_before + 2).then_some(())
+    })
+    .await;
     assert_eq!(env.replicas(), Some(0));
     assert!(env.kubelet.all_pods().is_empty());
 
@@ -481,12 +494,21 @@ async fn operator_redis_and_worker_processes() {
     env.create_job("rex");
     let queued = env.wait_phase("rex", JobPhase::Queued).await;
     let q = queued.condition(conditions::QUEUED).unwrap();
-    assert_eq!((q.status.as_str(), q.reason.as_str()), ("True", reasons::ENQUEUED));
+    assert_eq!(
+        (q.status.as_str(), q.reason.as_str()),
+        ("True", reasons::ENQUEUED)
+    );
     let (running, worker_a) = env.wait_running("rex").await;
     assert_eq!(running.attempts, Some(1));
     let r = running.condition(conditions::RUNNING).unwrap();
-    assert_eq!((r.status.as_str(), r.reason.as_str()), ("True", reasons::CLAIMED));
-    assert_eq!(running.progress.as_ref().unwrap().stage.as_deref(), Some("fetch"));
+    assert_eq!(
+        (r.status.as_str(), r.reason.as_str()),
+        ("True", reasons::CLAIMED)
+    );
+    assert_eq!(
+        running.progress.as_ref().unwrap().stage.as_deref(),
+        Some("fetch")
+    );
     assert_eq!(env.replicas(), Some(1), "one job, one worker");
 
     // 3. A second job on a second worker, SIGKILLed mid-job.
@@ -528,7 +550,9 @@ async fn operator_redis_and_worker_processes() {
     let of = |kind: &str| {
         events
             .iter()
-            .filter(|e| e.get("uid") == Some(&uid) && e.get("type").map(String::as_str) == Some(kind))
+            .filter(|e| {
+                e.get("uid") == Some(&uid) && e.get("type").map(String::as_str) == Some(kind)
+            })
             .count()
     };
     assert_eq!(of("claimed"), 2, "claimed twice: {events:?}");
@@ -549,13 +573,19 @@ async fn operator_redis_and_worker_processes() {
     };
     let rex_events = reasons_of("rex");
     for want in [reasons::ENQUEUED, reasons::CLAIMED, reasons::SUCCEEDED] {
-        assert!(rex_events.iter().any(|r| r == want), "{want} missing: {rex_events:?}");
+        assert!(
+            rex_events.iter().any(|r| r == want),
+            "{want} missing: {rex_events:?}"
+        );
     }
 
     // 4. Idle: back to zero after the scale-down delay.
     env.wait_replicas(0).await;
     let ps = env.pool_status().unwrap();
-    assert_eq!((ps.desired_replicas, ps.queue.waiting, ps.queue.running), (0, 0, 0));
+    assert_eq!(
+        (ps.desired_replicas, ps.queue.waiting, ps.queue.running),
+        (0, 0, 0)
+    );
 
     // 5. A burst: up to maxReplicas; down to the one busy worker; to zero.
     let burst: Vec<String> = (0..5).map(|i| format!("burst-{i}")).collect();
@@ -583,8 +613,9 @@ async fn operator_redis_and_worker_processes() {
     assert_eq!(waiting, burst.len() - MAX_REPLICAS as usize);
     let ps = env
         .wait_for("pool status at the peak", |e| {
-            e.pool_status()
-                .filter(|s| s.queue.running == MAX_REPLICAS as u64 && s.busy_workers == MAX_REPLICAS)
+            e.pool_status().filter(|s| {
+                s.queue.running == MAX_REPLICAS as u64 && s.busy_workers == MAX_REPLICAS
+            })
         })
         .await;
     assert_eq!(ps.desired_replicas, MAX_REPLICAS);
@@ -605,6 +636,11 @@ async fn operator_redis_and_worker_processes() {
         "the busy worker stays"
     );
     assert_eq!(env.phase(&kept_job), Some(JobPhase::Running));
+    // The operator marked it busy: highest deletion cost, not evictable.
+    let kept = env.api.get(Res::Pods, NS, &kept_pod).unwrap();
+    let ann = &kept["metadata"]["annotations"];
+    assert_eq!(ann[pool::DELETION_COST], pool::BUSY_COST, "{ann}");
+    assert_eq!(ann[pool::SAFE_TO_EVICT], "false", "{ann}");
     assert!(
         !env.kubelet.terminations().iter().any(|t| t.pod == kept_pod),
         "the busy worker got SIGTERM"
@@ -631,7 +667,7 @@ async fn operator_redis_and_worker_processes() {
     assert_eq!(env.record.errors(), Vec::<String>::new());
     let (jobs_n, pools_n) = env.record.counts();
     eprintln!(
-        "e2e: {} s, {jobs_n} job and {pools_n} pool reconciles, {} API calls, {} pods started",
+        "e2e: {} s, {jobs_n} job and {pools_n} pool reconciles, {} API calls, {} pods SIGTERMed",
         started.elapsed().as_secs(),
         env.api.calls().len(),
         terms.len()
