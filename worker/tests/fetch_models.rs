@@ -494,6 +494,13 @@ fn fetch_models_from_a_fake_hub_then_inpaint() {
         hub.requests()
     );
 
+    // An interrupted download of the GGUF left half of it in the cache: it resumes from there.
+    let gguf = hub.repos[GGUF_REPO].files["flux1-fill-dev-Q5_K_S.gguf"].clone();
+    let half = gguf.len() / 2;
+    let blobs = dir.join("hub/models--YarvixPA--FLUX.1-Fill-dev-gguf/blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::write(blobs.join(format!("{}.part", etag(&gguf))), &gguf[..half]).unwrap();
+
     // With it: everything, with relative links.
     let o = fetch(&dir, &endpoint, Some(TOKEN));
     let t = text(&o);
@@ -542,7 +549,13 @@ fn fetch_models_from_a_fake_hub_then_inpaint() {
     assert!(
         first
             .iter()
-            .any(|(_, f, range)| f == "flux1-fill-dev-Q5_K_S.gguf" && range == "bytes=0-")
+            .any(|(_, f, range)| f == "flux1-fill-dev-Q5_K_S.gguf"
+                && *range == format!("bytes={half}-")),
+        "{first:?}"
+    );
+    assert_eq!(
+        std::fs::read(dir.join("flux1-fill-dev-Q5_K_S.gguf")).unwrap(),
+        *gguf
     );
 
     // The volume mounted elsewhere: the relative links still resolve.
