@@ -450,10 +450,15 @@ pub fn download_flux(models: &Path, token: Option<String>, o: &FluxOverrides) ->
 }
 
 fn hub_err(file: &str, e: hub::HubError) -> FluxError {
+    let msg = e.to_string();
+    let msg = msg
+        .strip_prefix(&format!("{FLUX_FILL_REPO}/{file}: "))
+        .unwrap_or(&msg)
+        .to_string();
     FluxError::Download {
         repo: FLUX_FILL_REPO.into(),
         file: file.into(),
-        msg: e.to_string(),
+        msg,
     }
 }
 
