@@ -4,8 +4,17 @@
 
 use std::path::{Path, PathBuf};
 
+use pawfect_api::ModelVariant;
+
 use crate::models::flux::error::{FluxError, Result};
 use crate::models::flux::vae::VaeWeights;
+
+pub mod check;
+pub mod fetch;
+pub mod hub;
+pub mod variant;
+
+use variant::{GgufChoice, GgufKind, choose_gguf, choose_t5_on_disk, gguf_tags};
 
 /// The gated Hub repository of FLUX.1-Fill-dev (accept the license, then set `HF_TOKEN`).
 pub const FLUX_FILL_REPO: &str = "black-forest-labs/FLUX.1-Fill-dev";
@@ -147,11 +156,140 @@ fn optional(root: &Path, rel: &str) -> Option<PathBuf> {
 /// How to get missing files.
 pub fn fetch_hint() -> String {
     format!(
-        "Download them from the gated Hub repo {FLUX_FILL_REPO} (accept its license, then \
-         `HF_TOKEN=hf_... pawfect-worker inpaint --download --models DIR ...`, or \
-         `huggingface-cli download {FLUX_FILL_REPO} --local-dir DIR/{FLUX_FILL_DIR}`), or pass single-file \
+        "Fetch them with `HF_TOKEN=hf_... pawfect-worker fetch-models --models DIR --variant VARIANT` \
+         (the FLUX.1-Fill-dev diffusers files from the gated Hub repo {FLUX_FILL_REPO} — accept its \
+         licence first — a GGUF transformer, a T5-XXL encoder GGUF and Florence-2-base; \
+         `pawfect-worker fetch-models --models DIR --check` lists what is there), or pass single-file \
          overrides (--transformer-gguf, --transformer-file, --vae-file, --t5-gguf)."
     )
+}
+
+/// GGUF files directly in `models` and in its FLUX folder: `(file name, path)`, models first.
+fn gguf_files_on_disk(models: &Path) -> Vec<(String, PathBuf)> {
+    let mut out: Vec<(String, PathBuf)> = Vec::new();
+    for dir in [models.to_path_buf(), find_root(models)] {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        let mut here: Vec<(String, PathBuf)> = entries
+            .flatten()
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+            .filter(|(n, p)| n.to_ascii_lowercase().ends_with(".gguf") && p.is_file())
+            .collect();
+        here.sort();
+        for (n, p) in here {
+            if !out.iter().any(|(m, _)| *m == n) {
+                out.push((n, p));
+            }
+        }
+    }
+    out
+}
+
+fn path_of(files: &[(String, PathBuf)], name: &str) -> Option<PathBuf> {
+    files
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, p)| p.clone())
+}
+
+/// The GGUF transformer of `variant` in the models directory (or its FLUX folder), chosen by
+/// [`variant::choose_gguf`] (a fallback tag is logged). `bf16`: `None` (diffusers or BFL weights).
+pub fn find_flux_gguf(
+    models: &Path,
+    variant: ModelVariant,
+) -> Result<Option<(PathBuf, GgufChoice)>> {
+    let tags = gguf_tags(variant);
+    if tags.is_empty() {
+        return Ok(None);
+    }
+    let files = gguf_files_on_disk(models);
+    let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+    match choose_gguf(&names, GgufKind::FluxFill, tags) {
+        Ok(c) => {
+            if c.is_fallback() {
+                tracing::warn!(
+                    variant = variant.as_str(),
+                    wanted = c.wanted,
+                    using = %c.name,
+                    "no {} GGUF transformer on disk: using {} instead",
+                    c.wanted,
+                    c.name
+                );
+            }
+            let path = path_of(&files, &c.name).unwrap_or_else(|| models.join(&c.name));
+            Ok(Some((path, c)))
+        }
+        Err(e) => Err(FluxError::MissingFiles {
+            root: models.to_path_buf(),
+            files: vec![format!(
+                "PAWFECT_MODEL_VARIANT={}: a FLUX.1-Fill-dev GGUF transformer named like \
+                 flux1-fill-dev-{}.gguf ({e})",
+                variant.as_str(),
+                tags.join(".gguf or flux1-fill-dev-")
+            )],
+            hint: format!(
+                "{} Or pass --transformer-gguf FILE, or use PAWFECT_MODEL_VARIANT=bf16 for the \
+                 diffusers/BFL weights.",
+                fetch_hint()
+            ),
+        }),
+    }
+}
+
+/// A T5-XXL encoder GGUF (`t5*xxl*encoder*.gguf`) in the models directory or its FLUX folder:
+/// the one tagged for `variant` if there is one, else the most precise (logged).
+pub fn find_t5_gguf(models: &Path, variant: Option<ModelVariant>) -> Option<(PathBuf, GgufChoice)> {
+    let files = gguf_files_on_disk(models);
+    let names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+    let c = choose_t5_on_disk(&names, variant)?;
+    let path = path_of(&files, &c.name)?;
+    let candidates = names.iter().filter(|n| variant::is_t5_gguf(n)).count();
+    if c.is_fallback() || candidates > 1 {
+        tracing::info!(
+            using = %c.name,
+            wanted = c.wanted,
+            candidates,
+            "T5-XXL encoder GGUF chosen among several or by fallback"
+        );
+    }
+    Some((path, c))
+}
+
+/// Whether the diffusers folder holds T5 weights (`text_encoder_2/model.safetensors` or its
+/// shard index).
+pub fn has_t5_weights(root: &Path) -> bool {
+    let d = root.join("text_encoder_2");
+    d.join("model.safetensors").is_file() || d.join("model.safetensors.index.json").is_file()
+}
+
+/// What `serve`/`inpaint` load from `models`: `given` (command-line overrides) completed with
+/// the GGUF transformer of `variant` and, when the FLUX folder has no T5 weights, a T5-XXL
+/// encoder GGUF from the models directory. The choices (and fallbacks) are returned for logs.
+pub fn overrides_for(
+    models: &Path,
+    variant: Option<ModelVariant>,
+    given: &FluxOverrides,
+) -> Result<(FluxOverrides, Vec<GgufChoice>)> {
+    let mut o = given.clone();
+    let mut choices = Vec::new();
+    if o.transformer_gguf.is_none()
+        && o.transformer_file.is_none()
+        && let Some(v) = variant
+        && let Some((p, c)) = find_flux_gguf(models, v)?
+    {
+        o.transformer_gguf = Some(p);
+        choices.push(c);
+    }
+    if o.t5_gguf.is_none()
+        && !has_t5_weights(&find_root(models))
+        && let Some((p, c)) = find_t5_gguf(models, variant)
+    {
+        tracing::info!(t5 = %p.display(), "no text_encoder_2 weights: using the T5-XXL encoder GGUF");
+        o.t5_gguf = Some(p);
+        choices.push(c);
+    }
+    Ok((o, choices))
 }
 
 impl FluxModelPaths {
@@ -211,13 +349,22 @@ impl FluxModelPaths {
             check_file(g, &mut missing);
             T5Files::Gguf(g.clone())
         } else {
-            T5Files::Safetensors(component_files(
+            let before = missing.len();
+            let files = component_files(
                 &root,
                 "text_encoder_2",
                 "model.safetensors.index.json",
                 "model.safetensors",
                 &mut missing,
-            ))
+            );
+            if missing.len() > before && !has_t5_weights(&root) {
+                missing.push(format!(
+                    "(or, instead of text_encoder_2 weights, a T5-XXL encoder GGUF such as \
+                     t5-v1_1-xxl-encoder-Q8_0.gguf in {})",
+                    models.display()
+                ));
+            }
+            T5Files::Safetensors(files)
         };
         let t5_config = if o.t5_gguf.is_some() {
             optional(&root, "text_encoder_2/config.json")
@@ -271,33 +418,53 @@ impl FluxModelPaths {
     }
 }
 
+/// Which parts of the FLUX.1-Fill-dev diffusers folder a download leaves out (those replaced by
+/// single files or GGUFs). Configs and tokenizers always come.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FluxParts {
+    pub skip_transformer: bool,
+    pub skip_t5: bool,
+    pub skip_vae: bool,
+}
+
+impl From<&FluxOverrides> for FluxParts {
+    fn from(o: &FluxOverrides) -> Self {
+        FluxParts {
+            skip_transformer: o.transformer_gguf.is_some() || o.transformer_file.is_some(),
+            skip_t5: o.t5_gguf.is_some(),
+            skip_vae: o.vae_file.is_some(),
+        }
+    }
+}
+
 /// Downloads the diffusers folder of FLUX.1-Fill-dev into `models/hub` (the Hugging Face cache
 /// layout, resumable) and returns the snapshot folder. Components replaced by overrides are skipped.
-/// `token` defaults to `HF_TOKEN`.
+/// `token` defaults to `HF_TOKEN`; `HF_ENDPOINT` is honoured.
 pub fn download_flux(models: &Path, token: Option<String>, o: &FluxOverrides) -> Result<PathBuf> {
-    use hf_hub::api::sync::ApiBuilder;
-    let token = token
-        .or_else(|| std::env::var("HF_TOKEN").ok())
-        .filter(|t| !t.is_empty());
-    let cache = models.join("hub");
-    std::fs::create_dir_all(&cache)?;
-    let err = |file: &str, e: &dyn std::fmt::Display| FluxError::Download {
+    let mut options = hub::HubOptions::from_env();
+    if let Some(t) = token.filter(|t| !t.is_empty()) {
+        options.token = Some(t);
+    }
+    let hub = hub::Hub::new(&models.join("hub"), options).map_err(|e| hub_err("", e))?;
+    download_flux_parts(&hub, FluxParts::from(o))
+}
+
+fn hub_err(file: &str, e: hub::HubError) -> FluxError {
+    let msg = e.to_string();
+    let msg = msg
+        .strip_prefix(&format!("{FLUX_FILL_REPO}/{file}: "))
+        .unwrap_or(&msg)
+        .to_string();
+    FluxError::Download {
         repo: FLUX_FILL_REPO.into(),
         file: file.into(),
-        msg: if token.is_none() {
-            format!("{e} (the repo is gated: set HF_TOKEN after accepting its license)")
-        } else {
-            e.to_string()
-        },
-    };
-    let api = ApiBuilder::new()
-        .with_cache_dir(cache)
-        .with_token(token.clone())
-        .with_progress(true)
-        .build()
-        .map_err(|e| err("", &e))?;
-    let repo = api.model(FLUX_FILL_REPO.to_string());
-    let get = |f: &str| repo.get(f).map_err(|e| err(f, &e));
+        msg,
+    }
+}
+
+/// [`download_flux`] through an existing client, leaving out `parts`.
+pub fn download_flux_parts(hub: &hub::Hub, parts: FluxParts) -> Result<PathBuf> {
+    let get = |f: &str| hub.get(FLUX_FILL_REPO, f).map_err(|e| hub_err(f, e));
     let mut files: Vec<String> = vec![
         "model_index.json".into(),
         "scheduler/scheduler_config.json".into(),
@@ -305,23 +472,37 @@ pub fn download_flux(models: &Path, token: Option<String>, o: &FluxOverrides) ->
         "text_encoder/model.safetensors".into(),
         "tokenizer/vocab.json".into(),
         "tokenizer/merges.txt".into(),
-        "tokenizer/tokenizer_config.json".into(),
-        "tokenizer/special_tokens_map.json".into(),
         "tokenizer_2/tokenizer.json".into(),
-        "tokenizer_2/tokenizer_config.json".into(),
-        "tokenizer_2/special_tokens_map.json".into(),
         "text_encoder_2/config.json".into(),
         "transformer/config.json".into(),
         "vae/config.json".into(),
     ];
-    if o.vae_file.is_none() {
+    if !parts.skip_vae {
         files.push("vae/diffusion_pytorch_model.safetensors".into());
     }
-    let mut first = None;
+    let mut snapshot = None;
     for f in &files {
         let p = get(f)?;
-        if first.is_none() {
-            first = p.parent().map(Path::to_path_buf);
+        if snapshot.is_none() {
+            snapshot = hub::snapshot_dir(&p, f);
+        }
+    }
+    // Not read by the loader; kept with the tokenizers when the repository has them (asked
+    // for only when listed, so that a second run makes no request for them).
+    let listed = hub.list(FLUX_FILL_REPO).ok().map(|l| l.files);
+    for f in [
+        "tokenizer/tokenizer_config.json",
+        "tokenizer/special_tokens_map.json",
+        "tokenizer_2/tokenizer_config.json",
+        "tokenizer_2/special_tokens_map.json",
+    ] {
+        if listed.as_ref().is_some_and(|l| !l.iter().any(|x| x == f)) {
+            continue;
+        }
+        match hub.get(FLUX_FILL_REPO, f) {
+            Ok(_) => {}
+            Err(hub::HubError::NotFound { .. }) => tracing::debug!(file = f, "not in the repo"),
+            Err(e) => return Err(hub_err(f, e)),
         }
     }
     let shards = |index: &str| -> Result<Vec<String>> {
@@ -339,19 +520,26 @@ pub fn download_flux(models: &Path, token: Option<String>, o: &FluxOverrides) ->
             .unwrap_or_default();
         out.sort();
         out.dedup();
+        if out.is_empty() {
+            return Err(FluxError::bad_file(&p, "no weight_map"));
+        }
         Ok(out)
     };
-    if o.t5_gguf.is_none() {
+    if !parts.skip_t5 {
         for s in shards("text_encoder_2/model.safetensors.index.json")? {
             get(&format!("text_encoder_2/{s}"))?;
         }
     }
-    if o.transformer_gguf.is_none() && o.transformer_file.is_none() {
+    if !parts.skip_transformer {
         for s in shards("transformer/diffusion_pytorch_model.safetensors.index.json")? {
             get(&format!("transformer/{s}"))?;
         }
     }
-    first.ok_or_else(|| err("model_index.json", &"no snapshot folder"))
+    snapshot.ok_or_else(|| FluxError::Download {
+        repo: FLUX_FILL_REPO.into(),
+        file: "model_index.json".into(),
+        msg: "no snapshot folder".into(),
+    })
 }
 
 #[cfg(test)]
@@ -382,8 +570,90 @@ mod tests {
             "tokenizer_2/tokenizer.json",
             FLUX_FILL_REPO,
             "HF_TOKEN",
+            "pawfect-worker fetch-models",
+            "T5-XXL encoder GGUF",
         ] {
             assert!(msg.contains(f), "{f} not in: {msg}");
+        }
+    }
+
+    fn touch(p: &Path) {
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(p, b"x").expect("write");
+    }
+
+    #[test]
+    fn serve_resolution_finds_the_variant_gguf_and_a_t5_gguf() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let m = dir.path();
+        touch(&m.join(FLUX_FILL_DIR).join("model_index.json"));
+        for f in [
+            "flux1-fill-dev-Q5_K_S.gguf",
+            "flux1-fill-dev-Q8_0.gguf",
+            "t5-v1_1-xxl-encoder-Q8_0.gguf",
+            "t5-v1_1-xxl-encoder-Q5_K_M.gguf",
+            "t5-v1_1-xxl-encoder-Q3_K_S.gguf",
+        ] {
+            touch(&m.join(f));
+        }
+        let name = |p: &Option<PathBuf>| {
+            p.as_ref()
+                .and_then(|p| p.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+        };
+        let table: &[(Option<ModelVariant>, Option<&str>, &str)] = &[
+            (
+                Some(ModelVariant::Q5KM),
+                Some("flux1-fill-dev-Q5_K_S.gguf"),
+                "t5-v1_1-xxl-encoder-Q5_K_M.gguf",
+            ),
+            (
+                Some(ModelVariant::Q8_0),
+                Some("flux1-fill-dev-Q8_0.gguf"),
+                "t5-v1_1-xxl-encoder-Q8_0.gguf",
+            ),
+            (
+                Some(ModelVariant::Bf16),
+                None,
+                "t5-v1_1-xxl-encoder-Q8_0.gguf",
+            ),
+            // No variant (inpaint without --model-variant): the most precise T5.
+            (None, None, "t5-v1_1-xxl-encoder-Q8_0.gguf"),
+        ];
+        for (v, transformer, t5) in table {
+            let (o, choices) = overrides_for(m, *v, &FluxOverrides::default()).expect("resolves");
+            assert_eq!(name(&o.transformer_gguf).as_deref(), *transformer, "{v:?}");
+            assert_eq!(name(&o.t5_gguf).as_deref(), Some(*t5), "{v:?}");
+            assert_eq!(
+                choices.iter().any(|c| c.is_fallback()),
+                *v == Some(ModelVariant::Q5KM)
+            );
+        }
+        // --t5-gguf wins; T5 weights in the FLUX folder win over a GGUF next to it.
+        let given = FluxOverrides {
+            t5_gguf: Some(m.join("mine.gguf")),
+            ..FluxOverrides::default()
+        };
+        let (o, _) = overrides_for(m, None, &given).expect("resolves");
+        assert_eq!(o.t5_gguf, given.t5_gguf);
+        touch(
+            &m.join(FLUX_FILL_DIR)
+                .join("text_encoder_2/model.safetensors"),
+        );
+        let (o, _) = overrides_for(m, Some(ModelVariant::Q5KM), &FluxOverrides::default())
+            .expect("resolves");
+        assert_eq!(o.t5_gguf, None);
+        // No GGUF for the variant: the error lists what is there and how to fetch it.
+        let e = overrides_for(m, Some(ModelVariant::Q4_0), &FluxOverrides::default())
+            .expect_err("no Q4_0")
+            .to_string();
+        for s in [
+            "PAWFECT_MODEL_VARIANT=q4_0",
+            "flux1-fill-dev-Q4_0.gguf",
+            "flux1-fill-dev-Q5_K_S.gguf, flux1-fill-dev-Q8_0.gguf",
+            "pawfect-worker fetch-models",
+        ] {
+            assert!(e.contains(s), "{s} not in {e}");
         }
     }
 

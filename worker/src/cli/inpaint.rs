@@ -40,6 +40,10 @@ pub const NEUTRAL_PROMPT: &str = "seamless continuation of the surrounding backg
 pub struct InpaintArgs {
     #[command(flatten)]
     pub flux: FluxArgs,
+    /// FLUX transformer weights as `serve` picks them: the variant's GGUF in --models
+    /// (`bf16`: the diffusers or BFL weights). Unset: the diffusers or BFL weights, as `bf16`.
+    #[arg(long, env = "PAWFECT_MODEL_VARIANT", value_parser = super::serve::parse_variant)]
+    pub model_variant: Option<pawfect_api::ModelVariant>,
     #[command(flatten)]
     pub caption: CaptionArgs,
     #[command(flatten)]
@@ -122,7 +126,7 @@ fn full_frame(a: &InpaintArgs) -> Result<()> {
     let mask = image::open(&a.mask)
         .with_context(|| format!("reading {}", a.mask.display()))?
         .to_luma8();
-    let fill = a.flux.load(&device, None)?;
+    let fill = a.flux.load(&device, a.model_variant)?;
     let opts = InpaintOptions {
         steps: a.steps,
         guidance: a.guidance,
@@ -197,7 +201,7 @@ fn staged(a: &InpaintArgs) -> Result<()> {
     let started = Instant::now();
     let format = OutputFormat::from_uri(&a.out.to_string_lossy())?;
     let device = a.flux.device()?;
-    let fill = a.flux.load(&device, None)?;
+    let fill = a.flux.load(&device, a.model_variant)?;
     // A caption is only needed when neither a prompt nor labels are given.
     let captioner = if a.prompt.is_none() && a.labels.is_empty() {
         a.caption.load(&a.flux.models, &device, a.flux.download)?

@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 
 pub mod caption;
+pub mod fetch;
 pub mod inpaint;
 pub mod models;
 pub mod serve;
@@ -22,6 +23,9 @@ pub enum Command {
     Caption(caption::CaptionArgs),
     /// Take inpainting jobs from the queue and run them, one at a time.
     Serve(Box<serve::ServeArgs>),
+    /// Download the models for a variant from the Hugging Face Hub into a models directory
+    /// (or, with --check, verify one offline).
+    FetchModels(fetch::FetchArgs),
 }
 
 /// Entry point of the binary.
@@ -36,5 +40,6 @@ pub fn main() -> anyhow::Result<()> {
         Command::Inpaint(args) => inpaint::run(&args),
         Command::Caption(args) => caption::run(args),
         Command::Serve(args) => serve::main(*args),
+        Command::FetchModels(args) => fetch::run(&args),
     }
 }

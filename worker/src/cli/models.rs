@@ -13,7 +13,7 @@ use crate::models::florence2::{Florence2, HUB_REPO, Task};
 use crate::models::flux::{FluxFill, FluxLoadOptions, Placement, QuantMatmul};
 use crate::pipeline::adapters::{FlorenceCaptioner, FluxInpainter, SurfaceRules};
 use crate::pipeline::{Captioner, Models};
-use crate::weights::{FluxModelPaths, FluxOverrides, download_flux, find_root};
+use crate::weights::{FluxModelPaths, FluxOverrides, download_flux, find_flux_gguf, overrides_for};
 
 /// FLUX.1-Fill-dev: where the files are and how it runs.
 #[derive(Debug, Clone, Args)]
@@ -107,51 +107,11 @@ fn default_device() -> Device {
     Device::cuda_if_available(0).unwrap_or(Device::Cpu)
 }
 
-/// `PAWFECT_MODEL_VARIANT` values as they appear in GGUF file names.
-fn variant_tag(v: ModelVariant) -> Option<&'static str> {
-    match v {
-        ModelVariant::Q4_0 => Some("Q4_0"),
-        ModelVariant::Q4KM => Some("Q4_K_M"),
-        ModelVariant::Q5KM => Some("Q5_K_M"),
-        ModelVariant::Q8_0 => Some("Q8_0"),
-        ModelVariant::Bf16 => None,
-    }
-}
-
-/// The GGUF transformer of `variant` in the models directory (or its FLUX folder): a `.gguf`
-/// file whose name contains `fill` and the quantisation tag (e.g. `flux1-fill-dev-Q5_K_M.gguf`).
-/// `bf16` uses the diffusers or BFL weights (None).
+/// The GGUF transformer of `variant` in the models directory (or its FLUX folder), chosen by
+/// [`crate::weights::variant`]'s table (e.g. `flux1-fill-dev-Q5_K_M.gguf`, else
+/// `flux1-fill-dev-Q5_K_S.gguf`, logged). `bf16` uses the diffusers or BFL weights (None).
 pub fn gguf_for_variant(models: &Path, variant: ModelVariant) -> Result<Option<PathBuf>> {
-    let Some(tag) = variant_tag(variant) else {
-        return Ok(None);
-    };
-    let mut found: Vec<PathBuf> = Vec::new();
-    for dir in [models.to_path_buf(), find_root(models)] {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().to_uppercase();
-            let stem = name.trim_end_matches(".GGUF");
-            let tagged = stem.ends_with(&format!("-{tag}")) || stem.ends_with(&format!("_{tag}"));
-            if name.ends_with(".GGUF") && name.contains("FILL") && tagged {
-                found.push(e.path());
-            }
-        }
-    }
-    found.sort();
-    found.dedup();
-    match found.into_iter().next() {
-        Some(p) => Ok(Some(p)),
-        None => bail!(
-            "PAWFECT_MODEL_VARIANT={}: no FLUX.1-Fill-dev GGUF transformer named like \
-             flux1-fill-dev-{tag}.gguf in {} (put one there, e.g. from a GGUF conversion of \
-             black-forest-labs/FLUX.1-Fill-dev, or pass --transformer-gguf FILE, or use \
-             PAWFECT_MODEL_VARIANT=bf16 for the diffusers/BFL weights)",
-            variant.as_str(),
-            models.display()
-        ),
-    }
+    Ok(find_flux_gguf(models, variant)?.map(|(p, _)| p))
 }
 
 impl FluxArgs {
@@ -170,18 +130,14 @@ impl FluxArgs {
             None if device.is_cuda() => DType::F16,
             None => DType::F32,
         };
-        let mut overrides = FluxOverrides {
+        let given = FluxOverrides {
             transformer_gguf: self.transformer_gguf.clone(),
             transformer_file: self.transformer_file.clone(),
             vae_file: self.vae_file.clone(),
             t5_gguf: self.t5_gguf.clone(),
         };
-        if overrides.transformer_gguf.is_none()
-            && overrides.transformer_file.is_none()
-            && let Some(v) = variant
-        {
-            overrides.transformer_gguf = gguf_for_variant(&self.models, v)?;
-        }
+        // The variant's GGUF transformer, and a T5 GGUF when the FLUX folder has no T5 weights.
+        let (overrides, _choices) = overrides_for(&self.models, variant, &given)?;
         let mut models = self.models.clone();
         if self.download {
             models = download_flux(&self.models, None, &overrides)?;

@@ -79,7 +79,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-fn parse_variant(s: &str) -> Result<ModelVariant, String> {
+pub(crate) fn parse_variant(s: &str) -> Result<ModelVariant, String> {
     serde_json::from_value(serde_json::Value::String(s.to_ascii_lowercase()))
         .map_err(|_| format!("{s:?}: expected q4_0, q4_k_m, q5_k_m, q8_0 or bf16"))
 }

@@ -261,6 +261,75 @@ fn scan_gguf_types<R: Read + Seek>(r: &mut R) -> std::io::Result<Vec<(String, u3
     Ok(out)
 }
 
+/// What [`inspect_gguf`] found in a GGUF file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GgufSummary {
+    pub tensors: usize,
+    /// Tensor types (candle's names: `Q5K`, `F32`, ...) and how many tensors have each, sorted.
+    pub types: Vec<(String, usize)>,
+    /// Bytes the header and tensor data need (the file may be longer: alignment padding).
+    pub needed_bytes: u64,
+}
+
+/// Checks a GGUF file without loading it: the header parses (candle's reader), every tensor type
+/// is one this build runs, and the file is long enough for every tensor's data (a truncated
+/// download fails here, naming the first tensor that does not fit).
+pub fn inspect_gguf(path: &Path) -> Result<GgufSummary> {
+    let f = File::open(path).map_err(|e| FluxError::bad_file(path, e))?;
+    let len = f
+        .metadata()
+        .map_err(|e| FluxError::bad_file(path, e))?
+        .len();
+    let mut reader = BufReader::new(f);
+    let types = scan_gguf_types(&mut reader).map_err(|e| FluxError::bad_file(path, e))?;
+    if let Some((name, t)) = types.iter().find(|(_, t)| !SUPPORTED_GGML.contains(t)) {
+        return Err(FluxError::UnsupportedGguf {
+            path: path.to_path_buf(),
+            tensor: name.clone(),
+            dtype: ggml_type_name(*t),
+        });
+    }
+    reader.rewind()?;
+    let content =
+        gguf_file::Content::read(&mut reader).map_err(|e| FluxError::bad_file(path, e))?;
+    let mut needed = content.tensor_data_offset;
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    let mut infos: Vec<(&String, &gguf_file::TensorInfo)> = content.tensor_infos.iter().collect();
+    infos.sort_by_key(|(_, i)| i.offset);
+    for (name, info) in infos {
+        let dt = info.ggml_dtype;
+        let elems = info.shape.elem_count() as u64;
+        let block = dt.block_size() as u64;
+        if block == 0 || !elems.is_multiple_of(block) {
+            return Err(FluxError::bad_file(
+                path,
+                format!("tensor {name}: {elems} elements do not fill {dt:?} blocks of {block}"),
+            ));
+        }
+        let end = content
+            .tensor_data_offset
+            .saturating_add(info.offset)
+            .saturating_add(elems / block * dt.type_size() as u64);
+        if end > len {
+            return Err(FluxError::bad_file(
+                path,
+                format!(
+                    "truncated: tensor {name} ends at byte {end} but the file has {len} bytes                      (an interrupted download? fetch it again)"
+                ),
+            ));
+        }
+        needed = needed.max(end);
+        *counts.entry(format!("{dt:?}")).or_default() += 1;
+    }
+    let mut types: Vec<(String, usize)> = counts.into_iter().collect();
+    types.sort();
+    Ok(GgufSummary {
+        tensors: content.tensor_infos.len(),
+        types,
+        needed_bytes: needed,
+    })
+}
+
 impl GgufStore {
     pub fn open(path: &Path, device: &Device) -> Result<Self> {
         let f = File::open(path).map_err(|e| FluxError::bad_file(path, e))?;

@@ -1,0 +1,156 @@
+//! `pawfect-worker fetch-models`: fill a models directory from the Hugging Face Hub, or check it.
+//!
+//! ```text
+//! HF_TOKEN=hf_... pawfect-worker fetch-models --models DIR [--variant q5_k_m]
+//!     [--gguf-repo YarvixPA/FLUX.1-Fill-dev-gguf] [--t5 gguf|full]
+//!     [--t5-gguf-repo city96/t5-v1_1-xxl-encoder-gguf] [--no-florence] [--retries 3]
+//! pawfect-worker fetch-models --models DIR --variant q5_k_m --check
+//! env: PAWFECT_MODELS, PAWFECT_MODEL_VARIANT, HF_TOKEN, HF_ENDPOINT
+//! ```
+//!
+//! See [`crate::weights::fetch`] for the layout it makes; `serve --models DIR` with the same
+//! variant loads it. A run ends with the checks of `--check` and a summary.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+use clap::Args;
+use pawfect_api::ModelVariant;
+
+use super::serve::parse_variant;
+use crate::weights::check::{CheckOptions, CheckReport, check_models};
+use crate::weights::fetch::{
+    DEFAULT_GGUF_REPO, DEFAULT_T5_GGUF_REPO, FetchOutcome, FetchPlan, T5Source, fetch_models,
+};
+use crate::weights::hub::{Hub, HubOptions, human_bytes};
+
+#[derive(Debug, Clone, Args)]
+pub struct FetchArgs {
+    /// Models directory (the volume `serve --models` reads). Downloads go to DIR/hub.
+    #[arg(long, env = "PAWFECT_MODELS")]
+    pub models: PathBuf,
+    /// Which transformer weights: q4_0, q4_k_m, q5_k_m, q8_0 (GGUF) or bf16 (diffusers).
+    #[arg(long, env = "PAWFECT_MODEL_VARIANT", default_value = "q5_k_m", value_parser = parse_variant)]
+    pub variant: ModelVariant,
+    /// Hub repository of FLUX.1-Fill-dev GGUF files.
+    #[arg(long, default_value = DEFAULT_GGUF_REPO)]
+    pub gguf_repo: String,
+    /// T5-XXL encoder: `gguf` (default for quantized variants) or `full` (the diffusers
+    /// text_encoder_2, default for bf16).
+    #[arg(long, value_enum)]
+    pub t5: Option<T5Source>,
+    /// Hub repository of T5-XXL encoder GGUF files.
+    #[arg(long, default_value = DEFAULT_T5_GGUF_REPO)]
+    pub t5_gguf_repo: String,
+    /// Leave Florence-2 out (workers then run with --no-caption).
+    #[arg(long)]
+    pub no_florence: bool,
+    /// Download nothing: check that DIR is complete for the variant and list what is there.
+    #[arg(long)]
+    pub check: bool,
+    /// Attempts after a transient network failure, per file.
+    #[arg(long, default_value_t = 3)]
+    pub retries: usize,
+}
+
+fn shown(models: &Path, p: &Path) -> String {
+    p.strip_prefix(models).unwrap_or(p).display().to_string()
+}
+
+fn print_report(models: &Path, variant: ModelVariant, r: &CheckReport) {
+    println!(
+        "models: {} (variant {})",
+        models.display(),
+        variant.as_str()
+    );
+    for f in &r.files {
+        println!(
+            "  {:<11} {:>10}  {}{}",
+            f.role,
+            human_bytes(f.bytes),
+            shown(models, &f.path),
+            if f.detail.is_empty() {
+                String::new()
+            } else {
+                format!("  [{}]", f.detail)
+            }
+        );
+    }
+    println!(
+        "total: {} files, {}",
+        r.files.len(),
+        human_bytes(r.total_bytes())
+    );
+    for c in &r.choices {
+        if c.is_fallback() {
+            println!("fallback: {}", c.describe());
+        }
+    }
+}
+
+fn print_fetched(o: &FetchOutcome) {
+    let new: Vec<_> = o.fetched.iter().filter(|f| f.downloaded).collect();
+    let bytes: u64 = new.iter().map(|f| f.bytes).sum();
+    println!(
+        "downloaded this run: {} files, {} ({} already there)",
+        new.len(),
+        human_bytes(bytes),
+        o.fetched.len() - new.len()
+    );
+    for c in o.transformer.iter().chain(o.t5.iter()) {
+        if c.is_fallback() {
+            println!("fallback taken: {}", c.describe());
+        }
+    }
+    for l in &o.links {
+        println!("link: {} -> {}", l.path.display(), l.target.display());
+    }
+    for w in &o.warnings {
+        println!("warning: {w}");
+    }
+}
+
+pub fn run(a: &FetchArgs) -> Result<()> {
+    let check = CheckOptions {
+        variant: a.variant,
+        florence: !a.no_florence,
+    };
+    if !a.check {
+        let plan = FetchPlan {
+            variant: a.variant,
+            gguf_repo: a.gguf_repo.clone(),
+            t5: a.t5.unwrap_or(T5Source::default_for(a.variant)),
+            t5_gguf_repo: a.t5_gguf_repo.clone(),
+            florence: !a.no_florence,
+        };
+        let mut options = HubOptions::from_env();
+        options.retries = a.retries;
+        let hub = Hub::new(&a.models.join("hub"), options)?;
+        let outcome = fetch_models(&a.models, &plan, &hub)?;
+        print_fetched(&outcome);
+    }
+    let report = check_models(&a.models, &check);
+    print_report(&a.models, a.variant, &report);
+    if !report.is_complete() {
+        for p in &report.problems {
+            eprintln!("problem: {p}");
+        }
+        bail!(
+            "{} is not complete for variant {} ({} problems above){}",
+            a.models.display(),
+            a.variant.as_str(),
+            report.problems.len(),
+            if a.check {
+                "; `pawfect-worker fetch-models` without --check downloads what is missing"
+            } else {
+                ""
+            }
+        );
+    }
+    println!(
+        "complete: `pawfect-worker serve --models {}` with PAWFECT_MODEL_VARIANT={} finds everything",
+        a.models.display(),
+        a.variant.as_str()
+    );
+    Ok(())
+}
