@@ -1,7 +1,7 @@
 """Helpers of bench/t4_config_gpu.sh (the default T4 worker configuration at real size).
 
     python3 bench/t4_config_gpu.py folder --out DIR --tokenizers FIXTURE_PIPELINE [--device cuda]
-    python3 bench/t4_config_gpu.py memory --samples MEM.txt --log RUN.log --start MS --end MS
+    python3 bench/t4_config_gpu.py memory --samples MEM.txt --log RUN.log --start MS --end MS [--summary RUN.json]
 
 `folder` writes the FLUX.1-Fill-dev diffusers folder as `fetch-models --variant q5_k_m` leaves it:
 model_index.json, scheduler, tokenizers (taken from the tiny fixture: the real ones cannot be
@@ -12,7 +12,10 @@ weights (those come from the GGUF files).
 
 `memory` reads the nvidia-smi samples (`<unix ms> <MiB used>` a line) of one worker process run
 between `--start` and `--end` (unix ms) and its log, and prints JSON: the peak, the memory before
-the process, and the memory when each "loaded" log line was written.
+the process, and the memory when each "loaded" log line was written; with `--summary` (the
+`inpaint --json` output) also the peak of each stage, the stage windows placed from the "prompt
+chosen" log line (end of the caption) and the stage durations (encode, denoise, then decode, stitch
+and store up to the end of the process), to within the 100 ms sampling period.
 """
 import argparse
 import datetime
@@ -91,7 +94,13 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 TS = re.compile(r"^(\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?Z)\s+\S+\s+(.*)$")
 
 
-def memory(samples, log, start, end):
+def _log_time(ts):
+    ts = ts.rstrip("Z")
+    ts = ts[:26] if "." in ts else ts
+    return datetime.datetime.fromisoformat(ts).replace(tzinfo=datetime.timezone.utc).timestamp() * 1000
+
+
+def memory(samples, log, start, end, summary=None):
     rows = []
     for line in open(samples):
         parts = line.split()
@@ -105,17 +114,28 @@ def memory(samples, log, start, end):
         t_peak = max(during, key=lambda x: x[1])[0]
         res["peak_at_s_after_start"] = round((t_peak - start) / 1000, 2)
     events = []
+    prompt_at = None
     for line in open(log, errors="replace"):
         m = TS.match(ANSI.sub("", line.strip()))
+        if m and "prompt chosen" in m.group(2):
+            prompt_at = _log_time(m.group(1))
         if not m or "loaded" not in m.group(2):
             continue
-        ts = m.group(1).rstrip("Z")
-        ts = ts[:26] if "." in ts else ts
-        t = datetime.datetime.fromisoformat(ts).replace(tzinfo=datetime.timezone.utc).timestamp() * 1000
+        t = _log_time(m.group(1))
         upto = [mm for tt, mm in rows if start <= tt <= t]
         events.append({"event": m.group(2)[:120], "at_s": round((t - start) / 1000, 2),
                        "mib_then": upto[-1] if upto else None, "peak_mib_until_then": max(upto, default=None)})
     res["load_events"] = events
+    if summary and prompt_at is not None:
+        tm = json.load(open(summary))["timings"]
+        bounds = [("load+caption", start, prompt_at)]
+        t = prompt_at
+        for stage in ("encode", "denoise"):
+            bounds.append((stage, t, t + tm[stage]))
+            t += tm[stage]
+        bounds.append(("decode..end", t, end))
+        res["stage_peak_mib"] = {
+            name: max((mm for tt, mm in rows if a <= tt <= b), default=None) for name, a, b in bounds}
     print(json.dumps(res))
 
 
@@ -129,8 +149,9 @@ if __name__ == "__main__":
     p.add_argument("--log")
     p.add_argument("--start", type=int)
     p.add_argument("--end", type=int)
+    p.add_argument("--summary")
     a = p.parse_args()
     if a.cmd == "folder":
         folder(a.out, a.tokenizers, a.device)
     else:
-        memory(a.samples, a.log, a.start, a.end)
+        memory(a.samples, a.log, a.start, a.end, a.summary)

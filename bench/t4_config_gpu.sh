@@ -11,7 +11,8 @@
 # `inpaint` twice (two processes: the second finds the files in the page cache) while nvidia-smi's
 # memory.used is sampled every 100 ms (it includes the CUDA context). When a run peaks above $LIMIT_MIB
 # (default 15000, what a 16 GB T4 leaves usable), the knobs are tried: --vae-tile 512, then also
-# --t5-device cpu. EXTRA=1 runs them regardless.
+# --t5-device cpu. EXTRA=1 runs them regardless; CONFIGS="NAME FLAGS..." lines run those instead.
+# Every log, JSON and the memory samples end up in $OUT/all.tar.gz.
 #
 # Build and stage (here, repo root):
 #   export PATH=/work/cuda13/cuda/bin:$PATH CUDA_HOME=/work/cuda13/cuda CUDA_COMPUTE_CAP=90
@@ -85,21 +86,31 @@ run() {  # run NAME [extra flags...]
   local rc=$? e; e=$(now)
   sleep 0.3
   python3 "$G/t4_config_gpu.py" memory --samples "$WORK/mem.txt" --log "$OUT/$name.log" --start "$s" --end "$e" \
-    > "$OUT/$name.mem.json"
+    --summary "$OUT/$name.json" > "$OUT/$name.mem.json"
   echo "== $name ($*) rc=$rc wall=$(( (e - s) / 1000 )) s"
   grep -E "Maximum resident" "$OUT/$name.log"
   cat "$OUT/$name.json" "$OUT/$name.mem.json"
   [ $rc -eq 0 ] || tail -15 "$OUT/$name.log"
   PEAK=$(python3 -c "import json;print(json.load(open('$OUT/$name.mem.json'))['peak_mib'] or 0)")
 }
-run default-1
-P1=$PEAK
-run default-2
-P2=$PEAK
-if [ "${EXTRA:-0}" = 1 ] || [ "$P1" -gt "$LIMIT_MIB" ] || [ "$P2" -gt "$LIMIT_MIB" ]; then
-  run vae-tile-512 --vae-tile 512
-  if [ "${EXTRA:-0}" = 1 ] || [ "$PEAK" -gt "$LIMIT_MIB" ]; then
-    run vae-tile-512-t5-cpu --vae-tile 512 --t5-device cpu
+if [ -n "${CONFIGS:-}" ]; then
+  # CONFIGS: lines of `NAME FLAGS...` (e.g. "tile256 --vae-tile 256"), run in order.
+  while read -r name flags; do
+    [ -n "$name" ] && run "$name" $flags < /dev/null
+  done <<< "$CONFIGS"
+else
+  run default-1
+  P1=$PEAK
+  run default-2
+  P2=$PEAK
+  if [ "${EXTRA:-0}" = 1 ] || [ "$P1" -gt "$LIMIT_MIB" ] || [ "$P2" -gt "$LIMIT_MIB" ]; then
+    run vae-tile-512 --vae-tile 512
+    if [ "${EXTRA:-0}" = 1 ] || [ "$PEAK" -gt "$LIMIT_MIB" ]; then
+      run vae-tile-512-t5-cpu --vae-tile 512 --t5-device cpu
+    fi
   fi
 fi
-grep -iE "cuda|gpu.?mem|memory" "$OUT"/default-1.log | head -20
+kill $SMI 2>/dev/null
+# Everything in one archive (the device tool returns a limited number of files).
+cp "$WORK/mem.txt" "$OUT/mem.txt"
+tar -C "$OUT" -czf /tmp/t4fit-all.tar.gz --exclude='*.png' . && mv /tmp/t4fit-all.tar.gz "$OUT/all.tar.gz"
