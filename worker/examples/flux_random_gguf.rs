@@ -194,7 +194,7 @@ fn flux_plan(d: &FluxDims, q: GgmlDType) -> Vec<Spec> {
 
 /// llama.cpp `use_more_bits`: the layers `Q*_K_M` gives `attn_v` and `ffn_down` more bits.
 fn use_more_bits(i: usize, n: usize) -> bool {
-    i < n / 8 || i >= 7 * n / 8 || (i >= n / 8 && (i - n / 8) % 3 == 2)
+    i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
 }
 
 fn t5_plan(layers: usize) -> Vec<Spec> {
@@ -221,11 +221,36 @@ fn t5_plan(layers: usize) -> Vec<Spec> {
         } else {
             q
         };
-        push(format!("{p}.attn_norm.weight"), vec![dm], GgmlDType::F32, Init::Scale);
-        push(format!("{p}.attn_q.weight"), vec![inner, dm], q, Init::Weight);
-        push(format!("{p}.attn_k.weight"), vec![inner, dm], q, Init::Weight);
-        push(format!("{p}.attn_v.weight"), vec![inner, dm], more, Init::Weight);
-        push(format!("{p}.attn_o.weight"), vec![dm, inner], q, Init::Weight);
+        push(
+            format!("{p}.attn_norm.weight"),
+            vec![dm],
+            GgmlDType::F32,
+            Init::Scale,
+        );
+        push(
+            format!("{p}.attn_q.weight"),
+            vec![inner, dm],
+            q,
+            Init::Weight,
+        );
+        push(
+            format!("{p}.attn_k.weight"),
+            vec![inner, dm],
+            q,
+            Init::Weight,
+        );
+        push(
+            format!("{p}.attn_v.weight"),
+            vec![inner, dm],
+            more,
+            Init::Weight,
+        );
+        push(
+            format!("{p}.attn_o.weight"),
+            vec![dm, inner],
+            q,
+            Init::Weight,
+        );
         if i == 0 {
             push(
                 format!("{p}.attn_rel_b.weight"),
@@ -234,10 +259,25 @@ fn t5_plan(layers: usize) -> Vec<Spec> {
                 Init::Bias,
             );
         }
-        push(format!("{p}.ffn_norm.weight"), vec![dm], GgmlDType::F32, Init::Scale);
-        push(format!("{p}.ffn_gate.weight"), vec![ff, dm], q, Init::Weight);
+        push(
+            format!("{p}.ffn_norm.weight"),
+            vec![dm],
+            GgmlDType::F32,
+            Init::Scale,
+        );
+        push(
+            format!("{p}.ffn_gate.weight"),
+            vec![ff, dm],
+            q,
+            Init::Weight,
+        );
         push(format!("{p}.ffn_up.weight"), vec![ff, dm], q, Init::Weight);
-        push(format!("{p}.ffn_down.weight"), vec![dm, ff], more, Init::Weight);
+        push(
+            format!("{p}.ffn_down.weight"),
+            vec![dm, ff],
+            more,
+            Init::Weight,
+        );
     }
     push(
         "enc.output_norm.weight".into(),
@@ -328,7 +368,7 @@ fn build(plan: &[Spec], seed: u64, threads: usize) -> Result<Vec<QTensor>> {
                         }
                     }
                     let d = done.fetch_add(1, Ordering::Relaxed) + 1;
-                    if d % 100 == 0 {
+                    if d.is_multiple_of(100) {
                         eprintln!(
                             "{d}/{} tensors, {:.1} s",
                             plan.len(),
@@ -414,9 +454,7 @@ fn parse_opts(args: &[String]) -> Result<Opts> {
     };
     let mut it = args.iter();
     while let Some(flag) = it.next() {
-        let value = it
-            .next()
-            .with_context(|| format!("{flag} needs a value"))?;
+        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
         let n: u64 = value
             .parse()
             .with_context(|| format!("{flag} {value}: not a number"))?;
