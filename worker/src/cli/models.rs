@@ -55,9 +55,11 @@ pub struct FluxArgs {
     /// GGUF matmul: auto, dequant-f16, dequant, native.
     #[arg(long, default_value = "auto")]
     pub gguf_matmul: String,
-    /// Tile the VAE above this many pixels (e.g. 512 on a 16 GB card).
-    #[arg(long)]
-    pub vae_tile: Option<usize>,
+    /// VAE tiling: `auto` (tiles of 256 px on a CUDA card under 24 GiB, e.g. a 16 GB T4, where an
+    /// untiled f32 VAE needs 17 GB at a 1024×768 crop; untiled elsewhere, as diffusers), `off`,
+    /// or a tile size in pixels (a multiple of 16, at least 64).
+    #[arg(long, env = "PAWFECT_VAE_TILE", default_value = "auto", value_parser = parse_vae_tile)]
+    pub vae_tile: VaeTile,
     #[arg(long, default_value_t = 512)]
     pub max_sequence_length: usize,
     /// Dtype of the timestep rounding chain (default: bf16 for f16/bf16, f32 for f32).
@@ -81,6 +83,49 @@ pub struct CaptionArgs {
     /// Caption beams (default: the checkpoint's, 3 for Florence-2-base; 1 = greedy).
     #[arg(long)]
     pub caption_beams: Option<usize>,
+}
+
+/// `--vae-tile`: see [`FluxArgs::vae_tile`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VaeTile {
+    Auto,
+    Off,
+    Pixels(usize),
+}
+
+/// Cards with less memory than this get a tiled VAE under `--vae-tile auto`.
+pub const VAE_TILE_AUTO_BELOW_BYTES: u64 = 24 << 30;
+/// The tile size `auto` picks: measured to keep the whole default T4 configuration under
+/// 15 GB (bench/RESULTS.md, "The default T4 configuration").
+pub const VAE_TILE_AUTO_PIXELS: usize = 256;
+
+pub fn parse_vae_tile(s: &str) -> std::result::Result<VaeTile, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "auto" => Ok(VaeTile::Auto),
+        "off" | "0" | "none" => Ok(VaeTile::Off),
+        n => match n.parse::<usize>() {
+            Ok(px) if px >= 64 && px % 16 == 0 => Ok(VaeTile::Pixels(px)),
+            Ok(px) => Err(format!(
+                "VAE tile {px}: use a multiple of 16 of at least 64 pixels (or auto, off)"
+            )),
+            Err(_) => Err(format!(
+                "VAE tile {s:?}: use auto, off or a size in pixels such as 256"
+            )),
+        },
+    }
+}
+
+/// The VAE tile size for a setting on a device: `auto` tiles only on a CUDA card with less than
+/// [`VAE_TILE_AUTO_BELOW_BYTES`] (an unknown size counts as small).
+pub fn vae_tile_for(setting: VaeTile, cuda: bool, total_bytes: Option<u64>) -> Option<usize> {
+    match setting {
+        VaeTile::Off => None,
+        VaeTile::Pixels(px) => Some(px),
+        VaeTile::Auto if cuda && total_bytes.is_none_or(|t| t < VAE_TILE_AUTO_BELOW_BYTES) => {
+            Some(VAE_TILE_AUTO_PIXELS)
+        }
+        VaeTile::Auto => None,
+    }
 }
 
 pub fn parse_dtype(s: &str) -> Result<DType> {
@@ -166,10 +211,14 @@ impl FluxArgs {
             .gguf_matmul
             .parse::<QuantMatmul>()
             .map_err(anyhow::Error::msg)?;
-        if let Some(t) = self.vae_tile {
+        let total = crate::pipeline::adapters::gpu_memory(device)
+            .and_then(|probe| probe())
+            .map(|(_, total)| total);
+        if let Some(t) = vae_tile_for(self.vae_tile, device.is_cuda(), total) {
             o.vae_tiling = true;
             o.vae_tile = Some(t);
         }
+        tracing::info!(setting = ?self.vae_tile, tile = ?o.vae_tile, "VAE tiling");
         tracing::info!(
             root = %paths.root.display(),
             transformer = ?paths.transformer,
@@ -307,5 +356,45 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("PAWFECT_MODEL_VARIANT=q4_0"), "{e}");
+    }
+
+    #[test]
+    fn vae_tile_settings_parse() {
+        assert_eq!(parse_vae_tile("auto"), Ok(VaeTile::Auto));
+        assert_eq!(parse_vae_tile("OFF"), Ok(VaeTile::Off));
+        assert_eq!(parse_vae_tile("0"), Ok(VaeTile::Off));
+        assert_eq!(parse_vae_tile("512"), Ok(VaeTile::Pixels(512)));
+        for bad in ["40", "250", "big", "-16"] {
+            assert!(parse_vae_tile(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn vae_tiles_on_small_cards_only_when_auto() {
+        const GIB: u64 = 1 << 30;
+        let t4 = Some(15 * GIB);
+        let h100 = Some(80 * GIB);
+        for (setting, cuda, total, want) in [
+            (VaeTile::Auto, true, t4, Some(VAE_TILE_AUTO_PIXELS)),
+            (
+                VaeTile::Auto,
+                true,
+                Some(24 * GIB - 1),
+                Some(VAE_TILE_AUTO_PIXELS),
+            ),
+            (VaeTile::Auto, true, Some(24 * GIB), None),
+            (VaeTile::Auto, true, h100, None),
+            (VaeTile::Auto, true, None, Some(VAE_TILE_AUTO_PIXELS)),
+            (VaeTile::Auto, false, None, None),
+            (VaeTile::Off, true, t4, None),
+            (VaeTile::Pixels(512), true, h100, Some(512)),
+            (VaeTile::Pixels(512), false, None, Some(512)),
+        ] {
+            assert_eq!(
+                vae_tile_for(setting, cuda, total),
+                want,
+                "{setting:?} cuda={cuda} {total:?}"
+            );
+        }
     }
 }

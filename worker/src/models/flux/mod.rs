@@ -10,8 +10,9 @@
 //! f16 T5-XXL (9.5 GB) do not fit together, so the default of "everything on one device" only suits
 //! big cards. On a T4 use `--transformer-gguf …Q5_K_M.gguf --t5-gguf t5-v1_1-xxl-encoder-Q5_K_M.gguf`
 //! (T5 ≈ 3.4 GB, all on the GPU, ≈ 12.5 GB) or `--t5-device cpu` (T5 runs once per new prompt; results
-//! are cached), and `--vae-tile 512` (candle's im2col convolutions need ~10 GB transient for an
-//! untiled 1024² f32 decode). CLIP and the VAE run in f32 by default.
+//! are cached). The VAE must be tiled there (candle's im2col convolutions need ~17 GB transient for an
+//! untiled 1024×768 f32 decode): the CLI's `--vae-tile auto` picks 256-pixel tiles on cards under
+//! 24 GiB (bench/RESULTS.md, "Default T4 worker configuration"). CLIP and the VAE run in f32 by default.
 //!
 //! ```text
 //! let paths = FluxModelPaths::resolve(models_dir, &FluxOverrides::default())?;
