@@ -2,7 +2,7 @@
 //!
 //! `flux_step --weights DIR --inputs IN.safetensors[,IN2…] --out OUT.safetensors[,OUT2…] [--dtype f16]
 //!  [--device cuda] [--iters 3] [--time-dtype f16] [--gguf FILE] [--quant auto|dequant-f16|dequant|native]
-//!  [--f32-attention f16|reference] [--ref FILE[:NAME][,…]]`
+//!  [--f32-attention f16|reference] [--ref FILE[:NAME][,…]] [--profile]`
 //!
 //! `DIR` is a diffusers `transformer/` folder (config.json + safetensors); with `--gguf` the weights
 //! come from that GGUF file and `DIR/config.json` (if present) gives the configuration.
@@ -11,7 +11,10 @@
 //! and scalars `latent_h`, `latent_w` (packed grid). Several inputs (e.g. several image sizes) run
 //! one after the other on the once-loaded model. For each, writes `sample` to the matching `--out`
 //! and prints a JSON line with timings; with `--ref` also the relative L2 error against the
-//! reference tensor (`NAME`, default the file's only tensor).
+//! reference tensor (`NAME`, default the file's only tensor). With `--profile`, after the timed
+//! steps, `--iters` more steps run with the transformer's region timer on (a device sync around
+//! every region, so these steps are slower than the plain ones) and a JSON line gives, per region,
+//! the ms per step, the share of the profiled step and the calls per step.
 //!
 //! `flux_step --pipeline MODELS --image IMG --mask MASK --noise NOISE.safetensors --prompt P --out TRACE
 //!  [--steps 4] [--dtype f16] [--vae-dtype f16] [--clip-dtype f16] [--time-dtype f16] [--runs 2]
@@ -313,6 +316,7 @@ fn main() -> Result<()> {
         &cfg,
     )?;
     tr.set_f32_attention(f32_attention);
+    let profile = args.iter().any(|a| a == "--profile");
     drop(store);
     dev.synchronize()?;
     let load_s = t.elapsed().as_secs_f64();
@@ -333,18 +337,48 @@ fn main() -> Result<()> {
         let (tm, gm) = model_time_inputs(ts * 1000.0, g, time_dt);
         let rope = Rope::new(txt.dim(1)?, lh, lw, &cfg.axes_dims_rope, cfg.theta, &dev)?;
 
-        let step = || -> Result<Tensor> {
+        let step = |tr: &FluxTransformer| -> Result<Tensor> {
             let temb = tr.conditioning(&[tm], Some(&[gm]), &pooled)?;
             Ok(tr.forward(&x, &txt, &temb, &rope)?)
         };
-        let y = step()?; // warm-up
+        let y = step(&tr)?; // warm-up
         dev.synchronize()?;
         let mut times = vec![];
         for _ in 0..iters {
             let t = Instant::now();
-            step()?;
+            step(&tr)?;
             dev.synchronize()?;
             times.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        if profile && iters > 0 {
+            tr.set_profiling(true);
+            let t = Instant::now();
+            for _ in 0..iters {
+                step(&tr)?;
+            }
+            dev.synchronize()?;
+            let profiled_ms = t.elapsed().as_secs_f64() * 1e3 / iters as f64;
+            let regions = tr.take_profile()?;
+            tr.set_profiling(false);
+            let summed: f64 =
+                regions.iter().map(|r| r.total.as_secs_f64()).sum::<f64>() * 1e3 / iters as f64;
+            let rows: Vec<String> = regions
+                .iter()
+                .map(|r| {
+                    let ms = r.total.as_secs_f64() * 1e3 / iters as f64;
+                    format!(
+                        "{{\"region\":{:?},\"ms_per_step\":{ms:.2},\"pct_of_profiled_step\":{:.1},\"calls_per_step\":{}}}",
+                        r.name,
+                        100.0 * ms / profiled_ms,
+                        r.calls / iters as u64
+                    )
+                })
+                .collect();
+            println!(
+                "{{\"input\":{:?},\"profile_iters\":{iters},\"profiled_step_ms\":{profiled_ms:.1},\"regions_sum_ms\":{summed:.1},\"regions\":[{}]}}",
+                input.display(),
+                rows.join(",")
+            );
         }
         let y = y.to_dtype(DType::F32)?;
         let finite = y

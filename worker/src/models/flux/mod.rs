@@ -23,6 +23,7 @@
 pub mod config;
 pub mod error;
 pub mod pipeline;
+pub mod profile;
 pub mod sampling;
 pub mod store;
 pub mod text;

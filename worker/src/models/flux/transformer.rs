@@ -10,6 +10,7 @@ use pawfect_kernels as k;
 
 use super::config::TransformerConfig;
 use super::error::{FluxError, Result};
+use super::profile::{Profiler, RegionTime, region};
 use super::sampling::{Rope, timestep_embedding};
 use super::store::{Linear, LinearOpts, WeightStore};
 
@@ -370,11 +371,6 @@ fn attend(
     Ok(k::attention_merged_heads(q, kk, v, scale, false)?)
 }
 
-/// `gelu_tanh(x·W₀ᵀ + b₀)·W₂ᵀ + b₂`.
-fn mlp(mlp0: &Linear, mlp2: &Linear, x: &Tensor) -> Result<Tensor> {
-    mlp2.forward(&mlp0.forward_gelu(x)?)
-}
-
 /// The FLUX transformer.
 pub struct FluxTransformer {
     cfg: TransformerConfig,
@@ -390,6 +386,7 @@ pub struct FluxTransformer {
     final_mod: Linear,
     final_linear: Linear,
     f32_attention: F32Attention,
+    profiler: Option<Profiler>,
 }
 
 impl FluxTransformer {
@@ -454,6 +451,7 @@ impl FluxTransformer {
             final_mod: l.linear("final_layer.adaLN_modulation.1", &[2 * h], h)?,
             final_linear: l.linear("final_layer.linear", &[cfg.out_channels()], h)?,
             f32_attention: F32Attention::default(),
+            profiler: None,
         })
     }
 
@@ -476,9 +474,39 @@ impl FluxTransformer {
         self.f32_attention
     }
 
+    /// Turns the per-region wall-time breakdown on or off (off by default; see
+    /// [`super::profile`]: it synchronizes the device around every region, so profiled steps are
+    /// slower). Turning it on clears what was accumulated.
+    pub fn set_profiling(&mut self, on: bool) {
+        self.profiler = on.then(Profiler::default);
+    }
+
+    /// The regions timed since profiling was turned on or last taken (empty when off).
+    pub fn take_profile(&self) -> Result<Vec<RegionTime>> {
+        match &self.profiler {
+            Some(p) => p.take(),
+            None => Ok(vec![]),
+        }
+    }
+
+    fn region<T>(&self, name: &'static str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        region(self.profiler.as_ref(), &self.device, name, f)
+    }
+
     /// The conditioning vector `temb` `[B, H]`: timestep + guidance + pooled-text embeddings.
     /// `t` and `guidance` are the values after the ×1000 scaling (see `model_time_inputs`).
     pub fn conditioning(
+        &self,
+        t: &[f32],
+        guidance: Option<&[f32]>,
+        pooled: &Tensor,
+    ) -> Result<Tensor> {
+        self.region("embed.conditioning", || {
+            self.conditioning_inner(t, guidance, pooled)
+        })
+    }
+
+    fn conditioning_inner(
         &self,
         t: &[f32],
         guidance: Option<&[f32]>,
@@ -517,12 +545,15 @@ impl FluxTransformer {
         let dt = self.dtype;
         let heads = self.cfg.num_attention_heads;
         let scale = 1.0 / (self.cfg.attention_head_dim as f64).sqrt();
-        let mut img = self
-            .img_in
-            .forward(&img.to_device(&self.device)?.to_dtype(dt)?)?;
-        let mut txt = self
-            .txt_in
-            .forward(&txt.to_device(&self.device)?.to_dtype(dt)?)?;
+        let (mut img, mut txt) = self.region("embed.img_in_txt_in", || {
+            let img = self
+                .img_in
+                .forward(&img.to_device(&self.device)?.to_dtype(dt)?)?;
+            let txt = self
+                .txt_in
+                .forward(&txt.to_device(&self.device)?.to_dtype(dt)?)?;
+            Ok((img, txt))
+        })?;
         let t_len = txt.dim(1)?;
         let l_len = img.dim(1)?;
         if rope.txt_len != t_len || rope.cos.dim(0)? != t_len + l_len {
@@ -534,72 +565,120 @@ impl FluxTransformer {
         }
         let (cos_t, sin_t) = rope.rows(0, t_len)?;
         let (cos_i, sin_i) = rope.rows(t_len, l_len)?;
-        let vec = temb.silu()?;
+        let vec = self.region("embed.silu_temb", || Ok(temb.silu()?))?;
 
         for blk in &self.double {
-            let im = chunks(&blk.img.modulation.forward(&vec)?, 6)?;
-            let tm = chunks(&blk.txt.modulation.forward(&vec)?, 6)?;
-            let img_n = k::layer_norm_modulate(&img, &im[0], &im[1], LN_EPS)?;
-            let txt_n = k::layer_norm_modulate(&txt, &tm[0], &tm[1], LN_EPS)?;
-            let (iq, ik, iv) = qkv_heads(
-                &blk.img.qkv.forward(&img_n)?,
-                heads,
-                &blk.img.q_norm,
-                &blk.img.k_norm,
-                &cos_i,
-                &sin_i,
-            )?;
-            let (tq, tk, tv) = qkv_heads(
-                &blk.txt.qkv.forward(&txt_n)?,
-                heads,
-                &blk.txt.q_norm,
-                &blk.txt.k_norm,
-                &cos_t,
-                &sin_t,
-            )?;
-            let q = Tensor::cat(&[tq, iq], 2)?;
-            let kk = Tensor::cat(&[tk, ik], 2)?;
-            let v = Tensor::cat(&[tv, iv], 2)?;
-            let attn = attend(&q, &kk, &v, scale, self.f32_attention)?;
+            let (im, tm) = self.region("double.modulation", || {
+                Ok((
+                    chunks(&blk.img.modulation.forward(&vec)?, 6)?,
+                    chunks(&blk.txt.modulation.forward(&vec)?, 6)?,
+                ))
+            })?;
+            let (img_n, txt_n) = self.region("double.norm_modulate", || {
+                Ok((
+                    k::layer_norm_modulate(&img, &im[0], &im[1], LN_EPS)?,
+                    k::layer_norm_modulate(&txt, &tm[0], &tm[1], LN_EPS)?,
+                ))
+            })?;
+            let (iqkv, tqkv) = self.region("double.qkv_linear", || {
+                Ok((blk.img.qkv.forward(&img_n)?, blk.txt.qkv.forward(&txt_n)?))
+            })?;
+            let ((iq, ik, iv), (tq, tk, tv)) = self.region("double.qk_norm_rope", || {
+                Ok((
+                    qkv_heads(
+                        &iqkv,
+                        heads,
+                        &blk.img.q_norm,
+                        &blk.img.k_norm,
+                        &cos_i,
+                        &sin_i,
+                    )?,
+                    qkv_heads(
+                        &tqkv,
+                        heads,
+                        &blk.txt.q_norm,
+                        &blk.txt.k_norm,
+                        &cos_t,
+                        &sin_t,
+                    )?,
+                ))
+            })?;
+            let (q, kk, v) = self.region("double.cat_qkv", || {
+                Ok((
+                    Tensor::cat(&[tq, iq], 2)?,
+                    Tensor::cat(&[tk, ik], 2)?,
+                    Tensor::cat(&[tv, iv], 2)?,
+                ))
+            })?;
+            let attn = self.region("double.attention", || {
+                attend(&q, &kk, &v, scale, self.f32_attention)
+            })?;
             let txt_a = attn.narrow(1, 0, t_len)?;
             let img_a = attn.narrow(1, t_len, l_len)?;
 
-            img = k::gated_residual(&img, &im[2], &blk.img.proj.forward(&img_a)?, false)?;
-            let img_n2 = k::layer_norm_modulate(&img, &im[3], &im[4], LN_EPS)?;
-            img = k::gated_residual(
-                &img,
-                &im[5],
-                &mlp(&blk.img.mlp0, &blk.img.mlp2, &img_n2)?,
-                false,
-            )?;
-
-            txt = k::gated_residual(&txt, &tm[2], &blk.txt.proj.forward(&txt_a)?, false)?;
-            let txt_n2 = k::layer_norm_modulate(&txt, &tm[3], &tm[4], LN_EPS)?;
-            txt = k::gated_residual(
-                &txt,
-                &tm[5],
-                &mlp(&blk.txt.mlp0, &blk.txt.mlp2, &txt_n2)?,
-                true,
-            )?;
+            let (img_o, txt_o) = self.region("double.out_proj", || {
+                Ok((blk.img.proj.forward(&img_a)?, blk.txt.proj.forward(&txt_a)?))
+            })?;
+            (img, txt) = self.region("double.gated_residual", || {
+                Ok((
+                    k::gated_residual(&img, &im[2], &img_o, false)?,
+                    k::gated_residual(&txt, &tm[2], &txt_o, false)?,
+                ))
+            })?;
+            let (img_n2, txt_n2) = self.region("double.norm_modulate", || {
+                Ok((
+                    k::layer_norm_modulate(&img, &im[3], &im[4], LN_EPS)?,
+                    k::layer_norm_modulate(&txt, &tm[3], &tm[4], LN_EPS)?,
+                ))
+            })?;
+            let (img_h, txt_h) = self.region("double.mlp_in_gelu", || {
+                Ok((
+                    blk.img.mlp0.forward_gelu(&img_n2)?,
+                    blk.txt.mlp0.forward_gelu(&txt_n2)?,
+                ))
+            })?;
+            let (img_m, txt_m) = self.region("double.mlp_out", || {
+                Ok((blk.img.mlp2.forward(&img_h)?, blk.txt.mlp2.forward(&txt_h)?))
+            })?;
+            (img, txt) = self.region("double.gated_residual", || {
+                Ok((
+                    k::gated_residual(&img, &im[5], &img_m, false)?,
+                    k::gated_residual(&txt, &tm[5], &txt_m, true)?,
+                ))
+            })?;
         }
 
         let h = self.cfg.hidden_size();
-        let mut x = Tensor::cat(&[txt, img], 1)?;
+        let mut x = self.region("single.cat_txt_img", || Ok(Tensor::cat(&[txt, img], 1)?))?;
         for blk in &self.single {
-            let m = chunks(&blk.modulation.forward(&vec)?, 3)?;
-            let xn = k::layer_norm_modulate(&x, &m[0], &m[1], LN_EPS)?;
-            let (qkv, mlp_h) = blk.linear1.forward_split_gelu(&xn, 3 * h)?;
-            let (q, kk, v) =
-                qkv_heads(&qkv, heads, &blk.q_norm, &blk.k_norm, &rope.cos, &rope.sin)?;
-            let attn = attend(&q, &kk, &v, scale, self.f32_attention)?;
-            let out = blk
-                .linear2
-                .forward(&Tensor::cat(&[attn, mlp_h], D::Minus1)?)?;
-            x = k::gated_residual(&x, &m[2], &out, true)?;
+            let m = self.region("single.modulation", || {
+                chunks(&blk.modulation.forward(&vec)?, 3)
+            })?;
+            let xn = self.region("single.norm_modulate", || {
+                Ok(k::layer_norm_modulate(&x, &m[0], &m[1], LN_EPS)?)
+            })?;
+            let (qkv, mlp_h) = self.region("single.linear1_qkv_mlp_in_gelu", || {
+                blk.linear1.forward_split_gelu(&xn, 3 * h)
+            })?;
+            let (q, kk, v) = self.region("single.qk_norm_rope", || {
+                qkv_heads(&qkv, heads, &blk.q_norm, &blk.k_norm, &rope.cos, &rope.sin)
+            })?;
+            let attn = self.region("single.attention", || {
+                attend(&q, &kk, &v, scale, self.f32_attention)
+            })?;
+            let cat = self.region("single.cat_attn_mlp", || {
+                Ok(Tensor::cat(&[attn, mlp_h], D::Minus1)?)
+            })?;
+            let out = self.region("single.linear2", || blk.linear2.forward(&cat))?;
+            x = self.region("single.gated_residual", || {
+                Ok(k::gated_residual(&x, &m[2], &out, true)?)
+            })?;
         }
-        let img = x.narrow(1, t_len, l_len)?;
-        let m = chunks(&self.final_mod.forward(&vec)?, 2)?;
-        let img = k::layer_norm_modulate(&img, &m[0], &m[1], LN_EPS)?;
-        self.final_linear.forward(&img)
+        self.region("final_layer", || {
+            let img = x.narrow(1, t_len, l_len)?;
+            let m = chunks(&self.final_mod.forward(&vec)?, 2)?;
+            let img = k::layer_norm_modulate(&img, &m[0], &m[1], LN_EPS)?;
+            self.final_linear.forward(&img)
+        })
     }
 }
