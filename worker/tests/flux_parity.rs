@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use pawfect_worker::models::flux::config::{TransformerConfig, VaeConfig};
+use pawfect_worker::models::flux::profile::RegionTime;
 use pawfect_worker::models::flux::sampling::{
     Rope, model_time_inputs, pack_latents, sigmas, timesteps,
 };
@@ -292,6 +293,16 @@ fn transformer_cfg() -> R<TransformerConfig> {
 /// Velocity for the fixture's step-0 input; with `check_temb` also compares the conditioning vector
 /// (only meaningful for the dense weights the reference `temb` was computed with).
 fn run_transformer(store: &dyn WeightStore, quant: QuantMatmul, check_temb: bool) -> R<Tensor> {
+    Ok(run_transformer_with(store, quant, check_temb, false)?.0)
+}
+
+/// [`run_transformer`], optionally with the region timer on; returns the timed regions too.
+fn run_transformer_with(
+    store: &dyn WeightStore,
+    quant: QuantMatmul,
+    check_temb: bool,
+    profile: bool,
+) -> R<(Tensor, Vec<RegionTime>)> {
     let layout = Loader::detect_layout(store)?;
     let loader = Loader {
         store,
@@ -301,7 +312,8 @@ fn run_transformer(store: &dyn WeightStore, quant: QuantMatmul, check_temb: bool
             quant,
         },
     };
-    let tr = FluxTransformer::load(&loader, &transformer_cfg()?)?;
+    let mut tr = FluxTransformer::load(&loader, &transformer_cfg()?)?;
+    tr.set_profiling(profile);
     let m = manifest()?;
     let t0 = m["t0"].as_f64().ok_or("t0")? as f32;
     let guidance = m["guidance"].as_f64().ok_or("guidance")? as f32;
@@ -326,7 +338,35 @@ fn run_transformer(store: &dyn WeightStore, quant: QuantMatmul, check_temb: bool
         10_000.0,
         &Device::Cpu,
     )?;
-    Ok(tr.forward(&x, &t5, &temb, &rope)?)
+    let y = tr.forward(&x, &t5, &temb, &rope)?;
+    Ok((y, tr.take_profile()?))
+}
+
+#[test]
+fn flux_parity_transformer_profiled_is_identical() -> R {
+    let store = SafetensorsStore::open(
+        &[fixtures().join("bfl/flux1-fill-dev.safetensors")],
+        &Device::Cpu,
+    )?;
+    let (plain, none) = run_transformer_with(&store, QuantMatmul::Auto, false, false)?;
+    assert!(none.is_empty(), "regions timed with profiling off");
+    let (profiled, regions) = run_transformer_with(&store, QuantMatmul::Auto, false, true)?;
+    let diff = (&plain - &profiled)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    assert_eq!(diff, 0.0, "profiling changed the output");
+    let cfg = transformer_cfg()?;
+    let calls = |name: &str| regions.iter().find(|r| r.name == name).map(|r| r.calls);
+    assert_eq!(calls("embed.conditioning"), Some(1));
+    assert_eq!(calls("double.attention"), Some(cfg.num_layers as u64));
+    assert_eq!(
+        calls("double.norm_modulate"),
+        Some(2 * cfg.num_layers as u64)
+    );
+    assert_eq!(
+        calls("single.attention"),
+        Some(cfg.num_single_layers as u64)
+    );
+    assert_eq!(calls("final_layer"), Some(1));
+    Ok(())
 }
 
 #[test]
