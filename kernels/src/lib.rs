@@ -20,6 +20,7 @@
 //! attention and RoPE kernels read strided `[B, H, N, D]` views (e.g. a transposed `[B, N, H, D]`)
 //! without a copy, the others copy such inputs first. Outputs are always contiguous.
 
+pub mod fallback;
 pub mod reference;
 
 #[cfg(feature = "cuda")]
@@ -78,6 +79,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -
     if let Some(out) = cuda::attention(q, k, v, scale, causal, false)? {
         return Ok(out);
     }
+    fallback::note("attention", q);
     reference::attention(q, k, v, scale, causal)
 }
 
@@ -96,6 +98,7 @@ pub fn attention_merged_heads(
     if let Some(out) = cuda::attention(q, k, v, scale, causal, true)? {
         return Ok(out);
     }
+    fallback::note("attention_merged_heads", q);
     reference::attention_merged_heads(q, k, v, scale, causal)
 }
 
@@ -111,6 +114,7 @@ pub fn layer_norm_no_affine(x: &Tensor, eps: f64) -> Result<Tensor> {
     if let Some(out) = cuda::layer_norm(x, None, eps)? {
         return Ok(out);
     }
+    fallback::note("layer_norm_no_affine", x);
     reference::layer_norm_no_affine(x, eps)
 }
 
@@ -128,12 +132,14 @@ pub fn layer_norm_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64)
     let per_batch = mod_rows(OP, "shift", shift, b, c)?;
     if mod_rows(OP, "scale", scale, b, c)? != per_batch {
         // Valid for the reference (it broadcasts each separately); the kernel wants one layout.
+        fallback::note("layer_norm_modulate", x);
         return reference::layer_norm_modulate(x, shift, scale, eps);
     }
     #[cfg(feature = "cuda")]
     if let Some(out) = cuda::layer_norm(x, Some((shift, scale, per_batch)), eps)? {
         return Ok(out);
     }
+    fallback::note("layer_norm_modulate", x);
     reference::layer_norm_modulate(x, shift, scale, eps)
 }
 
@@ -189,6 +195,7 @@ pub fn gated_residual(x: &Tensor, gate: &Tensor, y: &Tensor, clamp_f16: bool) ->
         return Ok(out);
     }
     let _ = per_batch;
+    fallback::note("gated_residual", x);
     reference::gated_residual(x, gate, y, clamp_f16)
 }
 
@@ -218,6 +225,7 @@ pub fn qk_rmsnorm_rope(
         return Ok(out);
     }
     let _ = n;
+    fallback::note("qk_rmsnorm_rope", x);
     reference::qk_rmsnorm_rope(x, weight, cos, sin, eps)
 }
 
@@ -228,6 +236,7 @@ pub fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor
     if let Some(out) = cuda::rms_rope(x, None, cos, sin, 0.0)? {
         return Ok(out);
     }
+    fallback::note("rope_interleaved", x);
     reference::rope_interleaved(x, cos, sin)
 }
 
@@ -253,6 +262,7 @@ pub fn bias_gelu_tanh(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
     if let Some(out) = cuda::bias_gelu(x, bias)? {
         return Ok(out);
     }
+    fallback::note("bias_gelu_tanh", x);
     reference::bias_gelu_tanh(x, bias)
 }
 
@@ -265,6 +275,7 @@ pub fn linear_bias(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Tensor> {
     if let Some(out) = cuda::linear(x, w, bias, false)? {
         return Ok(out);
     }
+    fallback::note("linear_bias", x);
     reference::linear_bias(x, w, bias)
 }
 
@@ -276,6 +287,7 @@ pub fn linear_bias_gelu_tanh(x: &Tensor, w: &Tensor, bias: &Tensor) -> Result<Te
     if let Some(out) = cuda::linear(x, w, bias, true)? {
         return Ok(out);
     }
+    fallback::note("linear_bias_gelu_tanh", x);
     reference::linear_bias_gelu_tanh(x, w, bias)
 }
 

@@ -246,6 +246,16 @@ fn pipeline(args: &[String], dev: &Device, models: &str) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    let result = run();
+    // Ops that ran their unfused path on the GPU (should be none on the f16 path).
+    eprintln!(
+        "{{\"kernel_fallbacks\":{:?}}}",
+        pawfect_kernels::fallback::counts()
+    );
+    result
+}
+
+fn run() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let dev = device(&arg(&args, "--device").unwrap_or_else(|| "cuda".into()))?;
     if args.iter().any(|a| a == "--linear-bench") {
