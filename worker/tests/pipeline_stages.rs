@@ -1,6 +1,8 @@
 //! Table tests of the pipeline stages on synthetic images: fetch/decode, mask cleanup, crop
 //! geometry, stitch and store.
 
+mod common;
+
 use image::{GrayImage, ImageEncoder, Luma, Rgb, RgbImage};
 use pawfect_worker::pipeline::crop::{self, Crop, CropConfig};
 use pawfect_worker::pipeline::fetch::{self, DecodeError, InputLimits, MaskSizePolicy};
@@ -8,6 +10,8 @@ use pawfect_worker::pipeline::mask::{self, MaskConfig, MaskError};
 use pawfect_worker::pipeline::stitch;
 use pawfect_worker::pipeline::store::{self, OutputFormat};
 use pawfect_worker::pipeline::{Rect, mask::count_white};
+
+use common::jobs::{png_claiming, png_gray};
 
 // ---------------------------------------------------------------- helpers
 
@@ -55,45 +59,6 @@ fn draw_line(m: &mut GrayImage, (x0, y0): (f32, f32), (x1, y1): (f32, f32), widt
 
 fn encode_png_rgb(img: &RgbImage) -> Vec<u8> {
     store::encode(img, OutputFormat::Png).unwrap()
-}
-
-fn encode_png_gray(img: &GrayImage) -> Vec<u8> {
-    let mut out = Vec::new();
-    image::codecs::png::PngEncoder::new(&mut out)
-        .write_image(
-            img.as_raw(),
-            img.width(),
-            img.height(),
-            image::ExtendedColorType::L8,
-        )
-        .unwrap();
-    out
-}
-
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xffff_ffffu32;
-    for &b in data {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
-/// A small PNG whose header claims `w`×`h` (a decompression bomb's header).
-fn png_claiming(w: u32, h: u32) -> Vec<u8> {
-    let mut png = encode_png_rgb(&RgbImage::new(4, 4));
-    // Signature (8) + length (4) + "IHDR" (4): width and height follow.
-    png[16..20].copy_from_slice(&w.to_be_bytes());
-    png[20..24].copy_from_slice(&h.to_be_bytes());
-    let crc = crc32(&png[12..29]);
-    png[29..33].copy_from_slice(&crc.to_be_bytes());
-    png
 }
 
 /// A minimal big-endian TIFF block with one Orientation (0x0112) entry.
@@ -229,7 +194,7 @@ fn bad_images_are_refused_with_reasons() {
 
 #[test]
 fn mask_size_policy() {
-    let mask = encode_png_gray(&GrayImage::from_pixel(50, 25, Luma([255])));
+    let mask = png_gray(&GrayImage::from_pixel(50, 25, Luma([255])));
     let resize = InputLimits::default();
     let reject = InputLimits {
         mask_policy: MaskSizePolicy::Reject,
