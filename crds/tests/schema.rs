@@ -3,91 +3,29 @@
 //!
 //! Validation emulates the API server on the committed CRD: defaults are applied, the
 //! openAPIV3Schema is checked with a JSON Schema validator (unknown fields rejected, as
-//! `kubectl apply` does with its default strict field validation), then the CEL rules run.
+//! `kubectl apply` does with its default strict field validation), then the CEL rules run — the
+//! same validator the chart tests use (`pawfect_chart_tests::validate_custom_resource_update`).
 
 use std::path::{Path, PathBuf};
 
-use kube::core::cel::{Validator, apply_defaults};
-use serde_json::{Map, Value};
+use kube::core::cel::apply_defaults;
+use serde_json::Value;
 
-fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("crds/ has a parent")
-        .to_path_buf()
-}
+use pawfect_chart_tests::workspace_root;
 
 fn read_yaml(path: &Path) -> Value {
-    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    pawfect_chart_tests::read_yaml(path).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// The openAPIV3Schema of the committed CRD for `kind`.
+/// The openAPIV3Schema of the committed CRD for `kind` (with apiVersion, kind, metadata).
 fn committed_schema(kind: &str) -> Value {
-    let file = match kind {
-        "InpaintJob" => "inpaintjobs.inpaint.pawfect.dev.yaml",
-        "InpaintPool" => "inpaintpools.inpaint.pawfect.dev.yaml",
-        other => panic!("no CRD for kind {other}"),
-    };
-    let crd = read_yaml(&workspace_root().join("crds").join(file));
-    let mut schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone();
-    // The API server validates these itself; they are implicit in every CRD schema.
-    for (field, ty) in [
-        ("apiVersion", "string"),
-        ("kind", "string"),
-        ("metadata", "object"),
-    ] {
-        schema["properties"][field] = serde_json::json!({ "type": ty });
-    }
-    schema
+    pawfect_chart_tests::crd_schema(kind).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Kubernetes structural schema → JSON Schema: `nullable` becomes a `null` type and objects with
-/// declared properties reject unknown ones (strict field validation).
-fn to_json_schema(schema: &Value) -> Value {
-    match schema {
-        Value::Object(m) => {
-            let mut out: Map<String, Value> = m
-                .iter()
-                .filter(|(k, _)| !k.starts_with("x-kubernetes-") && k.as_str() != "nullable")
-                .map(|(k, v)| (k.clone(), to_json_schema(v)))
-                .collect();
-            if m.get("nullable") == Some(&Value::Bool(true))
-                && let Some(Value::String(t)) = m.get("type")
-            {
-                out.insert("type".into(), serde_json::json!([t, "null"]));
-            }
-            let preserve =
-                m.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true));
-            if m.contains_key("properties") && !m.contains_key("additionalProperties") && !preserve
-            {
-                out.insert("additionalProperties".into(), Value::Bool(false));
-            }
-            Value::Object(out)
-        }
-        Value::Array(a) => Value::Array(a.iter().map(to_json_schema).collect()),
-        other => other.clone(),
-    }
-}
-
-/// Validates a manifest like the API server would on create (`old = None`) or update.
+/// Validates a manifest like the API server would on create (`old = None`) or update: the
+/// committed CRD's defaults, schema (unknown fields rejected) and CEL rules.
 fn validate(manifest: &Value, old: Option<&Value>) -> Result<(), String> {
-    let kind = manifest["kind"].as_str().ok_or("manifest has no kind")?;
-    let schema = committed_schema(kind);
-    let defaulted = apply_defaults(&schema, manifest);
-    let validator =
-        jsonschema::validator_for(&to_json_schema(&schema)).map_err(|e| e.to_string())?;
-    let errors: Vec<String> = validator
-        .iter_errors(&defaulted)
-        .map(|e| format!("{}: {}", e.instance_path, e))
-        .collect();
-    if !errors.is_empty() {
-        return Err(errors.join("; "));
-    }
-    let old = old.map(|o| apply_defaults(&schema, o));
-    Validator::new()
-        .validate(&schema, &defaulted, old.as_ref())
-        .map_err(|e| e.to_string())
+    pawfect_chart_tests::validate_custom_resource_update(manifest, old).map(|_| ())
 }
 
 fn yaml_files(dir: &Path) -> Vec<PathBuf> {

@@ -374,6 +374,15 @@ fn to_json_schema(schema: &Value) -> Value {
 /// Validates a custom resource as the API server would on create: defaults from the committed
 /// CRD, its schema with unknown fields rejected, then its CEL rules. Returns the defaulted object.
 pub fn validate_custom_resource(manifest: &Value) -> Result<Value, String> {
+    validate_custom_resource_update(manifest, None)
+}
+
+/// [`validate_custom_resource`] for an update of `old` (`None`: a create): the CEL transition
+/// rules (e.g. the immutable spec) see the defaulted old object.
+pub fn validate_custom_resource_update(
+    manifest: &Value,
+    old: Option<&Value>,
+) -> Result<Value, String> {
     let kind = manifest["kind"].as_str().ok_or("manifest has no kind")?;
     let schema = crd_schema(kind)?;
     let defaulted = apply_defaults(&schema, manifest);
@@ -386,8 +395,9 @@ pub fn validate_custom_resource(manifest: &Value) -> Result<Value, String> {
     if !errors.is_empty() {
         return Err(errors.join("; "));
     }
+    let old = old.map(|o| apply_defaults(&schema, o));
     Validator::new()
-        .validate(&schema, &defaulted, None)
+        .validate(&schema, &defaulted, old.as_ref())
         .map_err(|e| e.to_string())?;
     Ok(defaulted)
 }
