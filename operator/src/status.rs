@@ -159,13 +159,20 @@ pub fn enqueued(
     let mut s = base(job, old);
     s.phase = Some(JobPhase::Queued);
     s.queued_at = s.queued_at.take().or(Some(time(now)));
+    waiting_in_queue(&mut s, job, now);
+    refresh_duration(&mut s, now);
+    s
+}
+
+/// `Queued` condition, reason and message of a job waiting in its pool's queue.
+fn waiting_in_queue(s: &mut InpaintJobStatus, job: &InpaintJob, now: Timestamp) {
     let msg = format!(
         "in the {} queue of pool {:?}",
         job.spec.priority.as_str(),
         pool_of(job)
     );
     set(
-        &mut s,
+        s,
         conditions::QUEUED,
         true,
         reasons::ENQUEUED,
@@ -174,8 +181,6 @@ pub fn enqueued(
     );
     s.reason = Some(reasons::ENQUEUED.into());
     s.message = Some(msg);
-    refresh_duration(&mut s, now);
-    s
 }
 
 /// `timeoutSeconds` passed: the job is cancelled in the queue and failed.
@@ -285,21 +290,7 @@ pub fn from_queue(
                 s.message = Some(msg);
                 s.progress = None;
             } else {
-                let msg = format!(
-                    "in the {} queue of pool {:?}",
-                    job.spec.priority.as_str(),
-                    pool_of(job)
-                );
-                set(
-                    &mut s,
-                    conditions::QUEUED,
-                    true,
-                    reasons::ENQUEUED,
-                    msg.clone(),
-                    now,
-                );
-                s.reason = Some(reasons::ENQUEUED.into());
-                s.message = Some(msg);
+                waiting_in_queue(&mut s, job, now);
             }
         }
         QueueState::Running => {
