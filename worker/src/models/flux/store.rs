@@ -314,7 +314,8 @@ pub fn inspect_gguf(path: &Path) -> Result<GgufSummary> {
             return Err(FluxError::bad_file(
                 path,
                 format!(
-                    "truncated: tensor {name} ends at byte {end} but the file has {len} bytes                      (an interrupted download? fetch it again)"
+                    "truncated: tensor {name} ends at byte {end} but the file has {len} bytes \
+                     (an interrupted download? fetch it again)"
                 ),
             ));
         }
