@@ -7,8 +7,8 @@
 #
 # Build here (CUDA 13 toolchain; 90 for the H100, 75 for the T4 build):
 #   export PATH=/work/cuda13/cuda/bin:$PATH CUDA_HOME=/work/cuda13/cuda
-#   CUDA_COMPUTE_CAP=90 CARGO_TARGET_DIR=/work/target-cuda cargo build --release --features cuda -p pawfect-worker --example flux_step
-#   CUDA_COMPUTE_CAP=75 CARGO_TARGET_DIR=/work/target-cuda75 cargo build --release --features cuda -p pawfect-worker --example flux_step
+#   CUDA_COMPUTE_CAP=90 CARGO_TARGET_DIR=/work/target-cuda cargo build --release --features cuda -p pawfect-models --example flux_step
+#   CUDA_COMPUTE_CAP=75 CARGO_TARGET_DIR=/work/target-cuda75 cargo build --release --features cuda -p pawfect-models --example flux_step
 # then put in $GPU_DIR (default .gpu/flux): flux_step.gz (and flux_step75.gz; stripped, gzipped),
 # this script, flux_gpu.py, and the diffusers + importlib_metadata wheels under whl/. On the GPU
 # machine, from the repo root (tests/fixtures/flux must be there for the tiny checks):

@@ -17,7 +17,7 @@
 # Build and stage (here, repo root):
 #   export PATH=/work/cuda13/cuda/bin:$PATH CUDA_HOME=/work/cuda13/cuda CUDA_COMPUTE_CAP=90
 #   CARGO_TARGET_DIR=/work/target-cuda cargo build --release --features cuda -p pawfect-worker \
-#     --bin pawfect-worker --example flux_random_gguf
+#     --bin pawfect-worker -p pawfect-models --example flux_random_gguf
 #   G=.gpu/t4fit; mkdir -p $G; for b in release/pawfect-worker release/examples/flux_random_gguf; do
 #     strip -o $G/$(basename $b) /work/target-cuda/$b && gzip -f9 $G/$(basename $b); done
 #   cp bench/t4_config_gpu.{sh,py} bench/florence2_gpu.py .gpu/flux/whl/*.whl examples/photo/{dog-on-lawn.jpg,leash-mask.png} $G/

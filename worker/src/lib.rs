@@ -1,9 +1,9 @@
-//! Pawfect Inpaint worker: models (candle), the pipeline stages, storage and the queue loop.
+//! Pawfect Inpaint worker: the pipeline stages over the `pawfect-models` library, storage, the
+//! queue loop, metrics and the CLIs.
 
 pub mod cli;
-pub mod models;
+pub mod download;
 pub mod pipeline;
 pub mod serve;
 pub mod storage;
 pub mod surface_prompt;
-pub mod weights;

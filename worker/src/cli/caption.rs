@@ -12,8 +12,8 @@ use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
-use crate::models::florence2::{Florence2, HUB_REPO, Task};
 use crate::surface_prompt::SurfacePrompt;
+use pawfect_models::florence2::{Florence2, HUB_REPO, Task};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum DeviceArg {
@@ -111,7 +111,7 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<()> {
 
     let t0 = Instant::now();
     let model = match (&args.models, args.download) {
-        (_, true) => Florence2::from_hub(&args.repo, None, &device, dtype)?,
+        (_, true) => crate::download::florence::load_from_hub(&args.repo, None, &device, dtype)?,
         (Some(dir), false) => Florence2::load(dir, &device, dtype)?,
         (None, false) => bail!("--models DIR or --download is required"),
     };

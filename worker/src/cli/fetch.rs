@@ -8,21 +8,21 @@
 //! env: PAWFECT_MODELS, PAWFECT_MODEL_VARIANT, HF_TOKEN, HF_ENDPOINT
 //! ```
 //!
-//! See [`crate::weights::fetch`] for the layout it makes; `serve --models DIR` with the same
+//! See [`crate::download::plan`] for the layout it makes; `serve --models DIR` with the same
 //! variant loads it. A run ends with the checks of `--check` and a summary.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 use clap::Args;
-use pawfect_api::ModelVariant;
+use pawfect_models::weights::ModelVariant;
 
 use super::serve::parse_variant;
-use crate::weights::check::{CheckOptions, CheckReport, check_models};
-use crate::weights::fetch::{
+use crate::download::hub::{Hub, HubOptions, human_bytes};
+use crate::download::plan::{
     DEFAULT_GGUF_REPO, DEFAULT_T5_GGUF_REPO, FetchOutcome, FetchPlan, T5Source, fetch_models,
 };
-use crate::weights::hub::{Hub, HubOptions, human_bytes};
+use pawfect_models::weights::check::{CheckOptions, CheckReport, check_models};
 
 #[derive(Debug, Clone, Args)]
 pub struct FetchArgs {

@@ -26,12 +26,12 @@ use serde::Serialize;
 
 use super::models::{CaptionArgs, FluxArgs, parse_dtype};
 use super::serve::PipelineArgs;
-use crate::models::flux::{InpaintOptions, Step};
 use crate::pipeline::adapters::{FluxInpainter, SurfaceRules};
 use crate::pipeline::{
     Captioner, JobParams, Models, Observer, OutputFormat, Pipeline, Progress, Stage, store,
 };
 use crate::storage::{Storage, StorageConfig};
+use pawfect_models::flux::{InpaintOptions, Step};
 
 /// The prompt of `--full-frame` runs without `--prompt`.
 pub const NEUTRAL_PROMPT: &str = "seamless continuation of the surrounding background, no objects";
@@ -43,7 +43,7 @@ pub struct InpaintArgs {
     /// FLUX transformer weights as `serve` picks them: the variant's GGUF in --models
     /// (`bf16`: the diffusers or BFL weights). Unset: the diffusers or BFL weights, as `bf16`.
     #[arg(long, env = "PAWFECT_MODEL_VARIANT", value_parser = super::serve::parse_variant)]
-    pub model_variant: Option<pawfect_api::ModelVariant>,
+    pub model_variant: Option<pawfect_models::weights::ModelVariant>,
     #[command(flatten)]
     pub caption: CaptionArgs,
     #[command(flatten)]

@@ -7,13 +7,14 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device};
 use clap::Args;
-use pawfect_api::ModelVariant;
+use pawfect_models::weights::ModelVariant;
 
-use crate::models::florence2::{Florence2, HUB_REPO, Task};
-use crate::models::flux::{FluxFill, FluxLoadOptions, Placement, QuantMatmul};
+use crate::download::{download_flux, florence::load_from_hub};
 use crate::pipeline::adapters::{FlorenceCaptioner, FluxInpainter, SurfaceRules};
 use crate::pipeline::{Captioner, Models};
-use crate::weights::{FluxModelPaths, FluxOverrides, download_flux, find_flux_gguf, overrides_for};
+use pawfect_models::florence2::{Florence2, HUB_REPO, Task};
+use pawfect_models::flux::{FluxFill, FluxLoadOptions, Placement, QuantMatmul};
+use pawfect_models::weights::{FluxModelPaths, FluxOverrides, find_flux_gguf, overrides_for};
 
 /// FLUX.1-Fill-dev: where the files are and how it runs.
 #[derive(Debug, Clone, Args)]
@@ -153,7 +154,7 @@ fn default_device() -> Device {
 }
 
 /// The GGUF transformer of `variant` in the models directory (or its FLUX folder), chosen by
-/// [`crate::weights::variant`]'s table (e.g. `flux1-fill-dev-Q5_K_M.gguf`, else
+/// [`pawfect_models::weights::variant`]'s table (e.g. `flux1-fill-dev-Q5_K_M.gguf`, else
 /// `flux1-fill-dev-Q5_K_S.gguf`, logged). `bf16` uses the diffusers or BFL weights (None).
 pub fn gguf_for_variant(models: &Path, variant: ModelVariant) -> Result<Option<PathBuf>> {
     Ok(find_flux_gguf(models, variant)?.map(|(p, _)| p))
@@ -262,7 +263,7 @@ impl CaptionArgs {
             Ok(m) => m,
             Err(e) if download => {
                 tracing::info!(error = %e, repo = HUB_REPO, "Florence-2 not on disk: downloading");
-                Florence2::from_hub(HUB_REPO, None, device, dtype)?
+                load_from_hub(HUB_REPO, None, device, dtype)?
             }
             Err(e) => {
                 return Err(e).with_context(|| {

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use pawfect_api::ModelVariant;
+use pawfect_models::weights::ModelVariant;
 use pawfect_queue::QueueConfig;
 use tokio::sync::watch;
 
@@ -79,9 +79,12 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// A variant as the CRD spells it (`q5_k_m`, any case), in the models library's terms.
 pub(crate) fn parse_variant(s: &str) -> Result<ModelVariant, String> {
-    serde_json::from_value(serde_json::Value::String(s.to_ascii_lowercase()))
-        .map_err(|_| format!("{s:?}: expected q4_0, q4_k_m, q5_k_m, q8_0 or bf16"))
+    let api: pawfect_api::ModelVariant =
+        serde_json::from_value(serde_json::Value::String(s.to_ascii_lowercase()))
+            .map_err(|_| format!("{s:?}: expected q4_0, q4_k_m, q5_k_m, q8_0 or bf16"))?;
+    Ok(crate::pipeline::adapters::model_variant(api))
 }
 
 /// Limits and geometry of the pipeline (shared with `inpaint`).

@@ -1,14 +1,17 @@
 //! The real models behind the pipeline's traits: FLUX.1-Fill-dev ([`Inpainter`]), Florence-2
-//! ([`Captioner`]) and the surface-prompt rules ([`PromptRules`]).
+//! ([`Captioner`]) and the surface-prompt rules ([`PromptRules`]); the API's model variant mapped
+//! onto the models library's own ([`model_variant`]).
 
 use candle_core::Device;
 use image::{GrayImage, RgbImage};
 
 use super::inpaint::{InpaintError, InpaintParams, Inpainted, Inpainter, ModelTimings, Step};
 use super::prompt::{CaptionError, Captioner, PromptRules, RulePrompt};
-use crate::models::florence2::{Florence2, GenerationConfig, Task};
-use crate::models::flux::{self, FluxError, FluxFill, InpaintOptions};
 use crate::surface_prompt::{PromptSource, SurfacePrompt};
+use pawfect_models::ModelError;
+use pawfect_models::florence2::{Florence2, GenerationConfig, Task};
+use pawfect_models::flux::{self, FluxFill, InpaintOptions};
+use pawfect_models::weights::ModelVariant;
 
 /// FLUX.1-Fill-dev.
 pub struct FluxInpainter {
@@ -60,8 +63,8 @@ impl Inpainter for FluxInpainter {
                     decode_ms: out.timings.decode_ms.round() as u64,
                 },
             }),
-            Err(FluxError::Cancelled) => Err(InpaintError::Cancelled),
-            Err(FluxError::InvalidInput(m)) => Err(InpaintError::InvalidInput(m)),
+            Err(ModelError::Cancelled) => Err(InpaintError::Cancelled),
+            Err(ModelError::InvalidInput(m)) => Err(InpaintError::InvalidInput(m)),
             Err(e) => Err(InpaintError::from_backend(e.to_string())),
         }
     }
@@ -117,8 +120,11 @@ impl PromptRules for SurfaceRules {
     }
 }
 
+/// Reads the GPU memory (used, total bytes) of the device the models run on.
+pub type GpuMemoryProbe = Box<dyn Fn() -> Option<(u64, u64)> + Send + Sync>;
+
 /// Reads (used, total) bytes of the GPU `device` is on; None for the CPU.
-pub fn gpu_memory(device: &Device) -> Option<crate::serve::GpuMemoryProbe> {
+pub fn gpu_memory(device: &Device) -> Option<GpuMemoryProbe> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = device {
         let ctx = d.cuda_stream().context().clone();
@@ -129,4 +135,37 @@ pub fn gpu_memory(device: &Device) -> Option<crate::serve::GpuMemoryProbe> {
     }
     let _ = device;
     None
+}
+
+/// The CRD's `spec.worker.modelVariant` as the models library's variant. Exhaustive on both
+/// sides: a variant added to the API does not compile until it is mapped here.
+pub fn model_variant(v: pawfect_api::ModelVariant) -> ModelVariant {
+    use pawfect_api::ModelVariant as Api;
+    match v {
+        Api::Q4_0 => ModelVariant::Q4_0,
+        Api::Q4KM => ModelVariant::Q4KM,
+        Api::Q5KM => ModelVariant::Q5KM,
+        Api::Q8_0 => ModelVariant::Q8_0,
+        Api::Bf16 => ModelVariant::Bf16,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_variants_keep_their_names() {
+        // The operator passes the CRD's name as PAWFECT_MODEL_VARIANT; both enums must spell it alike.
+        for v in ModelVariant::ALL {
+            let api: pawfect_api::ModelVariant =
+                serde_json::from_value(serde_json::Value::String(v.as_str().into())).unwrap();
+            assert_eq!(model_variant(api), v);
+            assert_eq!(api.as_str(), v.as_str());
+        }
+        assert_eq!(
+            model_variant(pawfect_api::ModelVariant::default()),
+            ModelVariant::default()
+        );
+    }
 }

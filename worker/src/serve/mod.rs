@@ -29,8 +29,7 @@ use crate::pipeline::{Models, Pipeline, PipelineConfig};
 use crate::storage::{Storage, StorageConfig, StorageError};
 pub use metrics::Metrics;
 
-/// Reads the GPU memory (used, total bytes) of the device the models run on.
-pub type GpuMemoryProbe = Box<dyn Fn() -> Option<(u64, u64)> + Send + Sync>;
+pub use crate::pipeline::adapters::GpuMemoryProbe;
 
 /// Everything `serve` needs besides the models.
 pub struct ServeConfig {

@@ -4,7 +4,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::config::SchedulerConfig;
-use super::error::{FluxError, Result};
+use crate::error::{ModelError, Result};
 
 /// diffusers `calculate_shift` (f64, not clamped): `mu` for a packed image sequence length.
 pub fn calculate_shift(image_seq_len: usize, cfg: &SchedulerConfig) -> f64 {
@@ -114,7 +114,7 @@ pub fn timestep_embedding(t: &[f32], dim: usize, device: &Device) -> Result<Tens
 pub fn pack_latents(x: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     if h % 2 != 0 || w % 2 != 0 {
-        return Err(FluxError::InvalidInput(format!(
+        return Err(ModelError::InvalidInput(format!(
             "latent size {h}x{w} is not even"
         )));
     }
@@ -127,7 +127,7 @@ pub fn pack_latents(x: &Tensor) -> Result<Tensor> {
 pub fn unpack_latents(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     let (b, l, c4) = x.dims3()?;
     if l != (h / 2) * (w / 2) || c4 % 4 != 0 {
-        return Err(FluxError::InvalidInput(format!(
+        return Err(ModelError::InvalidInput(format!(
             "cannot unpack {:?} to {h}x{w} latents",
             x.dims()
         )));
@@ -142,7 +142,7 @@ pub fn unpack_latents(x: &Tensor, h: usize, w: usize) -> Result<Tensor> {
 pub fn pack_mask(mask: &Tensor, vae_scale: usize) -> Result<Tensor> {
     let (b, c, hh, ww) = mask.dims4()?;
     if c != 1 || hh % vae_scale != 0 || ww % vae_scale != 0 {
-        return Err(FluxError::InvalidInput(format!(
+        return Err(ModelError::InvalidInput(format!(
             "mask {:?} is not [B,1,H,W] with H,W multiples of {vae_scale}",
             mask.dims()
         )));

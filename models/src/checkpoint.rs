@@ -12,7 +12,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
 use pawfect_kernels as k;
 
-use super::error::{FluxError, Result};
+use crate::error::{ModelError, Result};
 
 /// How GGUF-quantized weights are multiplied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -70,15 +70,15 @@ pub trait WeightStore: Send + Sync {
         self.shape(name).is_some()
     }
 
-    fn missing(&self, name: &str) -> FluxError {
-        FluxError::Weights(format!("{}: no tensor {name}", self.origin().display()))
+    fn missing(&self, name: &str) -> ModelError {
+        ModelError::Weights(format!("{}: no tensor {name}", self.origin().display()))
     }
 
     /// Loads `name` checking its shape.
     fn get(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
         match self.shape(name) {
             None => Err(self.missing(name)),
-            Some(s) if s != shape => Err(FluxError::Weights(format!(
+            Some(s) if s != shape => Err(ModelError::Weights(format!(
                 "{}: {name} has shape {s:?}, expected {shape:?}",
                 self.origin().display()
             ))),
@@ -99,13 +99,13 @@ impl SafetensorsStore {
         let origin = paths.first().cloned().unwrap_or_default();
         for p in paths {
             if !p.is_file() {
-                return Err(FluxError::bad_file(p, "file not found"));
+                return Err(ModelError::bad_file(p, "file not found"));
             }
         }
         // SAFETY: the files are mapped read-only; a model file changing underneath a running
         // worker is outside what the worker can guard against (as with any mmap loader).
         let st = unsafe { MmapedSafetensors::multi(paths) }
-            .map_err(|e| FluxError::bad_file(&origin, e))?;
+            .map_err(|e| ModelError::bad_file(&origin, e))?;
         Ok(Self {
             st,
             origin,
@@ -275,15 +275,15 @@ pub struct GgufSummary {
 /// is one this build runs, and the file is long enough for every tensor's data (a truncated
 /// download fails here, naming the first tensor that does not fit).
 pub fn inspect_gguf(path: &Path) -> Result<GgufSummary> {
-    let f = File::open(path).map_err(|e| FluxError::bad_file(path, e))?;
+    let f = File::open(path).map_err(|e| ModelError::bad_file(path, e))?;
     let len = f
         .metadata()
-        .map_err(|e| FluxError::bad_file(path, e))?
+        .map_err(|e| ModelError::bad_file(path, e))?
         .len();
     let mut reader = BufReader::new(f);
-    let types = scan_gguf_types(&mut reader).map_err(|e| FluxError::bad_file(path, e))?;
+    let types = scan_gguf_types(&mut reader).map_err(|e| ModelError::bad_file(path, e))?;
     if let Some((name, t)) = types.iter().find(|(_, t)| !SUPPORTED_GGML.contains(t)) {
-        return Err(FluxError::UnsupportedGguf {
+        return Err(ModelError::UnsupportedGguf {
             path: path.to_path_buf(),
             tensor: name.clone(),
             dtype: ggml_type_name(*t),
@@ -291,7 +291,7 @@ pub fn inspect_gguf(path: &Path) -> Result<GgufSummary> {
     }
     reader.rewind()?;
     let content =
-        gguf_file::Content::read(&mut reader).map_err(|e| FluxError::bad_file(path, e))?;
+        gguf_file::Content::read(&mut reader).map_err(|e| ModelError::bad_file(path, e))?;
     let mut needed = content.tensor_data_offset;
     let mut counts: HashMap<String, usize> = HashMap::new();
     let mut infos: Vec<(&String, &gguf_file::TensorInfo)> = content.tensor_infos.iter().collect();
@@ -301,7 +301,7 @@ pub fn inspect_gguf(path: &Path) -> Result<GgufSummary> {
         let elems = info.shape.elem_count() as u64;
         let block = dt.block_size() as u64;
         if block == 0 || !elems.is_multiple_of(block) {
-            return Err(FluxError::bad_file(
+            return Err(ModelError::bad_file(
                 path,
                 format!("tensor {name}: {elems} elements do not fill {dt:?} blocks of {block}"),
             ));
@@ -311,7 +311,7 @@ pub fn inspect_gguf(path: &Path) -> Result<GgufSummary> {
             .saturating_add(info.offset)
             .saturating_add(elems / block * dt.type_size() as u64);
         if end > len {
-            return Err(FluxError::bad_file(
+            return Err(ModelError::bad_file(
                 path,
                 format!(
                     "truncated: tensor {name} ends at byte {end} but the file has {len} bytes \
@@ -333,12 +333,12 @@ pub fn inspect_gguf(path: &Path) -> Result<GgufSummary> {
 
 impl GgufStore {
     pub fn open(path: &Path, device: &Device) -> Result<Self> {
-        let f = File::open(path).map_err(|e| FluxError::bad_file(path, e))?;
+        let f = File::open(path).map_err(|e| ModelError::bad_file(path, e))?;
         let mut reader = BufReader::new(f);
         if let Ok(types) = scan_gguf_types(&mut reader)
             && let Some((name, t)) = types.iter().find(|(_, t)| !SUPPORTED_GGML.contains(t))
         {
-            return Err(FluxError::UnsupportedGguf {
+            return Err(ModelError::UnsupportedGguf {
                 path: path.to_path_buf(),
                 tensor: name.clone(),
                 dtype: ggml_type_name(*t),
@@ -346,7 +346,7 @@ impl GgufStore {
         }
         reader.rewind()?;
         let content =
-            gguf_file::Content::read(&mut reader).map_err(|e| FluxError::bad_file(path, e))?;
+            gguf_file::Content::read(&mut reader).map_err(|e| ModelError::bad_file(path, e))?;
         Ok(Self {
             path: path.to_path_buf(),
             content,
@@ -359,10 +359,10 @@ impl GgufStore {
         let mut f = self
             .file
             .lock()
-            .map_err(|_| FluxError::Weights("GGUF reader lock poisoned".into()))?;
+            .map_err(|_| ModelError::Weights("GGUF reader lock poisoned".into()))?;
         self.content
             .tensor(&mut *f, name, &self.device)
-            .map_err(|e| FluxError::bad_file(&self.path, e))
+            .map_err(|e| ModelError::bad_file(&self.path, e))
     }
 
     pub fn metadata(&self) -> &HashMap<String, gguf_file::Value> {
@@ -457,7 +457,7 @@ impl Linear {
         match store.shape(&wname) {
             None => return Err(store.missing(&wname)),
             Some(s) if s != [out_dim, in_dim] => {
-                return Err(FluxError::Weights(format!(
+                return Err(ModelError::Weights(format!(
                     "{}: {wname} has shape {s:?}, expected [{out_dim}, {in_dim}]",
                     store.origin().display()
                 )));
@@ -523,7 +523,7 @@ impl Linear {
     pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let Some((&in_dim, lead)) = dims.split_last() else {
-            return Err(FluxError::InvalidInput("linear on a scalar".into()));
+            return Err(ModelError::InvalidInput("linear on a scalar".into()));
         };
         let rows: usize = lead.iter().product();
         let x2 = x.reshape((rows, in_dim))?;
@@ -561,7 +561,7 @@ impl Linear {
         };
         let dims = x.dims().to_vec();
         let Some((&in_dim, lead)) = dims.split_last() else {
-            return Err(FluxError::InvalidInput("linear on a scalar".into()));
+            return Err(ModelError::InvalidInput("linear on a scalar".into()));
         };
         let rows: usize = lead.iter().product();
         let y = x
@@ -637,7 +637,7 @@ impl Linear {
     /// the weight, each with its epilogue; otherwise one matmul, split afterwards.
     pub fn forward_split_gelu(&self, x: &Tensor, n_plain: usize) -> Result<(Tensor, Tensor)> {
         let n_gelu = self.out_dim.checked_sub(n_plain).ok_or_else(|| {
-            FluxError::InvalidInput(format!(
+            ModelError::InvalidInput(format!(
                 "split at {n_plain} of a linear with {} outputs",
                 self.out_dim
             ))
@@ -705,7 +705,7 @@ mod tests {
         let p = dir.path().join("x.gguf");
         std::fs::write(&p, &b)?;
         match GgufStore::open(&p, &Device::Cpu) {
-            Err(FluxError::UnsupportedGguf { tensor, dtype, .. }) => {
+            Err(ModelError::UnsupportedGguf { tensor, dtype, .. }) => {
                 assert_eq!(tensor, "double_blocks.0.img_attn.qkv.weight");
                 assert_eq!(dtype, "IQ4_XS");
             }

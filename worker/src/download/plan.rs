@@ -13,14 +13,15 @@
 
 use std::path::{Path, PathBuf};
 
-use pawfect_api::ModelVariant;
+use pawfect_models::florence2::HUB_REPO as FLORENCE_REPO;
+use pawfect_models::florence2::weights::MODEL_FOLDER as FLORENCE_DIR;
+use pawfect_models::weights::FLUX_FILL_DIR;
+use pawfect_models::weights::variant::{
+    GgufChoice, GgufKind, ModelVariant, NoGgufMatch, choose_gguf, gguf_tags, t5_tags,
+};
 
 use super::hub::{Fetched, Hub, HubError, snapshot_dir};
-use super::variant::{GgufChoice, GgufKind, NoGgufMatch, choose_gguf, gguf_tags, t5_tags};
-use super::{FLUX_FILL_DIR, FluxParts, download_flux_parts};
-use crate::models::florence2::HUB_REPO as FLORENCE_REPO;
-use crate::models::florence2::weights::MODEL_FOLDER as FLORENCE_DIR;
-use crate::models::flux::FluxError;
+use super::{DownloadError, FluxParts, download_flux_parts};
 
 /// GGUF conversions of FLUX.1-Fill-dev (Q3_K_S … Q8_0, no Q5_K_M).
 pub const DEFAULT_GGUF_REPO: &str = "YarvixPA/FLUX.1-Fill-dev-gguf";
@@ -75,7 +76,7 @@ pub enum FetchError {
     #[error(transparent)]
     Hub(#[from] HubError),
     #[error(transparent)]
-    Flux(#[from] FluxError),
+    Download(#[from] DownloadError),
     #[error("{repo}: {source}")]
     NoGguf {
         repo: String,

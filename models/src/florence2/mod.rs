@@ -2,7 +2,7 @@
 //! numerically equal to transformers' `Florence2ForConditionalGeneration`.
 //!
 //! ```no_run
-//! # use pawfect_worker::models::florence2::{Florence2, Task};
+//! # use pawfect_models::florence2::{Florence2, Task};
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let model = Florence2::load("/models", &candle_core::Device::Cpu, candle_core::DType::F32)?;
 //! let image = image::open("crop.png")?.to_rgb8();
@@ -62,8 +62,6 @@ pub enum Florence2Error {
     Weights { path: PathBuf, msg: String },
     #[error("Florence-2 tokenizer: {0}")]
     Tokenizer(String),
-    #[error("downloading {repo}: {msg}")]
-    Download { repo: String, msg: String },
     #[error("Florence-2 input: {0}")]
     Input(String),
     #[error("Florence-2 compute: {0}")]
@@ -131,56 +129,6 @@ impl Florence2 {
             device: device.clone(),
             dtype,
         })
-    }
-
-    /// Downloads `repo` (e.g. [`HUB_REPO`]) into the Hugging Face cache and returns its folder.
-    pub fn download(repo: &str, revision: Option<&str>) -> Result<PathBuf, Florence2Error> {
-        use hf_hub::{Repo, RepoType, api::sync::ApiBuilder};
-        let derr = |msg: String| Florence2Error::Download {
-            repo: repo.to_string(),
-            msg,
-        };
-        let api = ApiBuilder::from_env()
-            .build()
-            .map_err(|e| derr(e.to_string()))?;
-        let r = match revision {
-            Some(rev) => api.repo(Repo::with_revision(
-                repo.to_string(),
-                RepoType::Model,
-                rev.to_string(),
-            )),
-            None => api.repo(Repo::new(repo.to_string(), RepoType::Model)),
-        };
-        let config = r
-            .get("config.json")
-            .map_err(|e| derr(format!("config.json: {e}")))?;
-        r.get("tokenizer.json")
-            .map_err(|e| derr(format!("tokenizer.json: {e}")))?;
-        for optional in [
-            "generation_config.json",
-            "preprocessor_config.json",
-            "processor_config.json",
-        ] {
-            let _ = r.get(optional);
-        }
-        if let Err(e1) = r.get("model.safetensors") {
-            r.get("pytorch_model.bin")
-                .map_err(|e2| derr(format!("model.safetensors: {e1}; pytorch_model.bin: {e2}")))?;
-        }
-        config
-            .parent()
-            .map(Path::to_path_buf)
-            .ok_or_else(|| derr("no snapshot folder".into()))
-    }
-
-    /// [`Florence2::download`] then [`Florence2::load`].
-    pub fn from_hub(
-        repo: &str,
-        revision: Option<&str>,
-        device: &Device,
-        dtype: DType,
-    ) -> Result<Self, Florence2Error> {
-        Self::load(Self::download(repo, revision)?, device, dtype)
     }
 
     pub fn config(&self) -> &Florence2Config {

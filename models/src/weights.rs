@@ -1,17 +1,15 @@
 //! Finding model files: the Hugging Face diffusers layout of FLUX.1-Fill-dev with optional
 //! single-file overrides (BFL `flux1-fill-dev.safetensors` / `ae.safetensors`, GGUF transformer,
-//! GGUF T5), and downloading it through `hf-hub` when asked.
+//! GGUF T5). Downloading them is the worker's business (`pawfect-worker fetch-models`).
 
 use std::path::{Path, PathBuf};
 
-use pawfect_api::ModelVariant;
+pub use variant::ModelVariant;
 
-use crate::models::flux::error::{FluxError, Result};
-use crate::models::flux::vae::VaeWeights;
+use crate::error::{ModelError, Result};
+use crate::flux::vae::VaeWeights;
 
 pub mod check;
-pub mod fetch;
-pub mod hub;
 pub mod variant;
 
 use variant::{GgufChoice, GgufKind, choose_gguf, choose_t5_on_disk, gguf_tags};
@@ -220,7 +218,7 @@ pub fn find_flux_gguf(
             let path = path_of(&files, &c.name).unwrap_or_else(|| models.join(&c.name));
             Ok(Some((path, c)))
         }
-        Err(e) => Err(FluxError::MissingFiles {
+        Err(e) => Err(ModelError::MissingFiles {
             root: models.to_path_buf(),
             files: vec![format!(
                 "PAWFECT_MODEL_VARIANT={}: a FLUX.1-Fill-dev GGUF transformer named like \
@@ -331,7 +329,7 @@ impl FluxModelPaths {
         };
         let vae = if let Some(f) = &o.vae_file {
             check_file(f, &mut missing);
-            if f.is_file() && crate::models::flux::vae::is_ldm_vae(f)? {
+            if f.is_file() && crate::flux::vae::is_ldm_vae(f)? {
                 VaeWeights::Bfl(f.clone())
             } else {
                 VaeWeights::Diffusers(f.clone())
@@ -395,7 +393,7 @@ impl FluxModelPaths {
             missing.push("vae/config.json".into());
         }
         if !missing.is_empty() {
-            return Err(FluxError::MissingFiles {
+            return Err(ModelError::MissingFiles {
                 root,
                 files: missing,
                 hint: fetch_hint(),
@@ -416,130 +414,6 @@ impl FluxModelPaths {
             tokenizer_2,
         })
     }
-}
-
-/// Which parts of the FLUX.1-Fill-dev diffusers folder a download leaves out (those replaced by
-/// single files or GGUFs). Configs and tokenizers always come.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct FluxParts {
-    pub skip_transformer: bool,
-    pub skip_t5: bool,
-    pub skip_vae: bool,
-}
-
-impl From<&FluxOverrides> for FluxParts {
-    fn from(o: &FluxOverrides) -> Self {
-        FluxParts {
-            skip_transformer: o.transformer_gguf.is_some() || o.transformer_file.is_some(),
-            skip_t5: o.t5_gguf.is_some(),
-            skip_vae: o.vae_file.is_some(),
-        }
-    }
-}
-
-/// Downloads the diffusers folder of FLUX.1-Fill-dev into `models/hub` (the Hugging Face cache
-/// layout, resumable) and returns the snapshot folder. Components replaced by overrides are skipped.
-/// `token` defaults to `HF_TOKEN`; `HF_ENDPOINT` is honoured.
-pub fn download_flux(models: &Path, token: Option<String>, o: &FluxOverrides) -> Result<PathBuf> {
-    let mut options = hub::HubOptions::from_env();
-    if let Some(t) = token.filter(|t| !t.is_empty()) {
-        options.token = Some(t);
-    }
-    let hub = hub::Hub::new(&models.join("hub"), options).map_err(|e| hub_err("", e))?;
-    download_flux_parts(&hub, FluxParts::from(o))
-}
-
-fn hub_err(file: &str, e: hub::HubError) -> FluxError {
-    let msg = e.to_string();
-    let msg = msg
-        .strip_prefix(&format!("{FLUX_FILL_REPO}/{file}: "))
-        .unwrap_or(&msg)
-        .to_string();
-    FluxError::Download {
-        repo: FLUX_FILL_REPO.into(),
-        file: file.into(),
-        msg,
-    }
-}
-
-/// [`download_flux`] through an existing client, leaving out `parts`.
-pub fn download_flux_parts(hub: &hub::Hub, parts: FluxParts) -> Result<PathBuf> {
-    let get = |f: &str| hub.get(FLUX_FILL_REPO, f).map_err(|e| hub_err(f, e));
-    let mut files: Vec<String> = vec![
-        "model_index.json".into(),
-        "scheduler/scheduler_config.json".into(),
-        "text_encoder/config.json".into(),
-        "text_encoder/model.safetensors".into(),
-        "tokenizer/vocab.json".into(),
-        "tokenizer/merges.txt".into(),
-        "tokenizer_2/tokenizer.json".into(),
-        "text_encoder_2/config.json".into(),
-        "transformer/config.json".into(),
-        "vae/config.json".into(),
-    ];
-    if !parts.skip_vae {
-        files.push("vae/diffusion_pytorch_model.safetensors".into());
-    }
-    let mut snapshot = None;
-    for f in &files {
-        let p = get(f)?;
-        if snapshot.is_none() {
-            snapshot = hub::snapshot_dir(&p, f);
-        }
-    }
-    // Not read by the loader; kept with the tokenizers when the repository has them (asked
-    // for only when listed, so that a second run makes no request for them).
-    let listed = hub.list(FLUX_FILL_REPO).ok().map(|l| l.files);
-    for f in [
-        "tokenizer/tokenizer_config.json",
-        "tokenizer/special_tokens_map.json",
-        "tokenizer_2/tokenizer_config.json",
-        "tokenizer_2/special_tokens_map.json",
-    ] {
-        if listed.as_ref().is_some_and(|l| !l.iter().any(|x| x == f)) {
-            continue;
-        }
-        match hub.get(FLUX_FILL_REPO, f) {
-            Ok(_) => {}
-            Err(hub::HubError::NotFound { .. }) => tracing::debug!(file = f, "not in the repo"),
-            Err(e) => return Err(hub_err(f, e)),
-        }
-    }
-    let shards = |index: &str| -> Result<Vec<String>> {
-        let p = get(index)?;
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p)?)
-            .map_err(|e| FluxError::bad_file(&p, e))?;
-        let mut out: Vec<String> = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .map(|m| {
-                m.values()
-                    .filter_map(|x| x.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
-        out.sort();
-        out.dedup();
-        if out.is_empty() {
-            return Err(FluxError::bad_file(&p, "no weight_map"));
-        }
-        Ok(out)
-    };
-    if !parts.skip_t5 {
-        for s in shards("text_encoder_2/model.safetensors.index.json")? {
-            get(&format!("text_encoder_2/{s}"))?;
-        }
-    }
-    if !parts.skip_transformer {
-        for s in shards("transformer/diffusion_pytorch_model.safetensors.index.json")? {
-            get(&format!("transformer/{s}"))?;
-        }
-    }
-    snapshot.ok_or_else(|| FluxError::Download {
-        repo: FLUX_FILL_REPO.into(),
-        file: "model_index.json".into(),
-        msg: "no snapshot folder".into(),
-    })
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::Device;
 
-use super::error::{FluxError, Result};
+use crate::error::{ModelError, Result};
 
 /// Accumulated time of one region.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,7 +63,7 @@ impl Profiler {
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Vec<RegionTime>>> {
         self.regions
             .lock()
-            .map_err(|_| FluxError::InvalidInput("profiler lock poisoned".into()))
+            .map_err(|_| ModelError::InvalidInput("profiler lock poisoned".into()))
     }
 }
 
@@ -105,7 +105,7 @@ mod tests {
     fn region_error_passes_through() {
         let p = Profiler::default();
         let r: Result<()> = region(Some(&p), &Device::Cpu, "x", || {
-            Err(FluxError::InvalidInput("boom".into()))
+            Err(ModelError::InvalidInput("boom".into()))
         });
         assert!(r.is_err());
     }

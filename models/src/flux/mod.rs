@@ -4,7 +4,7 @@
 //! order, dynamic-shift sigmas, Euler step in f32, schedule / timestep embedding / RoPE in f32–f64.
 //!
 //! Weights: the diffusers folder, BFL single files (`flux1-fill-dev.safetensors`, `ae.safetensors`) or
-//! GGUF (city96 transformer files; T5 encoders with HF or llama.cpp names). See `crate::weights`.
+//! GGUF (city96 transformer files; T5 encoders with HF or llama.cpp names). See [`crate::weights`].
 //!
 //! Placement on a 16 GB T4 (sm_75: f16 only, bf16 is refused): a Q5_K_M transformer (~8.4 GB) and an
 //! f16 T5-XXL (9.5 GB) do not fit together, so the default of "everything on one device" only suits
@@ -21,17 +21,15 @@
 //! ```
 
 pub mod config;
-pub mod error;
 pub mod pipeline;
 pub mod profile;
 pub mod sampling;
-pub mod store;
 pub mod text;
 pub mod transformer;
 pub mod vae;
 
-pub use error::FluxError;
+pub use crate::checkpoint::QuantMatmul;
+pub use crate::error::ModelError;
 pub use pipeline::{
     FillOutput, FillTimings, FillTrace, FluxFill, FluxLoadOptions, InpaintOptions, Placement, Step,
 };
-pub use store::QuantMatmul;

@@ -8,7 +8,7 @@ use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use pawfect_kernels as k;
 use serde::Deserialize;
 
-use crate::models::flux::error::{FluxError, Result};
+use crate::error::{ModelError, Result};
 
 /// `text_encoder/config.json`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -82,7 +82,7 @@ impl ClipTextModel {
         match cfg.hidden_act.as_str() {
             "quick_gelu" | "gelu" => {}
             o => {
-                return Err(FluxError::Weights(format!(
+                return Err(ModelError::Weights(format!(
                     "unsupported CLIP hidden_act {o}"
                 )));
             }
@@ -147,7 +147,7 @@ impl ClipTextModel {
         let ids = ids.to_device(&self.device)?;
         let (b, s) = ids.dims2()?;
         if s > self.cfg.max_position_embeddings {
-            return Err(FluxError::InvalidInput(format!(
+            return Err(ModelError::InvalidInput(format!(
                 "{s} CLIP tokens > {}",
                 self.cfg.max_position_embeddings
             )));

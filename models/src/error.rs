@@ -1,10 +1,11 @@
-//! Errors of the FLUX Fill pipeline.
+//! The model library's error type (weights, checkpoints, FLUX, T5, CLIP; Florence-2 has its own
+//! [`crate::florence2::Florence2Error`]).
 
 use std::path::PathBuf;
 
-/// What can go wrong loading or running FLUX.1-Fill-dev.
+/// What can go wrong finding, loading or running a model.
 #[derive(Debug, thiserror::Error)]
-pub enum FluxError {
+pub enum ModelError {
     /// The denoise loop was stopped by the progress callback.
     #[error("cancelled")]
     Cancelled,
@@ -34,13 +35,6 @@ pub enum FluxError {
     /// Tokenizer failure.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
-    /// Downloading from the Hugging Face Hub failed.
-    #[error("download of {repo}/{file} failed: {msg}")]
-    Download {
-        repo: String,
-        file: String,
-        msg: String,
-    },
     /// A numeric failure inside candle.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -48,11 +42,11 @@ pub enum FluxError {
     Io(#[from] std::io::Error),
 }
 
-pub type Result<T, E = FluxError> = std::result::Result<T, E>;
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 
-impl FluxError {
-    pub(crate) fn bad_file(path: impl Into<PathBuf>, msg: impl std::fmt::Display) -> Self {
-        FluxError::BadFile {
+impl ModelError {
+    pub fn bad_file(path: impl Into<PathBuf>, msg: impl std::fmt::Display) -> Self {
+        ModelError::BadFile {
             path: path.into(),
             msg: msg.to_string(),
         }

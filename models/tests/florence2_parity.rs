@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use pawfect_worker::models::florence2::processor::{florence_special_tokens, preprocess};
-use pawfect_worker::models::florence2::{Florence2, FlorenceTokenizer, Layout, Task};
+use pawfect_models::florence2::processor::{florence_special_tokens, preprocess};
+use pawfect_models::florence2::{Florence2, FlorenceTokenizer, Layout, Task};
 use serde_json::Value;
 
 const TOL: f32 = 1e-4;
@@ -304,7 +304,7 @@ fn florence2_parity_incremental_decoding_matches_full() {
 
 #[test]
 fn florence2_parity_beam_settings() {
-    use pawfect_worker::models::florence2::EarlyStopping;
+    use pawfect_models::florence2::EarlyStopping;
     let fx = load_fixtures();
     let model = fx.model("native");
     let max_new = fx.expected["max_new_tokens"].as_u64().unwrap() as usize;

@@ -7,16 +7,16 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{SchedulerConfig, TransformerConfig, VaeConfig, read_json};
-use super::error::{FluxError, Result};
 use super::sampling::{
     Rope, euler_step, model_time_inputs, pack_latents, pack_mask, sigmas, timesteps, unpack_latents,
 };
-use super::store::{GgufStore, LinearOpts, QuantMatmul, SafetensorsStore, WeightStore};
 use super::text::{PromptEmbeds, PromptTokenizer, TextEncoders};
 use super::transformer::{FluxTransformer, Layout, Loader};
 use super::vae::AutoEncoder;
-use crate::models::clip::{ClipTextConfig, ClipTextModel};
-use crate::models::t5::{T5Config, T5Encoder};
+use crate::checkpoint::{GgufStore, LinearOpts, QuantMatmul, SafetensorsStore, WeightStore};
+use crate::clip::{ClipTextConfig, ClipTextModel};
+use crate::error::{ModelError, Result};
+use crate::t5::{T5Config, T5Encoder};
 use crate::weights::{FluxModelPaths, T5Files, TransformerFiles};
 
 /// Device and dtype of one component.
@@ -185,10 +185,10 @@ pub fn check_dtype(device: &Device, dtype: DType) -> Result<()> {
             .context()
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
             .map_err(|e| {
-                FluxError::InvalidInput(format!("cannot read the compute capability: {e:?}"))
+                ModelError::InvalidInput(format!("cannot read the compute capability: {e:?}"))
             })?;
         if major < 8 {
-            return Err(FluxError::InvalidInput(format!(
+            return Err(ModelError::InvalidInput(format!(
                 "bf16 needs a GPU of compute capability 8.0 or newer (this one is {major}.x): use f16"
             )));
         }
@@ -248,7 +248,7 @@ impl FluxFill {
             VarBuilder::from_mmaped_safetensors(&paths.clip_weights, o.clip.dtype, &o.clip.device)
         }
         .map_err(|e| {
-            FluxError::bad_file(paths.clip_weights.first().cloned().unwrap_or_default(), e)
+            ModelError::bad_file(paths.clip_weights.first().cloned().unwrap_or_default(), e)
         })?;
         let clip = ClipTextModel::load(vb, &ccfg)?;
         let t5cfg = match &paths.t5_config {
@@ -311,14 +311,14 @@ impl FluxFill {
         let (w, h) = (w as usize, h as usize);
         let m = self.size_multiple();
         if (w, h) != (mask.width() as usize, mask.height() as usize) {
-            return Err(FluxError::InvalidInput(format!(
+            return Err(ModelError::InvalidInput(format!(
                 "image is {w}x{h} but mask is {}x{}",
                 mask.width(),
                 mask.height()
             )));
         }
         if w == 0 || h == 0 || w % m != 0 || h % m != 0 {
-            return Err(FluxError::InvalidInput(format!(
+            return Err(ModelError::InvalidInput(format!(
                 "image size {w}x{h} must be a non-zero multiple of {m}"
             )));
         }
@@ -345,7 +345,7 @@ impl FluxFill {
     }
 
     /// Inpaints `mask` (white = fill) of `image` (sizes multiple of 16) guided by `prompt`.
-    /// `progress` is called after each denoise step; returning `false` cancels (`FluxError::Cancelled`).
+    /// `progress` is called after each denoise step; returning `false` cancels (`ModelError::Cancelled`).
     pub fn inpaint(
         &self,
         image: &image::RgbImage,
@@ -368,7 +368,7 @@ impl FluxFill {
         progress: &mut dyn FnMut(Step) -> bool,
     ) -> Result<(FillOutput, FillTrace)> {
         if opts.steps == 0 {
-            return Err(FluxError::InvalidInput("steps must be at least 1".into()));
+            return Err(ModelError::InvalidInput("steps must be at least 1".into()));
         }
         let dev = self.transformer.device().clone();
         let dtype = self.transformer.dtype();
@@ -388,7 +388,7 @@ impl FluxFill {
             Some(n) if n.dims() == [1, lc, lh, lw] => pack_latents(&n.to_dtype(DType::F32)?)?,
             Some(n) if n.dims() == [1, l, 4 * lc] => n.to_dtype(DType::F32)?,
             Some(n) => {
-                return Err(FluxError::InvalidInput(format!(
+                return Err(ModelError::InvalidInput(format!(
                     "noise has shape {:?}, expected [1, {lc}, {lh}, {lw}] or [1, {l}, {}]",
                     n.dims(),
                     4 * lc
@@ -426,7 +426,7 @@ impl FluxFill {
                 step: i + 1,
                 total: ts.len(),
             }) {
-                return Err(FluxError::Cancelled);
+                return Err(ModelError::Cancelled);
             }
         }
         let denoise_ms = elapsed_ms(t1);

@@ -9,8 +9,8 @@
 use candle_core::{D, DType, Device, Tensor};
 use serde::Deserialize;
 
-use crate::models::flux::error::{FluxError, Result};
-use crate::models::flux::store::{Linear, LinearOpts, WeightStore};
+use crate::checkpoint::{Linear, LinearOpts, WeightStore};
+use crate::error::{ModelError, Result};
 
 /// `text_encoder_2/config.json` (the fields the encoder needs).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -71,7 +71,7 @@ impl T5Config {
             "relu" => Act::Relu,
             "silu" => Act::Silu,
             o => {
-                return Err(FluxError::Weights(format!(
+                return Err(ModelError::Weights(format!(
                     "unsupported T5 feed_forward_proj activation {o}"
                 )));
             }
@@ -233,7 +233,7 @@ impl T5Encoder {
                 store.dense(&rel_name, DType::F32)?.t()?.contiguous()?
             }
             Some(s) => {
-                return Err(FluxError::Weights(format!(
+                return Err(ModelError::Weights(format!(
                     "{rel_name} has shape {s:?}, expected [{nb}, {}]",
                     cfg.num_heads
                 )));

@@ -37,17 +37,17 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
-use pawfect_worker::models::flux::config::{TransformerConfig, VaeConfig};
-use pawfect_worker::models::flux::pipeline::{FluxFill, FluxLoadOptions, InpaintOptions};
-use pawfect_worker::models::flux::sampling::{
-    Rope, euler_step, model_time_inputs, pack_latents, sigmas, timesteps, unpack_latents,
-};
-use pawfect_worker::models::flux::store::{
+use pawfect_models::checkpoint::{
     GgufStore, LinearOpts, QuantMatmul, SafetensorsStore, WeightStore,
 };
-use pawfect_worker::models::flux::transformer::{F32Attention, FluxTransformer, Loader};
-use pawfect_worker::models::flux::vae::AutoEncoder;
-use pawfect_worker::weights::{FluxModelPaths, FluxOverrides};
+use pawfect_models::flux::config::{TransformerConfig, VaeConfig};
+use pawfect_models::flux::pipeline::{FluxFill, FluxLoadOptions, InpaintOptions};
+use pawfect_models::flux::sampling::{
+    Rope, euler_step, model_time_inputs, pack_latents, sigmas, timesteps, unpack_latents,
+};
+use pawfect_models::flux::transformer::{F32Attention, FluxTransformer, Loader};
+use pawfect_models::flux::vae::AutoEncoder;
+use pawfect_models::weights::{FluxModelPaths, FluxOverrides};
 
 fn arg(args: &[String], name: &str) -> Option<String> {
     args.iter()

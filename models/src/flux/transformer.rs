@@ -9,10 +9,10 @@ use candle_core::{D, DType, Device, Tensor};
 use pawfect_kernels as k;
 
 use super::config::TransformerConfig;
-use super::error::{FluxError, Result};
 use super::profile::{Profiler, RegionTime, region};
 use super::sampling::{Rope, timestep_embedding};
-use super::store::{Linear, LinearOpts, WeightStore};
+use crate::checkpoint::{Linear, LinearOpts, WeightStore};
+use crate::error::{ModelError, Result};
 
 const LN_EPS: f64 = 1e-6;
 const QK_EPS: f64 = 1e-6;
@@ -73,7 +73,7 @@ fn diffusers_module(bfl: &str) -> Result<Src> {
         return Ok(Src::SwapHalves("norm_out.linear".into()));
     }
     let parts: Vec<&str> = bfl.splitn(3, '.').collect();
-    let bad = || FluxError::Weights(format!("no diffusers name for {bfl}"));
+    let bad = || ModelError::Weights(format!("no diffusers name for {bfl}"));
     let [kind, idx, rest] = parts.as_slice() else {
         return Err(bad());
     };
@@ -183,7 +183,7 @@ impl Loader<'_> {
             Layout::Bfl { .. } => format!("{}.scale", self.bfl_name(module)),
             Layout::Diffusers => match diffusers_module(module)? {
                 Src::One(n) => format!("{n}.weight"),
-                _ => return Err(FluxError::Weights(format!("{module} is not a norm"))),
+                _ => return Err(ModelError::Weights(format!("{module} is not a norm"))),
             },
         };
         self.store.get(&name, &[dim], dtype)
@@ -217,7 +217,7 @@ impl Loader<'_> {
         } else if store.contains("model.diffusion_model.img_in.weight") {
             Ok(Layout::Bfl { comfy_prefix: true })
         } else {
-            Err(FluxError::Weights(format!(
+            Err(ModelError::Weights(format!(
                 "{}: not a FLUX transformer (neither img_in.weight nor x_embedder.weight found)",
                 store.origin().display()
             )))
@@ -254,7 +254,7 @@ impl Loader<'_> {
         let axes = if head_dim == 128 {
             vec![16, 56, 56]
         } else {
-            return Err(FluxError::Weights(format!(
+            return Err(ModelError::Weights(format!(
                 "{}: head dim {head_dim} has no known RoPE axes; provide the diffusers transformer/config.json",
                 store.origin().display()
             )));
@@ -439,7 +439,7 @@ impl FluxTransformer {
             Some(MlpEmbedder::load(l, "guidance_in", 256, h)?)
         } else {
             if l.has("guidance_in.in_layer") {
-                return Err(FluxError::Weights(
+                return Err(ModelError::Weights(
                     "checkpoint has guidance_in but config says guidance_embeds=false".into(),
                 ));
             }
@@ -529,7 +529,7 @@ impl FluxTransformer {
                 (temb + g_in.forward(&timestep_embedding(g, 256, &self.device)?.to_dtype(dt)?)?)?
             }
             (Some(_), None) => {
-                return Err(FluxError::InvalidInput(
+                return Err(ModelError::InvalidInput(
                     "this transformer needs a guidance value".into(),
                 ));
             }
@@ -565,7 +565,7 @@ impl FluxTransformer {
         let t_len = txt.dim(1)?;
         let l_len = img.dim(1)?;
         if rope.txt_len != t_len || rope.cos.dim(0)? != t_len + l_len {
-            return Err(FluxError::InvalidInput(format!(
+            return Err(ModelError::InvalidInput(format!(
                 "rope table for {} text + {} positions, inputs have {t_len} + {l_len}",
                 rope.txt_len,
                 rope.cos.dim(0)? - rope.txt_len

@@ -6,7 +6,59 @@
 //! repository's file list) and the loader (choosing among files on disk) go through
 //! [`choose_gguf`], so they agree on the file.
 
-use pawfect_api::ModelVariant;
+/// A FLUX.1-Fill-dev weight variant: a GGUF quantisation of the transformer, or the full `bf16`
+/// checkpoint. The worker maps the API's `ModelVariant` (the CRD's `spec.worker.modelVariant`) onto
+/// this enum at its adapter, so the models library does not depend on the Kubernetes types.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum ModelVariant {
+    Q4_0,
+    Q4KM,
+    #[default]
+    Q5KM,
+    Q8_0,
+    Bf16,
+}
+
+impl ModelVariant {
+    /// Every variant, smallest first.
+    pub const ALL: [ModelVariant; 5] = [
+        ModelVariant::Q4_0,
+        ModelVariant::Q4KM,
+        ModelVariant::Q5KM,
+        ModelVariant::Q8_0,
+        ModelVariant::Bf16,
+    ];
+
+    /// The name used on the command line and in the CRD (`q5_k_m`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelVariant::Q4_0 => "q4_0",
+            ModelVariant::Q4KM => "q4_k_m",
+            ModelVariant::Q5KM => "q5_k_m",
+            ModelVariant::Q8_0 => "q8_0",
+            ModelVariant::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::fmt::Display for ModelVariant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ModelVariant {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ModelVariant::ALL
+            .into_iter()
+            .find(|v| v.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = ModelVariant::ALL.iter().map(|v| v.as_str()).collect();
+                format!("unknown model variant {s:?} (one of: {})", names.join(", "))
+            })
+    }
+}
 
 /// GGUF tags accepted for `variant`'s FLUX transformer, best first; empty for `bf16` (the
 /// diffusers or BFL weights, no GGUF).

@@ -11,7 +11,7 @@ use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 use pawfect_kernels as k;
 
 use super::config::VaeConfig;
-use super::error::{FluxError, Result};
+use crate::error::{ModelError, Result};
 
 const EPS: f64 = 1e-6;
 
@@ -380,7 +380,7 @@ impl AutoEncoder {
         device: &Device,
     ) -> Result<Self> {
         if cfg.use_quant_conv || cfg.use_post_quant_conv {
-            return Err(FluxError::Weights(
+            return Err(ModelError::Weights(
                 "VAE configs with quant_conv are not FLUX VAEs".into(),
             ));
         }
@@ -388,9 +388,9 @@ impl AutoEncoder {
             VaeWeights::Diffusers(p) | VaeWeights::Bfl(p) => p.clone(),
         };
         if !path.is_file() {
-            return Err(FluxError::bad_file(&path, "file not found"));
+            return Err(ModelError::bad_file(&path, "file not found"));
         }
-        let map = |e: candle_core::Error| FluxError::bad_file(&path, e);
+        let map = |e: candle_core::Error| ModelError::bad_file(&path, e);
         // SAFETY: read-only mapping of a model file (see SafetensorsStore::open).
         let st = unsafe { MmapedSafetensors::new(&path) }.map_err(map)?;
         let vb = match weights {
@@ -407,9 +407,9 @@ impl AutoEncoder {
             ),
         };
         let encoder =
-            Encoder::new(cfg, vb.pp("encoder")).map_err(|e| FluxError::bad_file(&path, e))?;
+            Encoder::new(cfg, vb.pp("encoder")).map_err(|e| ModelError::bad_file(&path, e))?;
         let decoder =
-            Decoder::new(cfg, vb.pp("decoder")).map_err(|e| FluxError::bad_file(&path, e))?;
+            Decoder::new(cfg, vb.pp("decoder")).map_err(|e| ModelError::bad_file(&path, e))?;
         Ok(Self {
             cfg: cfg.clone(),
             encoder,
@@ -488,7 +488,7 @@ fn tiled(
     let limit = tile_out - blend;
     let (_, _, h, w) = x.dims4()?;
     if overlap == 0 {
-        return Err(FluxError::InvalidInput(format!(
+        return Err(ModelError::InvalidInput(format!(
             "VAE tile of {tile_in} is too small"
         )));
     }
@@ -553,6 +553,6 @@ fn blend_axis(a: &Tensor, b: &Tensor, extent: usize, dim: usize) -> Result<Tenso
 /// Whether a safetensors file is a BFL / LDM-named autoencoder.
 pub fn is_ldm_vae(path: &Path) -> Result<bool> {
     // SAFETY: read-only mapping of a model file (see SafetensorsStore::open).
-    let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| FluxError::bad_file(path, e))?;
+    let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| ModelError::bad_file(path, e))?;
     Ok(st.get("encoder.down.0.block.0.conv1.weight").is_ok())
 }

@@ -4,14 +4,14 @@
 
 use std::path::{Path, PathBuf};
 
-use pawfect_api::ModelVariant;
+use super::variant::ModelVariant;
 
 use super::variant::GgufChoice;
 use super::{FluxModelPaths, FluxOverrides, T5Files, TransformerFiles, overrides_for};
-use crate::models::florence2::weights as florence_weights;
-use crate::models::flux::FluxError;
-use crate::models::flux::store::inspect_gguf;
-use crate::models::flux::vae::VaeWeights;
+use crate::checkpoint::inspect_gguf;
+use crate::florence2::weights as florence_weights;
+use crate::flux::ModelError;
+use crate::flux::vae::VaeWeights;
 
 /// What to check.
 #[derive(Debug, Clone)]
@@ -216,7 +216,7 @@ pub fn check_models(models: &Path, o: &CheckOptions) -> CheckReport {
                 r.plain("tokenizer", &p.tokenizer.join(t));
             }
         }
-        Err(FluxError::MissingFiles { root, files, .. }) => {
+        Err(ModelError::MissingFiles { root, files, .. }) => {
             let placeholder = placeholder.display().to_string();
             for f in files.into_iter().filter(|f| *f != placeholder) {
                 if f.starts_with('(') {

@@ -13,9 +13,9 @@ use tokenizers::{
     TruncationParams, TruncationStrategy,
 };
 
-use super::error::{FluxError, Result};
-use crate::models::clip::ClipTextModel;
-use crate::models::t5::T5Encoder;
+use crate::clip::ClipTextModel;
+use crate::error::{ModelError, Result};
+use crate::t5::T5Encoder;
 
 /// The CLIP pre-tokenizer split pattern of transformers' `CLIPTokenizer`.
 const CLIP_SPLIT: &str =
@@ -25,9 +25,9 @@ fn read_json_opt(path: &Path) -> Result<Option<Value>> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).map_err(|e| FluxError::bad_file(path, e))?;
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::bad_file(path, e))?;
     Ok(Some(
-        serde_json::from_str(&text).map_err(|e| FluxError::bad_file(path, e))?,
+        serde_json::from_str(&text).map_err(|e| ModelError::bad_file(path, e))?,
     ))
 }
 
@@ -68,13 +68,13 @@ fn clip_tokenizer(dir: &Path) -> Result<Tokenizer> {
             (Some(Value::Object(vocab)), Some(Value::Array(merges))) => {
                 (vocab.clone(), merges.clone())
             }
-            _ => return Err(FluxError::bad_file(&json_path, "not a BPE tokenizer")),
+            _ => return Err(ModelError::bad_file(&json_path, "not a BPE tokenizer")),
         }
     } else {
         let vocab = match read_json_opt(&vocab_path)? {
             Some(Value::Object(m)) => m,
             _ => {
-                return Err(FluxError::bad_file(
+                return Err(ModelError::bad_file(
                     &vocab_path,
                     "missing or not a JSON object",
                 ));
@@ -82,7 +82,7 @@ fn clip_tokenizer(dir: &Path) -> Result<Tokenizer> {
         };
         let merges_path = dir.join("merges.txt");
         let text = std::fs::read_to_string(&merges_path)
-            .map_err(|e| FluxError::bad_file(&merges_path, e))?;
+            .map_err(|e| ModelError::bad_file(&merges_path, e))?;
         let merges = text
             .lines()
             .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
@@ -97,7 +97,7 @@ fn clip_tokenizer(dir: &Path) -> Result<Tokenizer> {
         vocab
             .get(t)
             .and_then(Value::as_u64)
-            .ok_or_else(|| FluxError::bad_file(&vocab_path, format!("no token {t}")))
+            .ok_or_else(|| ModelError::bad_file(&vocab_path, format!("no token {t}")))
     };
     let (bos_id, eos_id) = (id(&bos)?, id(&eos)?);
     let added = |t: &str, i: u64| json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true});
@@ -126,7 +126,7 @@ fn clip_tokenizer(dir: &Path) -> Result<Tokenizer> {
                   "end_of_word_suffix": "</w>", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
                   "vocab": vocab, "merges": merges}
     });
-    Tokenizer::from_bytes(spec.to_string().as_bytes()).map_err(|e| FluxError::bad_file(dir, e))
+    Tokenizer::from_bytes(spec.to_string().as_bytes()).map_err(|e| ModelError::bad_file(dir, e))
 }
 
 /// A tokenizer that pads/truncates to a fixed length like `padding="max_length", truncation=True`.
@@ -152,7 +152,7 @@ impl PromptTokenizer {
     pub fn t5(dir: &Path) -> Result<Self> {
         let path = dir.join("tokenizer.json");
         let mut v =
-            read_json_opt(&path)?.ok_or_else(|| FluxError::bad_file(&path, "file not found"))?;
+            read_json_opt(&path)?.ok_or_else(|| ModelError::bad_file(&path, "file not found"))?;
         let precompiled = {
             let n = v.get("normalizer").cloned().unwrap_or(Value::Null);
             let list = match n.get("type").and_then(Value::as_str) {
@@ -178,14 +178,14 @@ impl PromptTokenizer {
             );
         }
         let tok = Tokenizer::from_bytes(v.to_string().as_bytes())
-            .map_err(|e| FluxError::bad_file(&path, e))?;
+            .map_err(|e| ModelError::bad_file(&path, e))?;
         let pad = special(dir, "pad_token")?.unwrap_or_else(|| "<pad>".into());
         Self::new(tok, pad, 512, dir)
     }
 
     fn new(tok: Tokenizer, pad_token: String, max_length: usize, dir: &Path) -> Result<Self> {
         let pad_id = tok.token_to_id(&pad_token).ok_or_else(|| {
-            FluxError::bad_file(dir, format!("pad token {pad_token} not in the vocabulary"))
+            ModelError::bad_file(dir, format!("pad token {pad_token} not in the vocabulary"))
         })?;
         Ok(Self {
             tok,
@@ -204,7 +204,7 @@ impl PromptTokenizer {
             strategy: TruncationStrategy::LongestFirst,
             stride: 0,
         }))
-        .map_err(|e| FluxError::Tokenizer(e.to_string()))?;
+        .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         tok.with_padding(Some(PaddingParams {
             strategy: PaddingStrategy::Fixed(max_length),
             direction: PaddingDirection::Right,
@@ -215,7 +215,7 @@ impl PromptTokenizer {
         }));
         let enc = tok
             .encode(text, true)
-            .map_err(|e| FluxError::Tokenizer(e.to_string()))?;
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 }

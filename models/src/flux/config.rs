@@ -5,11 +5,11 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use super::error::{FluxError, Result};
+use crate::error::{ModelError, Result};
 
 pub(crate) fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| FluxError::bad_file(path, e))?;
-    serde_json::from_str(&text).map_err(|e| FluxError::bad_file(path, e))
+    let text = std::fs::read_to_string(path).map_err(|e| ModelError::bad_file(path, e))?;
+    serde_json::from_str(&text).map_err(|e| ModelError::bad_file(path, e))
 }
 
 /// `transformer/config.json` of `FluxTransformer2DModel`.
@@ -83,19 +83,21 @@ impl TransformerConfig {
     pub fn validate(&self) -> Result<()> {
         let axes: usize = self.axes_dims_rope.iter().sum();
         if axes != self.attention_head_dim || self.axes_dims_rope.iter().any(|d| d % 2 != 0) {
-            return Err(FluxError::Weights(format!(
+            return Err(ModelError::Weights(format!(
                 "axes_dims_rope {:?} must be even and sum to attention_head_dim {}",
                 self.axes_dims_rope, self.attention_head_dim
             )));
         }
         if self.patch_size != 1 {
-            return Err(FluxError::Weights(format!(
+            return Err(ModelError::Weights(format!(
                 "patch_size {} is not supported (FLUX uses 1)",
                 self.patch_size
             )));
         }
         if self.axes_dims_rope.len() != 3 {
-            return Err(FluxError::Weights("axes_dims_rope must have 3 axes".into()));
+            return Err(ModelError::Weights(
+                "axes_dims_rope must have 3 axes".into(),
+            ));
         }
         Ok(())
     }
