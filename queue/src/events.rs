@@ -167,8 +167,11 @@ fn decode_payload(kind: EventKind, json: &str) -> Result<EventPayload> {
     })
 }
 
-pub(crate) fn to_json<T: Serialize>(what: &'static str, v: &T) -> Result<String> {
-    serde_json::to_string(v).map_err(|source| QueueError::Json { what, source })
+impl Queue {
+    /// A reader of the events stream for the operator (consumer group `operator`).
+    pub async fn events(&self, consumer: &str) -> Result<EventsReader> {
+        EventsReader::new(self.clone(), consumer).await
+    }
 }
 
 /// Reads the events stream through the consumer group `operator`.

@@ -119,6 +119,14 @@
 //!   woken reader from the stream that woke it only, so an idle worker takes the first job to
 //!   arrive, whatever its priority (priority orders jobs that wait together).
 //!
+//! # Modules
+//!
+//! The module graph goes one way (checked by `tests/module_graph.rs`): `error`, `scripts`,
+//! `keys`, `reply`, `config` and `types` at the bottom; [`Queue`] (`queue.rs`) on them; the
+//! worker API ([`WorkerSession`], [`Claim`]: `worker.rs`) on the queue; the events reader
+//! (`events.rs`) on top. [`Queue::worker`] and [`Queue::events`] are defined next to what they
+//! return, so the queue handle never imports upwards.
+//!
 //! # Use
 //!
 //! Operator: [`Queue::connect`], [`Queue::enqueue`], [`Queue::cancel`], [`Queue::depth`],

@@ -12,15 +12,13 @@ use serde::Deserialize;
 
 use crate::config::QueueConfig;
 use crate::error::{QueueError, Result};
-use crate::events::{EventsReader, to_json};
 use crate::keys::{Keys, validate_name};
 use crate::reply::{self, ScriptReply};
 use crate::scripts;
 use crate::types::{
     BusyWorker, CancelOutcome, DeadLetter, Enqueued, JobRecord, JobRef, JobState, WorkerInfo,
-    parse_opt_u32, parse_priority, parse_ts,
+    parse_opt_u32, parse_priority, parse_ts, to_json,
 };
-use crate::worker::WorkerSession;
 
 /// Handle to the queue: cheap to clone (one auto-reconnecting multiplexed connection inside).
 #[derive(Clone)]
@@ -377,16 +375,6 @@ impl Queue {
             });
         }
         Ok(out)
-    }
-
-    /// A reader of the events stream for the operator (consumer group `operator`).
-    pub async fn events(&self, consumer: &str) -> Result<EventsReader> {
-        EventsReader::new(self.clone(), consumer).await
-    }
-
-    /// A worker session in `pool` under a unique worker name (the pod name).
-    pub async fn worker(&self, pool: &str, worker: &str) -> Result<WorkerSession> {
-        WorkerSession::new(self.clone(), pool, worker).await
     }
 
     /// State of a job, if known (a cheaper [`get_job`](Self::get_job)).

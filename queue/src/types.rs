@@ -396,6 +396,11 @@ pub struct DeadLetter {
     pub at: Timestamp,
 }
 
+/// A value as JSON for Redis (spec, timings, event payloads).
+pub(crate) fn to_json<T: Serialize>(what: &'static str, v: &T) -> Result<String, QueueError> {
+    serde_json::to_string(v).map_err(|source| QueueError::Json { what, source })
+}
+
 pub(crate) fn parse_opt_u32(
     what: &'static str,
     v: Option<String>,

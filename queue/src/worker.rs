@@ -10,13 +10,12 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::error::{QueueError, Result};
-use crate::events::to_json;
 use crate::keys::{WORKERS_GROUP, field, validate_name};
 use crate::queue::Queue;
 use crate::reply::{self, ScriptReply};
 use crate::scripts;
 use crate::types::{
-    Failure, JobRef, JobResult, JobState, Outcome, Progress, Standing, parse_priority,
+    Failure, JobRef, JobResult, JobState, Outcome, Progress, Standing, parse_priority, to_json,
 };
 
 /// One worker of one pool. Claims one job at a time; its name must be unique in the pool
@@ -49,6 +48,13 @@ struct Delivered {
     stream_index: u8,
     id: String,
     uid: Option<String>,
+}
+
+impl Queue {
+    /// A worker session in `pool` under a unique worker name (the pod name).
+    pub async fn worker(&self, pool: &str, worker: &str) -> Result<WorkerSession> {
+        WorkerSession::new(self.clone(), pool, worker).await
+    }
 }
 
 impl WorkerSession {
