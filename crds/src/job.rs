@@ -8,6 +8,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::conditions::{self, ConditionStatus};
+use crate::limits;
 
 /// Default number of denoising steps (FLUX.1-Fill-dev, see DESIGN.md).
 pub const DEFAULT_STEPS: u32 = 20;
@@ -23,6 +24,8 @@ pub const DEFAULT_TIMEOUT_SECONDS: u64 = 600;
 /// What to inpaint: the photo, the mask (white = fill) and where to write the result.
 ///
 /// The spec is immutable once created: to change a job, delete it and create a new one.
+// Its bounds are the constants of `limits` (read by the attributes below), which workers also
+// check at claim (`limits::check_limits`).
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "inpaint.pawfect.dev",
@@ -65,13 +68,13 @@ pub const DEFAULT_TIMEOUT_SECONDS: u64 = 600;
 #[x_kube(validation = Rule::new("self == oldSelf").message("spec is immutable: delete the InpaintJob and create a new one"))]
 pub struct InpaintJobSpec {
     /// URI of the photo (s3://, gs://, az://, file://, http(s)://). PNG, JPEG or WebP.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = limits::URI_LEN_MIN))]
     pub image: String,
     /// URI of the mask: same size as the photo (or resized, see the worker's mask policy); white = fill.
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = limits::URI_LEN_MIN))]
     pub mask: String,
     /// URI the result is written to (the format follows the extension: .png, .jpg, .webp).
-    #[schemars(length(min = 1))]
+    #[schemars(length(min = limits::URI_LEN_MIN))]
     pub output: String,
     /// Prompt override. Without it the worker builds one from `sceneLabels` or from a caption of the area.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -81,29 +84,30 @@ pub struct InpaintJobSpec {
     pub scene_labels: Option<Vec<String>>,
     /// Denoising steps.
     #[serde(default = "default_steps")]
-    #[schemars(range(min = 1, max = 100))]
+    #[schemars(range(min = limits::STEPS_MIN, max = limits::STEPS_MAX))]
     pub steps: u32,
     /// Guidance scale (FLUX guidance embedding).
     #[serde(default = "default_guidance")]
-    #[schemars(range(min = 0.0, max = 100.0))]
+    #[schemars(range(min = limits::GUIDANCE_SCALE_MIN, max = limits::GUIDANCE_SCALE_MAX))]
     pub guidance_scale: f64,
-    /// Seed of the initial noise; random when unset.
+    /// Seed of the initial noise (at most 2^53 − 1, exact in every JSON client); random when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = limits::SEED_MAX))]
     pub seed: Option<u64>,
     /// InpaintPool (same namespace) whose workers run this job.
     #[serde(default = "default_pool")]
-    #[schemars(length(min = 1, max = 63))]
+    #[schemars(length(min = limits::POOL_LEN_MIN, max = limits::POOL_LEN_MAX))]
     pub pool: String,
     /// Queue priority: `high` jobs are claimed before any `normal` job.
     #[serde(default)]
     pub priority: Priority,
     /// Attempts (the first included) before the job fails for good.
     #[serde(default = "default_max_attempts")]
-    #[schemars(range(min = 1, max = 20))]
+    #[schemars(range(min = limits::MAX_ATTEMPTS_MIN, max = limits::MAX_ATTEMPTS_MAX))]
     pub max_attempts: u32,
     /// Seconds from creation until the job is cancelled and marked Failed (DeadlineExceeded).
     #[serde(default = "default_timeout_seconds")]
-    #[schemars(range(min = 1, max = 86400))]
+    #[schemars(range(min = limits::TIMEOUT_SECONDS_MIN, max = limits::TIMEOUT_SECONDS_MAX))]
     pub timeout_seconds: u64,
     /// Seconds after the job finished (Succeeded, Failed or Cancelled) before it is deleted. Kept forever when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]

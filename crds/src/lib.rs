@@ -4,6 +4,7 @@
 
 pub mod conditions;
 pub mod job;
+pub mod limits;
 pub mod pool;
 
 pub use conditions::ConditionStatus;
@@ -11,6 +12,7 @@ pub use job::{
     InpaintJob, InpaintJobSpec, InpaintJobStatus, JobPhase, JobProgress, Priority, PromptSource,
     StageTimings,
 };
+pub use limits::{LimitError, check_limits};
 pub use pool::{
     InpaintPool, InpaintPoolSpec, InpaintPoolStatus, ModelVariant, ModelVolume, QueueDepth,
     WorkerTemplate,

@@ -145,3 +145,101 @@ fn printer_columns_and_names() {
     assert_eq!(crd["spec"]["names"]["categories"][0], "pawfect");
     assert!(crd["spec"]["versions"][0]["subresources"]["status"].is_object());
 }
+
+/// The committed schema and `check_limits` (what a worker runs at claim) are one definition:
+/// for every bound of the spec in the schema, a value at the bound passes both the API-server
+/// emulation and `check_limits`, and one just past it fails both (or cannot even be read into
+/// the spec type, which the worker treats the same way: `InvalidInput`).
+#[test]
+fn schema_bounds_and_check_limits_agree() {
+    let base = read_yaml(&workspace_root().join("examples/jobs/minimal.yaml"));
+    let schema = committed_schema("InpaintJob");
+    let props = schema["properties"]["spec"]["properties"]
+        .as_object()
+        .expect("spec properties");
+    // What the spec type and check_limits make of a manifest: Ok, or why not.
+    let worker_view = |m: &Value| -> Result<(), String> {
+        let spec: pawfect_api::InpaintJobSpec =
+            serde_json::from_value(m["spec"].clone()).map_err(|e| e.to_string())?;
+        pawfect_api::check_limits(&spec).map_err(|e| e.to_string())
+    };
+    let with = |field: &str, v: Value| {
+        let mut m = base.clone();
+        m["spec"][field] = v;
+        m
+    };
+    let mut checked = Vec::new();
+    for (field, p) in props {
+        let integer = p["type"] == "integer";
+        for (key, past) in [("minimum", -1.0), ("maximum", 1.0)] {
+            let Some(bound) = p[key].as_f64() else {
+                continue;
+            };
+            let (at, beyond) = if integer {
+                let b = bound as i128;
+                (
+                    Value::from(b as i64),
+                    Value::from((b + past as i128) as i64),
+                )
+            } else {
+                (Value::from(bound), Value::from(bound + past))
+            };
+            let at_m = with(field, at.clone());
+            assert_eq!(validate(&at_m, None), Ok(()), "{field} = {at}: schema");
+            assert_eq!(worker_view(&at_m), Ok(()), "{field} = {at}: worker");
+            let beyond_m = with(field, beyond.clone());
+            assert!(
+                validate(&beyond_m, None).is_err(),
+                "{field} = {beyond}: schema accepts"
+            );
+            let err =
+                worker_view(&beyond_m).expect_err(&format!("{field} = {beyond}: worker accepts"));
+            assert!(
+                err.contains(field) || err.contains("invalid value"),
+                "{field}: {err}"
+            );
+            checked.push(format!("{field}.{key}"));
+        }
+        for (key, past) in [("minLength", -1i64), ("maxLength", 1)] {
+            let Some(bound) = p[key].as_i64() else {
+                continue;
+            };
+            let s = |n: i64| Value::from("a".repeat(n.max(0) as usize));
+            let at_m = with(field, s(bound.max(1)));
+            assert_eq!(validate(&at_m, None), Ok(()), "{field} at {key}: schema");
+            assert_eq!(worker_view(&at_m), Ok(()), "{field} at {key}: worker");
+            let beyond_m = with(field, s(bound + past));
+            assert!(
+                validate(&beyond_m, None).is_err(),
+                "{field} past {key}: schema accepts"
+            );
+            let err =
+                worker_view(&beyond_m).expect_err(&format!("{field} past {key}: worker accepts"));
+            assert!(err.contains(field), "{field}: {err}");
+            checked.push(format!("{field}.{key}"));
+        }
+    }
+    checked.sort();
+    assert_eq!(
+        checked,
+        [
+            "guidanceScale.maximum",
+            "guidanceScale.minimum",
+            "image.minLength",
+            "mask.minLength",
+            "maxAttempts.maximum",
+            "maxAttempts.minimum",
+            "output.minLength",
+            "pool.maxLength",
+            "pool.minLength",
+            "seed.maximum",
+            "seed.minimum",
+            "steps.maximum",
+            "steps.minimum",
+            "timeoutSeconds.maximum",
+            "timeoutSeconds.minimum",
+            "ttlSecondsAfterFinished.minimum",
+        ],
+        "a bound was added to or dropped from the schema: check check_limits and this list"
+    );
+}
