@@ -37,7 +37,8 @@ pub mod reasons {
     pub const INVALID_INPUT: &str = "InvalidInput";
     /// Every attempt failed; the job was dead-lettered.
     pub const ATTEMPTS_EXHAUSTED: &str = "AttemptsExhausted";
-    /// The worker reported an error (model, storage, out of memory).
+    /// The worker failed without a reason of its own (its reasons, e.g. `InputNotFound`,
+    /// `OutOfMemory`, `AddressNotAllowed`, reach the status as they are).
     pub const WORKER_ERROR: &str = "WorkerError";
     /// `timeoutSeconds` passed before the job finished.
     pub const DEADLINE_EXCEEDED: &str = "DeadlineExceeded";

@@ -273,7 +273,7 @@ async fn cleanup(job: &InpaintJob, ctx: &Context) -> Result<Action> {
         job,
         &status::JobEvent {
             warning: false,
-            reason: pawfect_api::conditions::reasons::CANCELLED,
+            reason: pawfect_api::conditions::reasons::CANCELLED.into(),
             action: "Cancel",
             note: note.into(),
         },
@@ -330,13 +330,13 @@ async fn publish(ctx: &Context, job: &InpaintJob, ev: &status::JobEvent) {
         } else {
             EventType::Normal
         },
-        reason: ev.reason.into(),
+        reason: ev.reason.clone(),
         note: Some(ev.note.clone()),
         action: ev.action.into(),
         secondary: None,
     };
     if let Err(e) = ctx.recorder.publish(&event, &job.object_ref(&())).await {
-        warn!(job = %job.name_any(), reason = ev.reason, %e, "cannot publish event");
+        warn!(job = %job.name_any(), reason = %ev.reason, %e, "cannot publish event");
     }
 }
 

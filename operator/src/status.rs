@@ -52,7 +52,7 @@ pub struct QueueJob {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JobEvent {
     pub warning: bool,
-    pub reason: &'static str,
+    pub reason: String,
     pub action: &'static str,
     pub note: String,
 }
@@ -215,15 +215,22 @@ fn finish_failed(
     refresh_duration(s, now);
 }
 
-/// Known failure reasons pass through; anything else from a worker is a `WorkerError`.
-fn failure_reason(r: Option<&str>) -> &'static str {
+/// The worker's failure reason (`InputNotFound`, `AddressNotAllowed`, `OutputIsInput`, …)
+/// passes through to the status, the `Failed` condition and the Event, so `kubectl get ij`
+/// says why; a missing reason, or one that is not a CamelCase word (a condition reason must
+/// be one), becomes `WorkerError`.
+fn failure_reason(r: Option<&str>) -> String {
     match r {
-        Some(reasons::INVALID_INPUT) => reasons::INVALID_INPUT,
-        Some(reasons::ATTEMPTS_EXHAUSTED) => reasons::ATTEMPTS_EXHAUSTED,
-        Some(reasons::DEADLINE_EXCEEDED) => reasons::DEADLINE_EXCEEDED,
-        Some(reasons::CANCELLED) => reasons::CANCELLED,
-        _ => reasons::WORKER_ERROR,
+        Some(r) if is_reason_word(r) => r.to_string(),
+        _ => reasons::WORKER_ERROR.to_string(),
     }
+}
+
+/// One CamelCase word of at most 64 ASCII letters and digits.
+fn is_reason_word(r: &str) -> bool {
+    r.len() <= 64
+        && r.starts_with(|c: char| c.is_ascii_uppercase())
+        && r.chars().all(|c| c.is_ascii_alphanumeric())
 }
 
 /// The status that mirrors the queue's view of a job that was enqueued.
@@ -344,7 +351,7 @@ pub fn from_queue(
                 .clone()
                 .filter(|m| !m.is_empty())
                 .unwrap_or_else(|| format!("failed ({attempts})"));
-            finish_failed(&mut s, reason, &msg, q.finished_at.unwrap_or(now), now);
+            finish_failed(&mut s, &reason, &msg, q.finished_at.unwrap_or(now), now);
             s.phase = Some(JobPhase::Failed);
         }
         QueueState::Cancelled => {
@@ -386,9 +393,9 @@ pub fn events(old: Option<&InpaintJobStatus>, new: &InpaintJobStatus) -> Vec<Job
     let old_reason = old.and_then(|s| s.reason.as_deref());
     let new_phase = new.phase.unwrap_or_default();
     let note = new.message.clone().unwrap_or_default();
-    let ev = |warning, reason, action| JobEvent {
+    let ev = |warning, reason: &str, action| JobEvent {
         warning,
-        reason,
+        reason: reason.to_string(),
         action,
         note: note.clone(),
     };
@@ -429,8 +436,8 @@ pub fn events(old: Option<&InpaintJobStatus>, new: &InpaintJobStatus) -> Vec<Job
         }
         JobPhase::Succeeded | JobPhase::Failed | JobPhase::Cancelled if !same_phase => {
             let reason = match new_phase {
-                JobPhase::Succeeded => reasons::SUCCEEDED,
-                JobPhase::Cancelled => reasons::CANCELLED,
+                JobPhase::Succeeded => reasons::SUCCEEDED.to_string(),
+                JobPhase::Cancelled => reasons::CANCELLED.to_string(),
                 _ => failure_reason(new.reason.as_deref()),
             };
             let action = match new_phase {
@@ -438,7 +445,7 @@ pub fn events(old: Option<&InpaintJobStatus>, new: &InpaintJobStatus) -> Vec<Job
                 JobPhase::Cancelled => "Cancel",
                 _ => "Fail",
             };
-            vec![ev(new_phase != JobPhase::Succeeded, reason, action)]
+            vec![ev(new_phase != JobPhase::Succeeded, &reason, action)]
         }
         _ => vec![],
     }
@@ -545,7 +552,10 @@ mod tests {
         );
         let e = events(Some(&s0), &s1);
         assert_eq!(e.len(), 1);
-        assert_eq!((e[0].reason, e[0].warning), (reasons::CLAIMED, false));
+        assert_eq!(
+            (e[0].reason.as_str(), e[0].warning),
+            (reasons::CLAIMED, false)
+        );
 
         // Progress: a status change without an event.
         let s2 = from_queue(&j, Some(&s1), &running(1, "t4-worker-abc", 12), ts(9));
@@ -616,7 +626,10 @@ mod tests {
                 .contains("worker w-a stopped")
         );
         let e = events(Some(&s1), &s2);
-        assert_eq!((e[0].reason, e[0].warning), (reasons::RETRYING, true));
+        assert_eq!(
+            (e[0].reason.as_str(), e[0].warning),
+            (reasons::RETRYING, true)
+        );
         // Taken over directly by another worker (XAUTOCLAIM): Running → Running, new attempt.
         let s3 = from_queue(&j, Some(&s1), &running(2, "w-b", 0), ts(71));
         assert_eq!(s3.worker.as_deref(), Some("w-b"));
@@ -642,7 +655,10 @@ mod tests {
             Some("the worker stopped before finishing (worker shutting down); back in the queue")
         );
         let e = events(Some(&s1), &s2);
-        assert_eq!((e[0].reason, e[0].warning), (reasons::RETRYING, true));
+        assert_eq!(
+            (e[0].reason.as_str(), e[0].warning),
+            (reasons::RETRYING, true)
+        );
         assert!(events(Some(&s2), &from_queue(&j, Some(&s2), &back, ts(30))).is_empty());
     }
 
@@ -653,7 +669,13 @@ mod tests {
         for (given, want) in [
             (Some("InvalidInput"), reasons::INVALID_INPUT),
             (Some("AttemptsExhausted"), reasons::ATTEMPTS_EXHAUSTED),
-            (Some("OutOfMemory"), reasons::WORKER_ERROR),
+            // The worker's own reason reaches the status: it says why.
+            (Some("OutOfMemory"), "OutOfMemory"),
+            (Some("AddressNotAllowed"), "AddressNotAllowed"),
+            (Some("OutputIsInput"), "OutputIsInput"),
+            // Not a condition reason word: the generic one.
+            (Some("not a word"), reasons::WORKER_ERROR),
+            (Some(""), reasons::WORKER_ERROR),
             (None, reasons::WORKER_ERROR),
         ] {
             let f = QueueJob {
@@ -673,7 +695,7 @@ mod tests {
             assert!(!is_true(&s.conditions, RUNNING));
             assert!(s.condition(COMPLETE).is_none());
             let e = events(Some(&s1), &s);
-            assert_eq!((e[0].reason, e[0].warning), (want, true));
+            assert_eq!((e[0].reason.as_str(), e[0].warning), (want, true));
             assert_eq!(e[0].note, "mask is empty");
         }
         let c = from_queue(&j, Some(&s1), &q(QueueState::Cancelled), ts(9));
@@ -713,7 +735,7 @@ mod tests {
         assert!(is_true(&d.conditions, FAILED));
         let e = events(Some(&s), &d);
         assert_eq!(
-            (e[0].reason, e[0].warning),
+            (e[0].reason.as_str(), e[0].warning),
             (reasons::DEADLINE_EXCEEDED, true)
         );
     }
