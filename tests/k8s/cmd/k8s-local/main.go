@@ -1,0 +1,58 @@
+// k8s-local is kube-apiserver, kube-controller-manager and etcd in one binary, so that the
+// packages they share are compiled and linked once. It runs the program named by the name it is
+// called by (scripts/local-k8s.sh links etcd, kube-apiserver and kube-controller-manager to it)
+// or by its first argument: `k8s-local kube-apiserver --help`. It also has the few helpers the
+// script needs (certificates, readiness, fake nodes), so that the script needs neither openssl
+// nor curl nor kubectl.
+package main
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	_ "time/tzdata" // CronJob time zones, as in the upstream main packages
+
+	"github.com/spf13/cobra"
+	"go.etcd.io/etcd/server/v3/etcdmain"
+	"k8s.io/component-base/cli"
+	_ "k8s.io/component-base/logs/json/register"          // JSON log format
+	_ "k8s.io/component-base/metrics/prometheus/clientgo" // client-go metrics
+	_ "k8s.io/component-base/metrics/prometheus/version"  // version metric
+	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
+	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
+)
+
+var programs = map[string]func(args []string) int{
+	"etcd": func(args []string) int {
+		etcdmain.Main(append([]string{"etcd"}, args...))
+		return 0
+	},
+	"kube-apiserver": func(args []string) int {
+		return runCobra(apiserver.NewAPIServerCommand(), args)
+	},
+	"kube-controller-manager": func(args []string) int {
+		return runCobra(controllermanager.NewControllerManagerCommand(), args)
+	},
+	// Helpers of scripts/local-k8s.sh.
+	"pki":   pkiMain,
+	"ready": readyMain,
+	"nodes": nodesMain,
+}
+
+func runCobra(cmd *cobra.Command, args []string) int {
+	cmd.SetArgs(args)
+	return cli.Run(cmd)
+}
+
+func main() {
+	if run, ok := programs[filepath.Base(os.Args[0])]; ok {
+		os.Exit(run(os.Args[1:]))
+	}
+	if len(os.Args) > 1 {
+		if run, ok := programs[os.Args[1]]; ok {
+			os.Exit(run(os.Args[2:]))
+		}
+	}
+	fmt.Fprintln(os.Stderr, "usage: k8s-local etcd|kube-apiserver|kube-controller-manager|pki|ready|nodes [flags]")
+	os.Exit(2)
+}
