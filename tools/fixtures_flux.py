@@ -5,13 +5,21 @@
 The pipeline keeps the real structure (16 latent channels, VAE scale factor 8, transformer 384 in / 64 out
 with guidance embeddings, CLIP text tower pooled output, T5 v1.1 encoder with gated GELU, dynamic-shift
 flow-matching schedule) at tiny widths, written with `save_pretrained` in the diffusers layout, sharded like
-the Hub checkpoint. Tokenizers are trained here on a small corpus and saved in the formats the Hub repo uses
-(CLIP: vocab.json + merges.txt, T5: tokenizer.json). All weights are rounded to f16 and stored as f16; the
+the Hub checkpoint. Tokenizers are built here from a small corpus by deterministic code (BPE merges for CLIP, a
+Unigram model for T5) and saved in the formats the Hub repo uses (CLIP: vocab.json + merges.txt, T5:
+tokenizer.json), so that a seed reproduces every file byte for byte. All weights are rounded to f16 and stored as f16; the
 references are computed in f32 from the saved files.
 
 Besides the diffusers folder it writes the same transformer as a BFL single file (`bfl/`) and as city96-style
 GGUF files (Q8_0 written by gguf-py; Q5_K quantized by candle through the `flux_gguf_quantize` example,
-because gguf-py cannot quantize K types), each with diffusers' output for the same inputs.
+because gguf-py cannot quantize K types), each with two references for the same inputs: the transformer on
+gguf-py's exact f32 dequantization of the file (`ref/gguf_exact_transformer_out`), and diffusers' own GGUF model
+(`ref/gguf_transformer_out`), whose f16 dequantization rounds the weights (see `_gguf_exact`). The manifest
+records digests of gguf-py's dequantization of every quantized tensor (`gguf_dequant_digest`) and the size of
+diffusers' weight rounding.
+
+Any seed gives a valid fixture set (`tools/check_fixture_seeds.sh` runs the parity tests on several); the
+committed one is seed 0.
 
 Every file read by the tests is listed in `manifest.json`.
 """
@@ -117,16 +125,56 @@ def _f16_round_(module: torch.nn.Module, gen: torch.Generator) -> None:
             p.copy_(v.half().float())
 
 
-def _train_clip_tokenizer(out_dir: str) -> None:
-    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
-    from tokenizers.models import BPE
-    from tokenizers.trainers import BpeTrainer
+# The tokenizers are built here by deterministic code rather than by the `tokenizers` trainers: those break ties
+# through hash-map order (random per process), so two runs with the same seed gave different merges / vocab order.
+def _bytes_to_unicode() -> list:
+    """GPT-2 / CLIP byte -> printable character table, in CLIP's vocabulary order."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1)) + \
+        list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
 
-    tok = Tokenizer(BPE(continuing_subword_prefix="", end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
-    tok.normalizer = normalizers.Sequence(
+
+def _bpe_merges(words: dict, n_merges: int) -> list:
+    """Plain BPE training: repeatedly merge the most frequent adjacent pair (ties: the smallest pair)."""
+    merges = []
+    for _ in range(n_merges):
+        pairs = {}
+        for w, c in words.items():
+            for p in zip(w, w[1:]):
+                pairs[p] = pairs.get(p, 0) + c
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        new = {}
+        for w, c in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+                    out.append(w[i] + w[i + 1])
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            new[tuple(out)] = new.get(tuple(out), 0) + c
+        words = new
+    return merges
+
+
+def _train_clip_tokenizer(out_dir: str) -> None:
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    normalizer = normalizers.Sequence(
         [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
     )
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
+    pre = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(
                 Regex(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
@@ -136,32 +184,21 @@ def _train_clip_tokenizer(out_dir: str) -> None:
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ]
     )
-    tok.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = BpeTrainer(
-        vocab_size=700,
-        min_frequency=1,
-        show_progress=False,
-        initial_alphabet=alphabet,
-        end_of_word_suffix="</w>",
-        special_tokens=[],
-    )
-    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
-    model = json.loads(tok.to_str())["model"]
-    vocab = model["vocab"]
-    merges = model["merges"]
+    words = {}
+    for text in CORPUS * 4:
+        for piece, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)):
+            w = tuple(piece[:-1]) + (piece[-1] + "</w>",)
+            words[w] = words.get(w, 0) + 1
+    merges = _bpe_merges(words, 280)
     # As in openai/clip-vit-large-patch14: every byte alone and as a word end, the merges, then the two specials
     # with the largest ids (pooling relies on <|endoftext|> being the largest id).
-    ordered = []
-    for ch in sorted(alphabet, key=lambda c: vocab.get(c, 1 << 30)):
-        ordered.append(ch)
-    for ch in list(ordered):
-        ordered.append(ch + "</w>")
+    alphabet = _bytes_to_unicode()
+    ordered = alphabet + [c + "</w>" for c in alphabet]
     seen = set(ordered)
-    for t, _ in sorted(vocab.items(), key=lambda kv: kv[1]):
-        if t not in seen:
-            ordered.append(t)
-            seen.add(t)
+    for a, b in merges:
+        if a + b not in seen:
+            ordered.append(a + b)
+            seen.add(a + b)
     ordered += ["<|startoftext|>", "<|endoftext|>"]
     new_vocab = {t: i for i, t in enumerate(ordered)}
     os.makedirs(out_dir, exist_ok=True)
@@ -169,23 +206,34 @@ def _train_clip_tokenizer(out_dir: str) -> None:
         json.dump(new_vocab, f, ensure_ascii=False)
     with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
         f.write("#version: 0.2\n")
-        for m in merges:
-            f.write((m if isinstance(m, str) else " ".join(m)) + "\n")
+        for a, b in merges:
+            f.write(f"{a} {b}\n")
 
 
 def _train_t5_tokenizer():
+    """A Unigram model over the corpus' substrings (up to 6 characters, seen at least twice), scored by log
+    frequency: the structure of T5's SentencePiece tokenizer, built deterministically."""
     from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
     from tokenizers.models import Unigram
-    from tokenizers.trainers import UnigramTrainer
 
-    tok = Tokenizer(Unigram())
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Replace(Regex(" {2,}"), " ")])
+    pre = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    counts = {}
+    for text in CORPUS * 4:
+        for piece, _ in pre.pre_tokenize_str(normalizer.normalize_str(text)):
+            for i in range(len(piece)):
+                for j in range(i + 1, min(len(piece), i + 6) + 1):
+                    counts[piece[i:j]] = counts.get(piece[i:j], 0) + 1
+    chars = sorted(t for t in counts if len(t) == 1)
+    multi = sorted((t for t in counts if len(t) > 1 and counts[t] >= 2), key=lambda t: (-counts[t] * len(t), t))
+    pieces = chars + multi[: 200 - 3 - len(chars)]
+    total = sum(counts[t] for t in pieces)
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [(t, math.log(counts[t] / total)) for t in sorted(pieces, key=lambda t: (-counts[t], t))]
+    tok = Tokenizer(Unigram(vocab, unk_id=2))
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre
     tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
-    trainer = UnigramTrainer(
-        vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False
-    )
-    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
     )
@@ -338,6 +386,48 @@ def _write_gguf(bfl: dict, path: str, plan: dict, qtype) -> None:
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def _digest(v: np.ndarray) -> str:
+    """Sum of the f32 bit patterns times (2i+1), mod 2^64 (models/tests/gguf_dequant.rs computes the same)."""
+    bits = np.ascontiguousarray(v, dtype=np.float32).reshape(-1).view(np.uint32).astype(np.uint64)
+    mult = np.arange(bits.size, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    with np.errstate(over="ignore"):
+        return f"{int(np.sum(bits * mult, dtype=np.uint64)):016x}"
+
+
+def _gguf_exact(path: str):
+    """gguf-py's f32 dequantization of every tensor of a GGUF file (name -> torch f32), the weight-level
+    comparison of diffusers' dequantize_gguf_tensor with it, and a digest of each quantized tensor."""
+    import gguf
+    from diffusers.quantizers.gguf.utils import GGUFParameter, dequantize_functions, dequantize_gguf_tensor
+
+    exact, digests = {}, {}
+    worst = {"max_abs_over_abs": 0.0, "max_rel_l2": 0.0, "tensors": 0, "dtype": None, "f32_variant_equal": True}
+    for t in gguf.GGUFReader(path).tensors:
+        data = np.array(t.data)
+        w = gguf.quants.dequantize(data, t.tensor_type).astype(np.float32, copy=False)
+        exact[t.name] = torch.from_numpy(np.ascontiguousarray(w))
+        qt = gguf.GGMLQuantizationType(t.tensor_type)
+        if qt in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16):
+            continue
+        digests[t.name] = _digest(w)
+        raw = torch.from_numpy(data.copy())
+        d = dequantize_gguf_tensor(GGUFParameter(raw, quant_type=qt))
+        worst["dtype"] = str(d.dtype)
+        d = d.float().numpy().reshape(w.shape)
+        e = np.abs(d - w)
+        nz = w != 0
+        worst["max_abs_over_abs"] = max(worst["max_abs_over_abs"], float((e[nz] / np.abs(w[nz])).max()))
+        worst["max_rel_l2"] = max(worst["max_rel_l2"], float(np.linalg.norm(d - w) / np.linalg.norm(w)))
+        worst["tensors"] += 1
+        # The same diffusers block dequantizer asked for float32 gives gguf-py's values: the f16 evaluation is
+        # the only difference.
+        block, size = gguf.constants.GGML_QUANT_SIZES[qt]
+        blocks = raw.view(torch.uint8).reshape(-1, size)
+        d32 = dequantize_functions[qt](blocks, block, size, dtype=torch.float32).reshape(w.shape).numpy()
+        worst["f32_variant_equal"] &= bool(np.array_equal(d32.view(np.uint32), w.view(np.uint32)))
+    return exact, worst, digests
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -561,20 +651,43 @@ def main(seed: int, out: str) -> None:
     with open(names, "w") as f:
         f.write("\n".join(k for k, v in plan_k.items() if v == "Q") + "\n")
     q5k = os.path.join(gdir, "flux1-fill-dev-Q5_K.gguf")
-    subprocess.run(["cargo", "run", "--quiet", "-p", "pawfect-worker", "--example", "flux_gguf_quantize", "--",
+    subprocess.run(["cargo", "run", "--quiet", "-p", "pawfect-models", "--example", "flux_gguf_quantize", "--",
                     src, q5k, "q5k", names], check=True, cwd=REPO)
     os.remove(src)
     os.remove(names)
-    gguf_out = {}
+    # Two references per file:
+    # - "exact": the dense transformer on gguf-py's f32 dequantization of every tensor (what ggml computes);
+    #   QuantMatmul::Dequant must match it at the dense bound.
+    # - "diffusers": diffusers' own GGUF model. Its dequantize_gguf_tensor evaluates d*q (and the K-quant scale
+    #   products) in float16 before casting to compute_dtype, so its weights are rounded; the parity test bounds
+    #   that rounding. The weight-level evidence for it goes into the manifest.
+    gguf_out, exact_out, digests = {}, {}, {}
     for tag, path in (("q8_0", q8), ("q5_k", q5k)):
         m = FluxTransformer2DModel.from_single_file(
             path, quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32), config=pipe_dir,
             subfolder="transformer", torch_dtype=torch.float32)
         gguf_out[tag] = m(**tr_kwargs)[0]
-        r = ((gguf_out[tag] - v0).norm() / v0.norm()).item()
-        manifest[f"gguf_{tag}_vs_dense_rel"] = r
-        print(f"gguf {tag}: rel err vs dense {r:.3e}", file=sys.stderr)
+        del m
+        exact, evidence, digests[os.path.relpath(path, out)] = _gguf_exact(path)
+        exact_file = os.path.join(gdir, f"_exact_{tag}.safetensors")
+        save_file(exact, exact_file)
+        me = FluxTransformer2DModel.from_single_file(exact_file, config=pipe_dir, subfolder="transformer",
+                                                     torch_dtype=torch.float32)
+        assert all(p.dtype == torch.float32 for p in me.parameters())
+        exact_out[tag] = me(**tr_kwargs)[0]
+        del me
+        os.remove(exact_file)
+        rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+        manifest[f"gguf_{tag}_vs_dense_rel"] = rel(gguf_out[tag], v0)
+        manifest[f"gguf_{tag}_diffusers_vs_exact_rel"] = rel(gguf_out[tag], exact_out[tag])
+        manifest[f"gguf_{tag}_diffusers_weights"] = evidence
+        print(f"gguf {tag}: diffusers vs dense {rel(gguf_out[tag], v0):.3e}, exact vs dense "
+              f"{rel(exact_out[tag], v0):.3e}, diffusers vs exact {rel(gguf_out[tag], exact_out[tag]):.3e}; "
+              f"weights: {evidence}", file=sys.stderr)
+    manifest["gguf_dequant_digest"] = digests
     save_file({k: v.contiguous() for k, v in gguf_out.items()}, os.path.join(ref, "gguf_transformer_out.safetensors"))
+    save_file({k: v.contiguous() for k, v in exact_out.items()},
+              os.path.join(ref, "gguf_exact_transformer_out.safetensors"))
 
     manifest["files"] = sorted(
         os.path.relpath(os.path.join(dp, f), out) for dp, _, fs in os.walk(out) for f in fs

@@ -3,6 +3,7 @@
 
     python tools/make_fixtures.py flux      --seed 0 --out tests/fixtures/flux
     python tools/make_fixtures.py florence2 --seed 0 --out tests/fixtures/florence2
+    python tools/make_fixtures.py gguf      --seed 0 --out tests/fixtures/gguf
 
 Each model lives in its own module next to this file (fixtures_<model>.py) with a `main(seed, out)`.
 """
@@ -11,7 +12,7 @@ import importlib
 import os
 import sys
 
-MODELS = ("flux", "florence2")
+MODELS = ("flux", "florence2", "gguf")
 
 
 def main() -> None:

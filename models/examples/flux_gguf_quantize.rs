@@ -2,10 +2,11 @@
 //!
 //! `flux_gguf_quantize IN.gguf OUT.gguf TYPE NAMES.txt` copies every tensor of `IN.gguf` and its
 //! metadata to `OUT.gguf`, quantizing the tensors listed in `NAMES.txt` (one name a line) to `TYPE`
-//! (q4_0, q4_1, q5_0, q5_1, q8_0, q2k, q3k, q4k, q5k, q6k). The FLUX fixture generator uses it for
-//! K-quants, which gguf-py can read but not write.
+//! (q4_0, q4_1, q5_0, q5_1, q8_0, q2k, q3k, q4k, q5k, q6k). A line `NAME TYPE` quantizes that
+//! tensor to its own type instead. The fixture generators (`tools/fixtures_flux.py`,
+//! `tools/fixtures_gguf.py`) use it for K-quants, which gguf-py can read but not write.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, BufWriter};
 
@@ -31,21 +32,27 @@ fn parse_type(s: &str) -> Result<GgmlDType> {
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let [_, input, output, qtype, names] = args.as_slice() else {
+    let [_, input, output, qtype, names_file] = args.as_slice() else {
         bail!("usage: flux_gguf_quantize IN.gguf OUT.gguf TYPE NAMES.txt");
     };
     let qtype = parse_type(qtype)?;
-    let names: HashSet<String> = std::fs::read_to_string(names)
-        .with_context(|| format!("reading {names}"))?
+    let mut names: HashMap<String, GgmlDType> = HashMap::new();
+    for line in std::fs::read_to_string(names_file)
+        .with_context(|| format!("reading {names_file}"))?
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
-        .map(String::from)
-        .collect();
+    {
+        let (name, ty) = match line.split_once(char::is_whitespace) {
+            Some((n, t)) => (n, parse_type(t.trim())?),
+            None => (line, qtype),
+        };
+        names.insert(name.to_string(), ty);
+    }
     let mut reader = BufReader::new(File::open(input).with_context(|| format!("opening {input}"))?);
     let content =
         gguf_file::Content::read(&mut reader).with_context(|| format!("reading {input}"))?;
-    for n in &names {
+    for n in names.keys() {
         if !content.tensor_infos.contains_key(n) {
             bail!("{input} has no tensor {n}");
         }
@@ -55,8 +62,8 @@ fn main() -> Result<()> {
     let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(tensor_names.len());
     for name in tensor_names {
         let t = content.tensor(&mut reader, name, &Device::Cpu)?;
-        let t = if names.contains(name) {
-            QTensor::quantize(&t.dequantize(&Device::Cpu)?, qtype)
+        let t = if let Some(&ty) = names.get(name) {
+            QTensor::quantize(&t.dequantize(&Device::Cpu)?, ty)
                 .with_context(|| format!("quantizing {name}"))?
         } else {
             t

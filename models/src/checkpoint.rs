@@ -183,6 +183,23 @@ const GGML_TYPE_NAMES: &[(u32, &str)] = &[
 ];
 const SUPPORTED_GGML: &[u32] = &[0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 30];
 
+/// The GGML tensor types the GGUF loader accepts, as `(GGUF type id, ggml's name)` in id order
+/// (F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K … Q6_K, BF16). Any other type is refused with
+/// [`ModelError::UnsupportedGguf`]. `tests/gguf_dequant.rs` requires a dequantization fixture
+/// for each of them.
+pub fn supported_ggml_types() -> Vec<(u32, &'static str)> {
+    SUPPORTED_GGML
+        .iter()
+        .map(|&id| {
+            let name = GGML_TYPE_NAMES
+                .iter()
+                .find(|(t, _)| *t == id)
+                .map_or("?", |(_, n)| *n);
+            (id, name)
+        })
+        .collect()
+}
+
 fn ggml_type_name(t: u32) -> String {
     GGML_TYPE_NAMES
         .iter()
