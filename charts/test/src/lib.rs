@@ -1,11 +1,10 @@
-//! Support for the Helm chart tests (`tests/chart.rs`): finds `helm` and `kubernetes-validate`,
-//! renders `charts/pawfect-inpaint`, splits the output into manifests, validates custom
-//! resources against the committed CRDs the way the API server would, and reads the tables of
-//! Kubernetes API calls that the RBAC rules must match.
+//! Support for the Helm chart tests: finds `helm`, renders `charts/pawfect-inpaint` offline
+//! (`tests/chart.rs`), runs `helm install`/`upgrade`/`uninstall` against the real API server of
+//! `pawfect-control-plane` (`tests/install.rs`), splits helm's output into manifests, and reads
+//! the tables of Kubernetes API calls that the RBAC rules must match.
 //!
-//! The tools come from `.ci/setup-tools.sh`. They are looked up in this order: the environment
-//! variable (`PAWFECT_HELM`, `PAWFECT_KUBERNETES_VALIDATE`), `PATH`, then the cache directory the
-//! script installs into (`$PAWFECT_TOOLS_DIR`, default
+//! `helm` comes from `.ci/setup-tools.sh`. It is looked up in this order: `PAWFECT_HELM`, `PATH`,
+//! then the cache directory the script installs into (`$PAWFECT_TOOLS_DIR`, default
 //! `${XDG_CACHE_HOME:-$HOME/.cache}/pawfect-inpaint/tools/bin`).
 
 use std::collections::BTreeSet;
@@ -13,10 +12,10 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use kube::core::cel::{Validator, apply_defaults};
-use serde_json::{Map, Value};
+use pawfect_control_plane::ControlPlane;
+use serde_json::Value;
 
-/// Kubernetes version the manifests are rendered for and validated against.
+/// Kubernetes version the offline renders (`helm template`, `helm lint`) are made for.
 pub const KUBE_VERSION: &str = "1.33.0";
 /// Namespace of the test release.
 pub const NAMESPACE: &str = "pawfect";
@@ -81,9 +80,9 @@ pub fn find_tool(env_var: &str, name: &str) -> Result<PathBuf, String> {
         return Ok(cached);
     }
     Err(format!(
-        "`{name}` not found (looked at ${env_var}, PATH and {}). The chart tests need helm and \
-         kubernetes-validate: run `.ci/setup-tools.sh` (it downloads helm and pip-installs \
-         kubernetes-validate into that directory), or set {env_var} to the binary.",
+        "`{name}` not found (looked at ${env_var}, PATH and {}). The chart tests need helm: run \
+         `.ci/setup-tools.sh` (it downloads helm into that directory), or set {env_var} to the \
+         binary.",
         cached.display()
     ))
 }
@@ -91,12 +90,6 @@ pub fn find_tool(env_var: &str, name: &str) -> Result<PathBuf, String> {
 /// The `helm` binary, or a panic that says how to install it.
 pub fn helm() -> PathBuf {
     find_tool("PAWFECT_HELM", "helm").unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// The `kubernetes-validate` command, or a panic that says how to install it.
-pub fn kubernetes_validate_bin() -> PathBuf {
-    find_tool("PAWFECT_KUBERNETES_VALIDATE", "kubernetes-validate")
-        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Output of a command, or its stderr (and stdout) as the error.
@@ -181,10 +174,15 @@ impl ValueSet {
 
     /// `helm template` output.
     pub fn render(&self) -> Result<String, String> {
+        self.render_in(NAMESPACE)
+    }
+
+    /// `helm template` output for another release namespace.
+    pub fn render_in(&self, namespace: &str) -> Result<String, String> {
         let mut cmd = Command::new(helm());
         cmd.arg("template").arg(RELEASE).arg(chart_dir()).args([
             "--namespace",
-            NAMESPACE,
+            namespace,
             "--kube-version",
             KUBE_VERSION,
         ]);
@@ -227,17 +225,65 @@ impl ValueSet {
     pub fn manifests(&self) -> Result<Vec<Manifest>, String> {
         split_manifests(&self.render()?)
     }
+
+    /// `helm <verb> <release> <chart> --namespace <namespace> <values> <extra>` against the
+    /// control plane (`verb`: `install`, `upgrade`, ...). No `--api-versions`: helm asks the
+    /// server what it serves. Returns helm's output (stdout, then stderr: the server's warnings).
+    pub fn helm_on(
+        &self,
+        cp: &ControlPlane,
+        verb: &str,
+        release: &str,
+        namespace: &str,
+        extra: &[&str],
+    ) -> Result<String, String> {
+        self.helm_on_chart(cp, verb, release, namespace, &chart_dir(), extra)
+    }
+
+    /// [`Self::helm_on`] for another copy of the chart (e.g. a changed CRD).
+    pub fn helm_on_chart(
+        &self,
+        cp: &ControlPlane,
+        verb: &str,
+        release: &str,
+        namespace: &str,
+        chart: &Path,
+        extra: &[&str],
+    ) -> Result<String, String> {
+        let mut cmd = cp.command(helm());
+        cmd.arg(verb)
+            .arg(release)
+            .arg(chart)
+            .args(["--namespace", namespace])
+            .args(extra);
+        self.value_args(&mut cmd);
+        run_all(&mut cmd)
+    }
 }
 
-/// Runs `kubernetes-validate --strict -k <KUBE_VERSION>` over rendered manifests.
-pub fn kubernetes_validate(rendered: &str) -> Result<String, String> {
-    let mut cmd = Command::new(kubernetes_validate_bin());
-    cmd.args(["--strict", "-k", KUBE_VERSION, "-"]);
-    let out = run(&mut cmd, Some(rendered))?;
-    if out.contains("ERROR") {
-        return Err(out);
+/// `helm <args>` against the control plane; stdout then stderr.
+pub fn helm_cluster(cp: &ControlPlane, args: &[&str]) -> Result<String, String> {
+    run_all(cp.command(helm()).args(args))
+}
+
+/// Like `run`, but the output is stdout followed by stderr (helm prints the API server's warnings
+/// on stderr).
+fn run_all(cmd: &mut Command) -> Result<String, String> {
+    let shown = format!("{cmd:?}");
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {shown}: {e}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(text)
+    } else {
+        Err(format!("{shown} exited with {}:\n{text}", out.status))
     }
-    Ok(out)
 }
 
 /// One rendered manifest and the template it came from.
@@ -307,99 +353,6 @@ pub fn committed_crd_files() -> Result<Vec<PathBuf>, String> {
         .collect();
     files.sort();
     Ok(files)
-}
-
-/// The openAPIV3Schema of the committed CRD of `kind`, with the fields every object has.
-pub fn crd_schema(kind: &str) -> Result<Value, String> {
-    for f in committed_crd_files()? {
-        let crd = read_yaml(&f)?;
-        if crd["spec"]["names"]["kind"] == kind {
-            let versions = crd["spec"]["versions"]
-                .as_array()
-                .ok_or_else(|| format!("{}: no versions", f.display()))?;
-            let storage = versions
-                .iter()
-                .find(|v| v["storage"] == true)
-                .ok_or_else(|| format!("{}: no storage version", f.display()))?;
-            let mut schema = storage["schema"]["openAPIV3Schema"].clone();
-            for (field, ty) in [
-                ("apiVersion", "string"),
-                ("kind", "string"),
-                ("metadata", "object"),
-            ] {
-                schema["properties"][field] = serde_json::json!({ "type": ty });
-            }
-            return Ok(schema);
-        }
-    }
-    Err(format!("no CRD for kind {kind} in crds/"))
-}
-
-/// Kubernetes structural schema → JSON Schema: `nullable` becomes a `null` type and objects with
-/// declared properties reject unknown ones (the API server's strict field validation).
-fn to_json_schema(schema: &Value) -> Value {
-    match schema {
-        Value::Object(m) => {
-            let mut out: Map<String, Value> = m
-                .iter()
-                .filter(|(k, _)| !k.starts_with("x-kubernetes-") && k.as_str() != "nullable")
-                .map(|(k, v)| (k.clone(), to_json_schema(v)))
-                .collect();
-            if m.get("nullable") == Some(&Value::Bool(true))
-                && let Some(Value::String(t)) = m.get("type")
-            {
-                out.insert("type".into(), serde_json::json!([t, "null"]));
-            }
-            if m.get("x-kubernetes-int-or-string") == Some(&Value::Bool(true)) {
-                let types = if m.get("nullable") == Some(&Value::Bool(true)) {
-                    serde_json::json!(["integer", "string", "null"])
-                } else {
-                    serde_json::json!(["integer", "string"])
-                };
-                out.insert("type".into(), types);
-            }
-            let preserve =
-                m.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true));
-            if m.contains_key("properties") && !m.contains_key("additionalProperties") && !preserve
-            {
-                out.insert("additionalProperties".into(), Value::Bool(false));
-            }
-            Value::Object(out)
-        }
-        Value::Array(a) => Value::Array(a.iter().map(to_json_schema).collect()),
-        other => other.clone(),
-    }
-}
-
-/// Validates a custom resource as the API server would on create: defaults from the committed
-/// CRD, its schema with unknown fields rejected, then its CEL rules. Returns the defaulted object.
-pub fn validate_custom_resource(manifest: &Value) -> Result<Value, String> {
-    validate_custom_resource_update(manifest, None)
-}
-
-/// [`validate_custom_resource`] for an update of `old` (`None`: a create): the CEL transition
-/// rules (e.g. the immutable spec) see the defaulted old object.
-pub fn validate_custom_resource_update(
-    manifest: &Value,
-    old: Option<&Value>,
-) -> Result<Value, String> {
-    let kind = manifest["kind"].as_str().ok_or("manifest has no kind")?;
-    let schema = crd_schema(kind)?;
-    let defaulted = apply_defaults(&schema, manifest);
-    let validator =
-        jsonschema::validator_for(&to_json_schema(&schema)).map_err(|e| e.to_string())?;
-    let errors: Vec<String> = validator
-        .iter_errors(&defaulted)
-        .map(|e| format!("{}: {}", e.instance_path, e))
-        .collect();
-    if !errors.is_empty() {
-        return Err(errors.join("; "));
-    }
-    let old = old.map(|o| apply_defaults(&schema, o));
-    Validator::new()
-        .validate(&schema, &defaulted, old.as_ref())
-        .map_err(|e| e.to_string())?;
-    Ok(defaulted)
 }
 
 /// One permission: API group, resource, verb.
