@@ -319,12 +319,29 @@ async fn the_api_server_prints_the_job_columns() {
 
 /// The committed schema and `check_limits` (what a worker runs at claim) are one definition:
 /// for every bound of the spec in the schema, a value at the bound passes both the API-server
-/// emulation and `check_limits`, and one just past it fails both (or cannot even be read into
+/// server and `check_limits`, and one just past it fails both (or cannot even be read into
 /// the spec type, which the worker treats the same way: `InvalidInput`).
-#[test]
-fn schema_bounds_and_check_limits_agree() {
+#[tokio::test]
+async fn schema_bounds_and_check_limits_agree() {
+    let (client, ns) = cluster("limits").await;
     let base = read_yaml(&workspace_root().join("examples/jobs/minimal.yaml"));
-    let schema = committed_schema("InpaintJob");
+    let crd = crd_files()
+        .iter()
+        .map(|f| read_yaml(f))
+        .find(|c| c["spec"]["names"]["kind"] == "InpaintJob")
+        .expect("the committed InpaintJob CRD");
+    let schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone();
+    // What the real API server makes of a manifest (a strict POST, as `kubectl create`).
+    let mut n = 0;
+    let mut validate = async |m: &Value| -> Result<(), String> {
+        n += 1;
+        let mut m = m.clone();
+        m["metadata"]["name"] = Value::from(format!("limits-{n}"));
+        create(&client, Some(&ns), &m, MANAGER)
+            .await
+            .map(|_| ())
+            .map_err(|e| api_message(&e))
+    };
     let props = schema["properties"]["spec"]["properties"]
         .as_object()
         .expect("spec properties");
@@ -356,11 +373,11 @@ fn schema_bounds_and_check_limits_agree() {
                 (Value::from(bound), Value::from(bound + past))
             };
             let at_m = with(field, at.clone());
-            assert_eq!(validate(&at_m, None), Ok(()), "{field} = {at}: schema");
+            assert_eq!(validate(&at_m).await, Ok(()), "{field} = {at}: schema");
             assert_eq!(worker_view(&at_m), Ok(()), "{field} = {at}: worker");
             let beyond_m = with(field, beyond.clone());
             assert!(
-                validate(&beyond_m, None).is_err(),
+                validate(&beyond_m).await.is_err(),
                 "{field} = {beyond}: schema accepts"
             );
             let err =
@@ -377,11 +394,11 @@ fn schema_bounds_and_check_limits_agree() {
             };
             let s = |n: i64| Value::from("a".repeat(n.max(0) as usize));
             let at_m = with(field, s(bound.max(1)));
-            assert_eq!(validate(&at_m, None), Ok(()), "{field} at {key}: schema");
+            assert_eq!(validate(&at_m).await, Ok(()), "{field} at {key}: schema");
             assert_eq!(worker_view(&at_m), Ok(()), "{field} at {key}: worker");
             let beyond_m = with(field, s(bound + past));
             assert!(
-                validate(&beyond_m, None).is_err(),
+                validate(&beyond_m).await.is_err(),
                 "{field} past {key}: schema accepts"
             );
             let err =

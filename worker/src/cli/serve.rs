@@ -218,6 +218,13 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
         lease: args.lease,
         ..QueueConfig::default()
     };
+    #[cfg(not(feature = "test-faults"))]
+    if std::env::var_os(serve::TEST_FAULTS_ENV).is_some() {
+        anyhow::bail!(
+            "{} is set, but this binary was built without the test-faults feature (fault injection is for tests only)",
+            serve::TEST_FAULTS_ENV
+        );
+    }
     let config = ServeConfig {
         pool: args.pool.clone(),
         worker_name: args.worker_name.clone(),
@@ -232,6 +239,7 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
         drain_timeout: args.drain_timeout,
         model_variant: args.model_variant.as_str().to_string(),
         device: args.flux.device.clone().unwrap_or_else(|| "auto".into()),
+        #[cfg(feature = "test-faults")]
         faults: match std::env::var(serve::faults::ENV) {
             Ok(spec) => serve::faults::parse(&spec).map_err(anyhow::Error::msg)?,
             Err(_) => Vec::new(),

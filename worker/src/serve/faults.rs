@@ -16,7 +16,7 @@ use image::{GrayImage, RgbImage};
 use crate::pipeline::{InpaintError, InpaintParams, Inpainted, Inpainter, Step};
 
 /// The environment variable.
-pub const ENV: &str = "PAWFECT_TEST_FAULTS";
+pub const ENV: &str = super::TEST_FAULTS_ENV;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FaultKind {

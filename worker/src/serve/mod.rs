@@ -11,6 +11,7 @@
 //!
 //! Every log line of a job carries its uid (the `job` span).
 
+#[cfg(feature = "test-faults")]
 pub mod faults;
 pub mod http;
 pub mod job;
@@ -31,6 +32,10 @@ pub use metrics::Metrics;
 
 pub use crate::pipeline::adapters::GpuMemoryProbe;
 
+/// The variable that asks for injected faults; a binary built without `test-faults` refuses to
+/// start when it is set, rather than silently running without the faults a test expects.
+pub const TEST_FAULTS_ENV: &str = "PAWFECT_TEST_FAULTS";
+
 /// Everything `serve` needs besides the models.
 pub struct ServeConfig {
     pub pool: String,
@@ -46,6 +51,7 @@ pub struct ServeConfig {
     pub model_variant: String,
     pub device: String,
     /// Injected faults (tests only, see [`faults`]).
+    #[cfg(feature = "test-faults")]
     pub faults: Vec<faults::Fault>,
 }
 
@@ -143,6 +149,7 @@ where
         claim_wait,
         model_variant,
         device,
+        #[cfg(feature = "test-faults")]
         faults,
     } = config;
     let shared = Arc::new(Shared::new());
@@ -183,6 +190,7 @@ where
     if let Some(probe) = gpu_memory {
         let _ = shared.gpu_memory.set(probe);
     }
+    #[cfg(feature = "test-faults")]
     if !faults.is_empty() {
         tracing::warn!(
             ?faults,
