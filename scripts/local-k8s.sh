@@ -27,7 +27,7 @@
 # Binaries are cached in $PAWFECT_K8S_CACHE (default ${XDG_CACHE_HOME:-~/.cache}/pawfect-inpaint/k8s)
 # under <kubernetes version>-etcd<etcd version>-<hash of tests/k8s>; a second build builds
 # nothing. Needs Go (>= the go line of tests/k8s/go.mod) and the Go module proxy, nothing else:
-# no prebuilt binary is downloaded. The first build compiles Kubernetes: about 25 min on 2 cores.
+# no prebuilt binary is downloaded. The first build compiles Kubernetes: about 6 min on 2 cores.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -100,7 +100,7 @@ cmd_build() {
   flock 9
   if [ ! -x "$dir/k8s-local" ]; then
     echo "local-k8s: building kube-apiserver + kube-controller-manager $K8S_VERSION and etcd $ETCD_VERSION" \
-      "from the Go module proxy into $dir (the first build takes about 25 min on 2 cores)" >&2
+      "from the Go module proxy into $dir (the first build takes about 6 min on 2 cores)" >&2
     local tmp start=$SECONDS
     tmp=$(mktemp -d "$(cache_root)/.build.XXXXXX")
     if ! (cd "$MODULE" && CGO_ENABLED=${CGO_ENABLED:-1} "$GO" build -trimpath -ldflags "$LDFLAGS" \

@@ -181,6 +181,51 @@ impl InpaintJobSpec {
     }
 }
 
+/// Where the prompt a job ran with came from (`status.promptSource`; the worker's
+/// `caption` and `inpaint` commands print the same words).
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "camelCase")]
+pub enum PromptOrigin {
+    /// `spec.prompt`, as given.
+    Prompt,
+    /// `spec.sceneLabels`.
+    SceneLabels,
+    /// A caption of the crop around the mask.
+    Caption,
+    /// Nothing usable (no surface found, captioning failed or off): the neutral prompt.
+    Fallback,
+}
+
+impl PromptOrigin {
+    pub const ALL: [PromptOrigin; 4] = [
+        PromptOrigin::Prompt,
+        PromptOrigin::SceneLabels,
+        PromptOrigin::Caption,
+        PromptOrigin::Fallback,
+    ];
+
+    /// The word in `status.promptSource` and in the queue's `prompt_source` field.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PromptOrigin::Prompt => "prompt",
+            PromptOrigin::SceneLabels => "sceneLabels",
+            PromptOrigin::Caption => "caption",
+            PromptOrigin::Fallback => "fallback",
+        }
+    }
+
+    /// The origin named by `s`; `None` for a word this version does not know (a newer worker's).
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for PromptOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Lifecycle of a job. `Succeeded`, `Failed` and `Cancelled` are terminal.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum JobPhase {
@@ -309,6 +354,9 @@ pub struct InpaintJobStatus {
     /// The prompt the model saw.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt: Option<String>,
+    /// Where that prompt came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_source: Option<PromptOrigin>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timings: Option<StageTimings>,
     /// Where the result was written.
@@ -392,6 +440,15 @@ mod tests {
         assert_eq!(s.max_attempts, 3);
         assert_eq!(s.timeout_seconds, 600);
         assert_eq!(s.ttl_seconds_after_finished, None);
+    }
+
+    #[test]
+    fn prompt_origin_words_round_trip_through_serde() {
+        for o in PromptOrigin::ALL {
+            assert_eq!(serde_json::to_value(o).unwrap(), o.as_str());
+            assert_eq!(PromptOrigin::parse(o.as_str()), Some(o));
+        }
+        assert_eq!(PromptOrigin::parse("scene-labels"), None);
     }
 
     #[test]

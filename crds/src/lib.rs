@@ -9,8 +9,8 @@ pub mod pool;
 
 pub use conditions::ConditionStatus;
 pub use job::{
-    InpaintJob, InpaintJobSpec, InpaintJobStatus, JobPhase, JobProgress, Priority, PromptSource,
-    StageTimings,
+    InpaintJob, InpaintJobSpec, InpaintJobStatus, JobPhase, JobProgress, Priority, PromptOrigin,
+    PromptSource, StageTimings,
 };
 pub use limits::{LimitError, check_limits};
 pub use pool::{

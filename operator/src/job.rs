@@ -48,6 +48,7 @@ pub fn queue_view(r: &JobRecord) -> QueueJob {
         timings: r.timings.clone(),
         caption: r.caption.clone(),
         prompt: r.prompt.clone(),
+        prompt_source: r.prompt_source.clone(),
         output: r.output.clone(),
         reason: r.reason.clone(),
         message: r.message.clone(),

@@ -11,6 +11,7 @@
 //! - [`run`]: the `pawfect-operator run` process (controllers, HTTP, leader election).
 
 pub mod autoscaler;
+pub mod default_pool;
 pub mod deployment;
 pub mod events;
 pub mod http;

@@ -248,6 +248,7 @@ async fn queue_events_drive_the_status_to_complete() {
     assert_eq!(status["phase"], "Succeeded");
     assert_eq!(status["output"], "file:///data/rex-out.png");
     assert_eq!(status["caption"], "a dog on green grass");
+    assert_eq!(status["promptSource"], "caption");
     assert_eq!(
         status["prompt"],
         "green grass, seamless continuation, no objects"

@@ -13,7 +13,7 @@ use kube::api::{Api, ListParams};
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
-use kube::{Client, Resource};
+use kube::{Client, Resource, ResourceExt};
 use kube_lease_manager::LeaseManagerBuilder;
 use pawfect_api::{InpaintJob, InpaintPool};
 use pawfect_queue::{Queue, QueueConfig};
@@ -23,7 +23,7 @@ use crate::deployment::{SecretKeyRef, WorkerConnection};
 use crate::events::{self, Triggers};
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
-use crate::{Context, job, pool};
+use crate::{Context, default_pool, job, pool};
 
 /// Name of the Lease used for leader election.
 pub const LEASE_NAME: &str = "pawfect-operator";
@@ -97,6 +97,10 @@ pub struct RunArgs {
         default_value = "redis-password"
     )]
     pub worker_redis_secret_key: String,
+    /// ConfigMap (in the operator's namespace) whose `pool.json` holds an InpaintPool manifest to
+    /// apply once this replica leads: the Helm chart's default pool (see `default_pool`).
+    #[arg(long, env = "PAWFECT_DEFAULT_POOL_CONFIGMAP")]
+    pub default_pool_configmap: Option<String>,
 }
 
 /// The Redis URLs of the operator and of the workers.
@@ -279,6 +283,33 @@ async fn acquire_leadership(
     })
 }
 
+/// Applies the default pool from its ConfigMap; a failure is logged and reported on the ConfigMap
+/// (the other pools keep running).
+async fn apply_default_pool(ctx: &Context, namespace: &str, configmap: &str) {
+    match default_pool::apply(&ctx.client, namespace, configmap).await {
+        Ok(pool) => info!(
+            pool = %pool.name_any(),
+            %namespace,
+            %configmap,
+            "default pool applied"
+        ),
+        Err(e) => {
+            error!(%e, "default pool not applied");
+            let event = kube::runtime::events::Event {
+                type_: kube::runtime::events::EventType::Warning,
+                reason: "DefaultPoolRejected".into(),
+                note: Some(e.to_string().chars().take(1024).collect()),
+                action: "ApplyDefaultPool".into(),
+                secondary: None,
+            };
+            let cm = default_pool::config_map_ref(namespace, configmap);
+            if let Err(e) = ctx.recorder.publish(&event, &cm).await {
+                warn!(%e, "cannot publish the default pool's event");
+            }
+        }
+    }
+}
+
 /// Runs the operator until SIGTERM/SIGINT (or the loss of leadership, which is an error so
 /// that the pod restarts as a standby).
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -337,13 +368,17 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     ready.store(true, Ordering::Relaxed);
 
     let me = identity();
+    // The operator's own namespace: where its Lease and the default pool's ConfigMap are.
+    let own_namespace = std::env::var("POD_NAMESPACE")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .or_else(|| args.namespace.clone())
+        .unwrap_or_else(|| client.default_namespace().to_string());
     let leadership_lost: futures::future::BoxFuture<'static, ()> = if args.leader_election {
         let lease_ns = args
             .lease_namespace
             .clone()
-            .or_else(|| std::env::var("POD_NAMESPACE").ok())
-            .or_else(|| args.namespace.clone())
-            .unwrap_or_else(|| client.default_namespace().to_string());
+            .unwrap_or_else(|| own_namespace.clone());
         Box::pin(acquire_leadership(&client, &lease_ns, &me).await?)
     } else {
         Box::pin(futures::future::pending())
@@ -360,6 +395,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     ctx.pool_wake = Some(pool_tx.clone());
     let ctx = Arc::new(ctx);
+    if let Some(cm) = &args.default_pool_configmap {
+        apply_default_pool(&ctx, &own_namespace, cm).await;
+    }
 
     let jobs_api: Api<InpaintJob> = scoped(&client, namespace);
     let pools_api: Api<InpaintPool> = scoped(&client, namespace);
@@ -486,6 +524,8 @@ mod tests {
             "redis-auth",
             "--worker-redis-secret-key",
             "password",
+            "--default-pool-configmap",
+            "pi-default-pool",
         ])
         .unwrap();
         let Command::Run(a) = cli.command;
@@ -499,5 +539,6 @@ mod tests {
         assert_eq!(a.worker_redis_url.as_deref(), Some("redis://w:6379"));
         assert_eq!(a.worker_redis_secret.as_deref(), Some("redis-auth"));
         assert_eq!(a.worker_redis_secret_key, "password");
+        assert_eq!(a.default_pool_configmap.as_deref(), Some("pi-default-pool"));
     }
 }

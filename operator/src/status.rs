@@ -10,7 +10,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use pawfect_api::conditions::{self, ConditionStatus, reasons};
 use pawfect_api::job::format_duration;
-use pawfect_api::{InpaintJob, InpaintJobStatus, JobPhase, JobProgress, StageTimings};
+use pawfect_api::{
+    InpaintJob, InpaintJobStatus, JobPhase, JobProgress, PromptOrigin, StageTimings,
+};
 
 /// State of a job in its queue hash.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,6 +41,8 @@ pub struct QueueJob {
     pub timings: Option<StageTimings>,
     pub caption: Option<String>,
     pub prompt: Option<String>,
+    /// The queue's word for where the prompt came from (`PromptOrigin::as_str`).
+    pub prompt_source: Option<String>,
     pub output: Option<String>,
     /// Failure reason (one CamelCase word, see `pawfect_api::conditions::reasons`).
     pub reason: Option<String>,
@@ -266,6 +270,11 @@ pub fn from_queue(
     }
     if q.prompt.is_some() {
         s.prompt = q.prompt.clone();
+    }
+    // A word this version does not know (a newer worker's) is left out rather than failing the
+    // status write; the prompt itself is still reported.
+    if let Some(origin) = q.prompt_source.as_deref().and_then(PromptOrigin::parse) {
+        s.prompt_source = Some(origin);
     }
     let attempts = format!("attempt {}/{}", q.attempt.max(1), q.max_attempts.max(1));
     match q.state {
@@ -504,6 +513,7 @@ mod tests {
             timings: None,
             caption: None,
             prompt: None,
+            prompt_source: None,
             output: None,
             reason: None,
             message: None,
@@ -570,6 +580,7 @@ mod tests {
             }),
             caption: Some("a dog on green grass".into()),
             prompt: Some("green grass, seamless continuation, no objects".into()),
+            prompt_source: Some("caption".into()),
             output: Some("s3://b/rex-out.png".into()),
             finished_at: Some(ts(66)),
             stage: Some("store".into()),
@@ -588,6 +599,7 @@ mod tests {
         assert_eq!(s3.output.as_deref(), Some("s3://b/rex-out.png"));
         assert_eq!(s3.timings.as_ref().and_then(|t| t.total), Some(61_000));
         assert_eq!(s3.caption.as_deref(), Some("a dog on green grass"));
+        assert_eq!(s3.prompt_source, Some(PromptOrigin::Caption));
         assert_eq!(events(Some(&s2), &s3)[0].reason, reasons::SUCCEEDED);
 
         // Terminal is sticky: a later (e.g. cancelled) hash does not change it.

@@ -5,7 +5,7 @@
 //! reach the prompt, so the dog, the leash, people and other objects named in a caption never do.
 //! When nothing usable is found the prompt falls back to a neutral surface and says why.
 
-use std::fmt;
+use pawfect_api::PromptOrigin;
 
 /// What every prompt ends with.
 pub const PROMPT_SUFFIX: &str = "seamless continuation, no objects";
@@ -16,31 +16,14 @@ const MAX_SURFACES: usize = 2;
 /// At most this many modifiers are kept before a surface noun.
 const MAX_MODIFIERS: usize = 3;
 
-/// Where a prompt came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PromptSource {
-    Caption,
-    SceneLabels,
-    Fallback,
-}
-
-impl fmt::Display for PromptSource {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            PromptSource::Caption => "caption",
-            PromptSource::SceneLabels => "scene-labels",
-            PromptSource::Fallback => "fallback",
-        })
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SurfacePrompt {
     /// The full prompt for the fill model.
     pub prompt: String,
     /// The surface phrase, when one was found.
     pub surface: Option<String>,
-    pub source: PromptSource,
+    /// `Caption`, `SceneLabels`, or `Fallback` when no surface was found.
+    pub source: PromptOrigin,
     /// Why a fallback was used (or what was ignored), for job status and logs.
     pub note: Option<String>,
 }
@@ -405,7 +388,7 @@ impl SurfacePrompt {
         Self {
             prompt: prompt_for(NEUTRAL_SURFACE),
             surface: None,
-            source: PromptSource::Fallback,
+            source: PromptOrigin::Fallback,
             note: None,
         }
     }
@@ -432,7 +415,7 @@ impl SurfacePrompt {
             Some(surface) => Self {
                 prompt: prompt_for(&surface),
                 surface: Some(surface),
-                source: PromptSource::Caption,
+                source: PromptOrigin::Caption,
                 note: None,
             },
             None => Self::fallback(format!(
@@ -460,7 +443,7 @@ impl SurfacePrompt {
             Some(surface) => Self {
                 prompt: prompt_for(&surface),
                 surface: Some(surface),
-                source: PromptSource::SceneLabels,
+                source: PromptOrigin::SceneLabels,
                 note: if ignored.is_empty() {
                     None
                 } else {
@@ -577,7 +560,7 @@ mod tests {
         ];
         for c in captions {
             let p = SurfacePrompt::from_caption(c);
-            assert_eq!(p.source, PromptSource::Caption, "{c}");
+            assert_eq!(p.source, PromptOrigin::Caption, "{c}");
             assert!(
                 p.prompt.ends_with(", seamless continuation, no objects"),
                 "{}",
@@ -612,7 +595,7 @@ mod tests {
             "<loc_5><loc_9>",
         ] {
             let p = SurfacePrompt::from_caption(c);
-            assert_eq!(p.source, PromptSource::Fallback, "{c:?}");
+            assert_eq!(p.source, PromptOrigin::Fallback, "{c:?}");
             assert_eq!(p.prompt, SurfacePrompt::neutral().prompt);
             assert!(p.note.is_some(), "{c:?}");
             assert_eq!(p.surface, None);
@@ -622,7 +605,7 @@ mod tests {
             "matching background texture, seamless continuation, no objects"
         );
         let p = SurfacePrompt::neutral_because("captioning failed: out of memory");
-        assert_eq!(p.source, PromptSource::Fallback);
+        assert_eq!(p.source, PromptOrigin::Fallback);
         assert_eq!(p.note.as_deref(), Some("captioning failed: out of memory"));
     }
 
@@ -633,7 +616,7 @@ mod tests {
             .map(|s| s.to_string())
             .collect();
         let p = SurfacePrompt::from_labels(&labels);
-        assert_eq!(p.source, PromptSource::SceneLabels);
+        assert_eq!(p.source, PromptOrigin::SceneLabels);
         assert_eq!(
             p.prompt,
             "grass and sidewalk, seamless continuation, no objects"
@@ -643,9 +626,9 @@ mod tests {
         assert_eq!(p.prompt, "wooden floor, seamless continuation, no objects");
         assert_eq!(p.note, None);
         let p = SurfacePrompt::from_labels(&["dog".to_string(), "leash".to_string()]);
-        assert_eq!(p.source, PromptSource::Fallback);
+        assert_eq!(p.source, PromptOrigin::Fallback);
         assert!(p.note.unwrap().contains("dog, leash"));
         let p = SurfacePrompt::from_labels(&[]);
-        assert_eq!(p.source, PromptSource::Fallback);
+        assert_eq!(p.source, PromptOrigin::Fallback);
     }
 }

@@ -111,9 +111,9 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end }}
 {{- end }}
 
-{{/* Whether the default InpaintPool is rendered (see pool.yaml). */}}
-{{- define "pawfect.pool.render" -}}
-{{- if and .Values.pool.create (or (not .Values.pool.onlyWhenCRDInstalled) (.Capabilities.APIVersions.Has "inpaint.pawfect.dev/v1alpha1/InpaintPool")) }}true{{- end }}
+{{/* The ConfigMap that carries the default InpaintPool's manifest (see pool.yaml). */}}
+{{- define "pawfect.pool.configMapName" -}}
+{{- include "pawfect.componentName" (list . "default-pool") }}
 {{- end }}
 
 {{- define "pawfect.worker.image" -}}

@@ -21,8 +21,6 @@ pub const KUBE_VERSION: &str = "1.33.0";
 pub const NAMESPACE: &str = "pawfect";
 /// Name of the test release.
 pub const RELEASE: &str = "pawfect-inpaint";
-/// `--api-versions` entry that tells helm the cluster already knows InpaintPool.
-pub const POOL_API: &str = "inpaint.pawfect.dev/v1alpha1/InpaintPool";
 
 /// The repository root.
 pub fn workspace_root() -> PathBuf {
@@ -130,15 +128,12 @@ pub struct ValueSet {
     pub name: &'static str,
     pub files: Vec<PathBuf>,
     pub sets: Vec<String>,
-    /// Whether the cluster already knows InpaintPool (`--api-versions`), as on an upgrade.
-    pub pool_api_known: bool,
 }
 
 impl ValueSet {
     pub fn defaults() -> Self {
         ValueSet {
             name: "default",
-            pool_api_known: true,
             ..Default::default()
         }
     }
@@ -148,18 +143,12 @@ impl ValueSet {
         ValueSet {
             name,
             files: vec![chart_dir().join("ci").join(format!("{name}-values.yaml"))],
-            pool_api_known: true,
             ..Default::default()
         }
     }
 
     pub fn set(mut self, s: &str) -> Self {
         self.sets.push(s.to_string());
-        self
-    }
-
-    pub fn first_install(mut self) -> Self {
-        self.pool_api_known = false;
         self
     }
 
@@ -186,9 +175,6 @@ impl ValueSet {
             "--kube-version",
             KUBE_VERSION,
         ]);
-        if self.pool_api_known {
-            cmd.args(["--api-versions", POOL_API]);
-        }
         self.value_args(&mut cmd);
         run(&mut cmd, None)
     }
@@ -360,17 +346,14 @@ pub type Permission = (String, String, String);
 
 /// The Kubernetes API calls listed in a Markdown table under the heading that starts with
 /// `heading`: columns API group, resource, verbs (each in backticks), then a description.
-/// Rows whose description mentions `--leader-election` go into the second set.
-pub fn api_call_table(
-    markdown: &str,
-    heading: &str,
-) -> Result<(BTreeSet<Permission>, BTreeSet<Permission>), String> {
+/// Rows whose description mentions `--leader-election` or `--default-pool-configmap` go into the
+/// set of that flag's Role.
+pub fn api_call_table(markdown: &str, heading: &str) -> Result<ApiCalls, String> {
     let mut lines = markdown.lines().skip_while(|l| !l.starts_with(heading));
     if lines.next().is_none() {
         return Err(format!("no section {heading:?}"));
     }
-    let mut always = BTreeSet::new();
-    let mut leader = BTreeSet::new();
+    let mut calls = ApiCalls::default();
     let mut rows = 0;
     for line in lines.take_while(|l| !l.starts_with("## ")) {
         let line = line.trim();
@@ -411,9 +394,11 @@ pub fn api_call_table(
         }
         rows += 1;
         let target = if cells[3].contains("--leader-election") {
-            &mut leader
+            &mut calls.leader
+        } else if cells[3].contains("--default-pool-configmap") {
+            &mut calls.default_pool
         } else {
-            &mut always
+            &mut calls.always
         };
         for v in verbs {
             target.insert((group.clone(), resource.clone(), v));
@@ -422,7 +407,18 @@ pub fn api_call_table(
     if rows == 0 {
         return Err(format!("no table rows under {heading:?}"));
     }
-    Ok((always, leader))
+    Ok(calls)
+}
+
+/// The operator's API calls by the Role that grants them.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ApiCalls {
+    /// The main ClusterRole (or Role with `--namespace`).
+    pub always: BTreeSet<Permission>,
+    /// The Lease Role (`--leader-election`).
+    pub leader: BTreeSet<Permission>,
+    /// The default pool's Role (`--default-pool-configmap`).
+    pub default_pool: BTreeSet<Permission>,
 }
 
 /// The permissions an RBAC Role/ClusterRole grants (resourceNames ignored). Wildcards and

@@ -15,19 +15,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use pawfect_chart_tests::{
-    Manifest, NAMESPACE, Permission, ValueSet, api_call_table, chart_dir, committed_crd_files,
-    read_yaml, role_permissions, workspace_root,
+    ApiCalls, Manifest, NAMESPACE, Permission, ValueSet, api_call_table, chart_dir,
+    committed_crd_files, read_yaml, role_permissions, workspace_root,
 };
 use serde_json::Value;
 
-/// Every value set the chart is checked with: defaults (as on an upgrade, and as on the first
-/// install when the cluster does not know the CRDs yet) and each `ci/<name>-values.yaml`.
+/// Every value set the chart is checked with: defaults and each `ci/<name>-values.yaml`. (The
+/// render does not depend on the cluster's APIs, so a first install renders the same.)
 fn value_sets() -> Vec<ValueSet> {
-    let mut sets = vec![ValueSet::defaults(), {
-        let mut v = ValueSet::defaults().first_install();
-        v.name = "default-first-install";
-        v
-    }];
+    let mut sets = vec![ValueSet::defaults()];
     sets.extend(CI_SETS.iter().map(|n| ValueSet::ci(n)));
     sets
 }
@@ -42,6 +38,17 @@ const CI_SETS: [&str; 4] = [
 fn render(v: &ValueSet) -> Vec<Manifest> {
     v.manifests()
         .unwrap_or_else(|e| panic!("value set {}: {e}", v.name))
+}
+
+/// The default pool's manifest, from the ConfigMap the operator applies it from.
+fn default_pool(ms: &[Manifest]) -> Option<Value> {
+    let cm = ms
+        .iter()
+        .find(|m| m.kind() == "ConfigMap" && m.name().ends_with("-default-pool"))?;
+    let text = cm.value["data"]["pool.json"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{} has no pool.json", cm.name()));
+    Some(serde_json::from_str(text).unwrap_or_else(|e| panic!("pool.json: {e}\n{text}")))
 }
 
 fn of_kind<'a>(ms: &'a [Manifest], kind: &str) -> Vec<&'a Manifest> {
@@ -172,12 +179,14 @@ fn default_values_render_the_whole_system() {
     let expected: BTreeMap<String, usize> = [
         ("ClusterRole", 1),
         ("ClusterRoleBinding", 1),
-        ("ConfigMap", 1),
+        // Redis' configuration and the default pool's manifest.
+        ("ConfigMap", 2),
         ("CustomResourceDefinition", 2),
         ("Deployment", 1),
-        ("InpaintPool", 1),
         ("Job", 1),
         ("PersistentVolumeClaim", 1),
+        ("Role", 1),
+        ("RoleBinding", 1),
         ("Secret", 1),
         ("Service", 3),
         ("ServiceAccount", 1),
@@ -188,39 +197,63 @@ fn default_values_render_the_whole_system() {
     .collect();
     assert_eq!(kinds(&ms), expected);
 
-    // The first install (CRDs unknown to the cluster) leaves only the pool out.
-    let first = render(&ValueSet::defaults().first_install());
-    let mut without_pool = expected.clone();
-    without_pool.remove("InpaintPool");
-    assert_eq!(kinds(&first), without_pool);
-    // ...unless asked to render it anyway (helm template | kubectl apply after the CRDs).
-    let forced = render(
-        &ValueSet::defaults()
-            .first_install()
-            .set("pool.onlyWhenCRDInstalled=false"),
+    // No object of an API the release itself brings (helm maps every object before creating
+    // any): the default pool is a manifest in a ConfigMap, applied by the operator.
+    assert!(of_kind(&ms, "InpaintPool").is_empty());
+    let pool = default_pool(&ms).expect("the default pool's ConfigMap");
+    assert_eq!(pool["apiVersion"], "inpaint.pawfect.dev/v1alpha1");
+    assert_eq!(pool["kind"], "InpaintPool");
+    assert_eq!(pool["metadata"]["name"], "default");
+    assert_eq!(pool["metadata"]["namespace"], NAMESPACE);
+    // Numbers stay numbers through the template's YAML → JSON.
+    assert_eq!(pool["spec"]["maxReplicas"], 4);
+    assert_eq!(pool["spec"]["minReplicas"], 0);
+
+    // A changed pool restarts the operator (which applies it); an unrelated change does not.
+    let checksum = |ms: &[Manifest]| {
+        one(ms, "Deployment", "operator").value["spec"]["template"]["metadata"]["annotations"]
+            ["checksum/default-pool"]
+            .clone()
+    };
+    let before = checksum(&ms);
+    assert!(before.is_string());
+    assert_ne!(
+        checksum(&render(&ValueSet::defaults().set("pool.maxReplicas=2"))),
+        before
     );
-    assert_eq!(of_kind(&forced, "InpaintPool").len(), 1);
+    assert_eq!(
+        checksum(&render(
+            &ValueSet::defaults().set("operator.logLevel=debug")
+        )),
+        before
+    );
 }
 
 #[test]
 fn optional_parts_follow_their_values() {
     let ext = render(&ValueSet::ci("external-redis"));
-    for kind in [
-        "StatefulSet",
-        "ConfigMap",
-        "PersistentVolumeClaim",
-        "Job",
-        "Secret",
-    ] {
+    for kind in ["StatefulSet", "PersistentVolumeClaim", "Job", "Secret"] {
         assert!(
             of_kind(&ext, kind).is_empty(),
             "external-redis renders a {kind}"
         );
     }
+    let configmaps: Vec<&str> = of_kind(&ext, "ConfigMap")
+        .iter()
+        .map(|m| m.name())
+        .collect();
+    assert_eq!(
+        configmaps,
+        ["pawfect-inpaint-default-pool"],
+        "external-redis"
+    );
     let no_crds = render(&ValueSet::ci("no-crds"));
+    assert!(
+        default_pool(&no_crds).is_none(),
+        "no-crds renders the default pool"
+    );
     for kind in [
         "CustomResourceDefinition",
-        "InpaintPool",
         "ClusterRole",
         "ClusterRoleBinding",
         "ServiceAccount",
@@ -237,7 +270,7 @@ fn optional_parts_follow_their_values() {
         "pawfect-operator"
     );
     let defaults = render(&ValueSet::defaults());
-    for kind in ["NetworkPolicy", "ServiceMonitor", "PodMonitor", "Role"] {
+    for kind in ["NetworkPolicy", "ServiceMonitor", "PodMonitor"] {
         assert!(
             of_kind(&defaults, kind).is_empty(),
             "defaults render a {kind}"
@@ -505,7 +538,7 @@ const OPERATOR_TABLE_HEADING: &str = "## Kubernetes API calls (RBAC)";
 
 /// The operator's API calls: the chart README's table, which must equal the operator's own
 /// (operator/README.md) wherever that exists.
-fn operator_api_calls() -> (BTreeSet<Permission>, BTreeSet<Permission>) {
+fn operator_api_calls() -> ApiCalls {
     let chart_readme = std::fs::read_to_string(chart_dir().join("README.md")).unwrap();
     let chart = api_call_table(&chart_readme, CHART_TABLE_HEADING)
         .unwrap_or_else(|e| panic!("charts/pawfect-inpaint/README.md: {e}"));
@@ -572,15 +605,56 @@ fn check_binding(ms: &[Manifest], binding_kind: &str, role: &Manifest) {
 
 #[test]
 fn rbac_grants_exactly_the_operator_api_calls() {
-    let (always, leader) = operator_api_calls();
-    assert!(always.len() >= 10 && !leader.is_empty());
+    let ApiCalls {
+        always,
+        leader,
+        default_pool,
+    } = operator_api_calls();
+    assert!(always.len() >= 10 && !leader.is_empty() && !default_pool.is_empty());
 
     // One replica, all namespaces: a ClusterRole, no Lease permissions.
     let ms = render(&ValueSet::defaults());
     let cr = role_named(&ms, "ClusterRole", "operator");
     assert_grants(cr, &always);
     check_binding(&ms, "ClusterRoleBinding", cr);
+    // The default pool's Role, in the release namespace, the only Role; patching the pool and
+    // reading the ConfigMap are limited to their names.
+    let roles = of_kind(&ms, "Role");
+    assert_eq!(
+        roles.len(),
+        1,
+        "{:?}",
+        roles.iter().map(|r| r.name()).collect::<Vec<_>>()
+    );
+    let dp = role_named(&ms, "Role", "default-pool");
+    assert_eq!(dp.value["metadata"]["namespace"], NAMESPACE);
+    assert_grants(dp, &default_pool);
+    check_binding(&ms, "RoleBinding", dp);
+    let configmap = one(&ms, "ConfigMap", "default-pool").name().to_string();
+    for rule in dp.value["rules"].as_array().unwrap() {
+        let verbs = rule["verbs"].to_string();
+        if rule["resources"] == serde_json::json!(["configmaps"]) {
+            assert_eq!(rule["resourceNames"], serde_json::json!([configmap]));
+        }
+        if rule["resources"] == serde_json::json!(["inpaintpools"]) && verbs.contains("patch") {
+            assert_eq!(rule["resourceNames"], serde_json::json!(["default"]));
+        }
+    }
+    let op = container(one(&ms, "Deployment", "operator"), "operator");
+    assert!(
+        args(op).contains(&format!("--default-pool-configmap={configmap}")),
+        "{:?}",
+        args(op)
+    );
+    // Without the pool, neither the Role nor the flag.
+    let ms = render(&ValueSet::defaults().set("pool.create=false"));
     assert!(of_kind(&ms, "Role").is_empty());
+    let op = container(one(&ms, "Deployment", "operator"), "operator");
+    assert!(
+        !args(op)
+            .iter()
+            .any(|a| a.starts_with("--default-pool-configmap"))
+    );
     let op = container(one(&ms, "Deployment", "operator"), "operator");
     assert!(!args(op).iter().any(|a| a == "--leader-election"));
 
@@ -768,7 +842,7 @@ fn the_model_download_job_fills_the_pool_volume() {
         args(c),
         ["fetch-models", "--models", "/models", "--variant", "q5_k_m"]
     );
-    let pool = &of_kind(&ms, "InpaintPool")[0].value;
+    let pool = default_pool(&ms).unwrap();
     assert_eq!(c["image"], pool["spec"]["worker"]["image"]);
     let claim =
         &job.value["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"];
@@ -820,12 +894,16 @@ fn notes_tell_how_to_submit_and_watch_a_job() {
     assert!(first.contains("kubectl -n pawfect get ij -w"), "{first}");
     assert!(first.contains("kind: InpaintJob"), "{first}");
     assert!(first.contains("wait --for=condition=Complete"), "{first}");
-    // helm install --dry-run has no cluster: this is the first install, the pool comes later.
-    assert!(first.contains("is not created yet"), "{first}");
     assert!(first.contains("no Hugging Face token"), "{first}");
-    let later = notes(&ValueSet::defaults().set("pool.onlyWhenCRDInstalled=false"));
-    assert!(later.contains("get ipool default -w"), "{later}");
-    assert!(!later.contains("is not created yet"), "{later}");
+    // helm install --dry-run has no cluster, as on a first install: the pool is there all the same
+    // (the operator applies it from its ConfigMap).
+    assert!(first.contains("get ipool default -w"), "{first}");
+    assert!(
+        first.contains("from ConfigMap pawfect-inpaint-default-pool"),
+        "{first}"
+    );
+    let without = notes(&ValueSet::defaults().set("pool.create=false"));
+    assert!(!without.contains("ipool"), "{without}");
 }
 
 // ---- Images ------------------------------------------------------------------------------------

@@ -4,29 +4,35 @@
 //!
 //! - every value set (defaults and each `ci/*-values.yaml`) installs: the server accepts every
 //!   object of the release (strictly: helm 4 applies server-side, and any server warning fails
-//!   the test) and the default InpaintPool it stores carries the chart's GPU settings;
-//! - the life of one release on a cluster of its own, as the chart README tells it: the first
-//!   install brings the CRDs, the next upgrade the default pool; the generated Redis password
-//!   survives upgrades; an upgrade applies a changed CRD; a second release in another namespace
-//!   must not install the CRDs again, nor reuse the release name (the ClusterRole is named after
-//!   it); uninstall keeps the CRDs, the jobs and the model PVC, and the garbage collector removes
-//!   what the operator Deployment owned.
+//!   the test) and the default InpaintPool, applied from its ConfigMap the way the operator does
+//!   it, carries the chart's GPU settings;
+//! - the life of one release on a cluster of its own, as the chart README tells it: one `helm
+//!   install` brings the CRDs, the RBAC, Redis and the operator, and the operator (the real
+//!   binary, run out of cluster with the flags of the stored Deployment and a token of the chart's
+//!   ServiceAccount, so the chart's RBAC is what it gets) brings up the default pool and its worker
+//!   Deployment; the generated Redis password survives upgrades; an upgrade applies a changed CRD
+//!   and a changed pool; a second release in another namespace must not install the CRDs again,
+//!   nor reuse the release name (the ClusterRole is named after it); uninstall keeps the CRDs, the
+//!   jobs and the model PVC, and the garbage collector removes the pool, its worker Deployment
+//!   and what the operator Deployment owned.
 
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::ListParams;
+use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client};
+use pawfect_api::InpaintPool;
 use pawfect_chart_tests::{
     Manifest, ValueSet, chart_dir, committed_crd_files, helm_cluster, split_manifests,
     workspace_root,
 };
-use pawfect_control_plane::{
-    ControlPlane, api_message, apply, apply_crds, apply_with, dynamic_api,
-};
+use pawfect_control_plane::{ControlPlane, api_message, apply, apply_crds, dynamic_api};
+use pawfect_operator::default_pool::{self, DefaultPoolError};
+use pawfect_queue::testing::RedisServer;
 use serde_json::{Value, json};
 
 const MANAGER: &str = "pawfect-chart-tests";
@@ -177,21 +183,22 @@ async fn every_value_set_installs_into_the_real_api_server() {
         kinds.sort();
         // What helm installed is what the chart renders offline for a cluster that knows the CRDs.
         assert_eq!(kinds, rendered_kinds(&v, &ns), "value set {}", v.name);
-        for (m, stored) in &objects {
-            if m.kind() == "InpaintPool" {
-                check_default_pool(v.name, &ns, stored);
-            }
-        }
-        let pools = objects
+        // The default pool, applied from the stored ConfigMap by the operator's own code.
+        let configmap = objects
             .iter()
-            .filter(|(m, _)| m.kind() == "InpaintPool")
-            .count();
+            .find(|(m, _)| m.kind() == "ConfigMap" && m.name().ends_with("-default-pool"));
         assert_eq!(
-            pools,
-            usize::from(v.name != "no-crds"),
+            configmap.is_some(),
+            v.name != "no-crds",
             "value set {}",
             v.name
         );
+        if let Some((m, _)) = configmap {
+            let pool = default_pool::apply(&client, &ns, m.name())
+                .await
+                .unwrap_or_else(|e| panic!("value set {}: {e}", v.name));
+            check_default_pool(v.name, &ns, &serde_json::to_value(pool).unwrap());
+        }
     }
 }
 
@@ -203,42 +210,71 @@ async fn the_api_server_rejects_a_bad_default_pool() {
         .await
         .unwrap();
     let ns = cp.namespace(&client, "bad-pool").await;
-    let pool = ValueSet::defaults()
-        .manifests()
-        .unwrap()
-        .into_iter()
-        .find(|m| m.kind() == "InpaintPool")
-        .unwrap()
-        .value;
-    let dry_run = kube::api::PatchParams::apply(MANAGER)
-        .validation_strict()
-        .dry_run();
-    apply_with(&client, Some(&ns), &pool, &dry_run)
+    let release = "bad-pool";
+    ValueSet::defaults()
+        .set("crds.install=false")
+        .helm_on(cp, "install", release, &ns, &[])
+        .unwrap_or_else(|e| panic!("helm install: {e}"));
+    let cm_name = format!("{release}-pawfect-inpaint-default-pool");
+    let configmaps = Api::<ConfigMap>::namespaced(client.clone(), &ns);
+    let stored = configmaps.get(&cm_name).await.unwrap();
+    let pool: Value = serde_json::from_str(&stored.data.as_ref().unwrap()["pool.json"]).unwrap();
+    // What the chart renders is valid...
+    default_pool::apply(&client, &ns, &cm_name)
         .await
-        .expect("the default pool is valid");
-    let cases: [(&str, Value, &str); 3] = [
+        .unwrap_or_else(|e| panic!("the chart's default pool was refused: {e}"));
+    // ...and a manifest the CRD refuses fails the operator's apply with the server's own message
+    // (the operator logs it and reports it as a Warning Event on the ConfigMap); one that is not an
+    // InpaintPool at all fails before it reaches the server.
+    let cases: [(&str, Value, bool, &str); 4] = [
         (
             "min > max",
             json!({"minReplicas": 5, "maxReplicas": 2}),
+            true,
             "minReplicas must not exceed maxReplicas",
         ),
-        ("unknown field", json!({"worker": {"gpus": 1}}), "gpus"),
+        (
+            "out of range",
+            json!({"jobsPerReplica": 0}),
+            true,
+            "spec.jobsPerReplica: Invalid value: 0",
+        ),
+        (
+            "bad scale-down delay",
+            json!({"scaleDownDelaySeconds": 100000}),
+            true,
+            "spec.scaleDownDelaySeconds",
+        ),
         (
             "unknown variant",
             json!({"worker": {"modelVariant": "q3_k"}}),
-            "spec.worker.modelVariant: Unsupported value",
+            false,
+            "unknown variant `q3_k`",
         ),
     ];
-    for (what, patch, expect) in cases {
+    for (what, patch, by_server, expect) in cases {
         let mut bad = pool.clone();
         merge(&mut bad["spec"], &patch);
-        let err = apply_with(&client, Some(&ns), &bad, &dry_run)
+        configmaps
+            .patch(
+                &cm_name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"data": {"pool.json": bad.to_string()}})),
+            )
+            .await
+            .unwrap();
+        let err = default_pool::apply(&client, &ns, &cm_name)
             .await
             .expect_err(what);
-        let message = api_message(&err);
+        let msg = err.to_string();
+        assert_eq!(
+            matches!(err, DefaultPoolError::Rejected { .. }),
+            by_server,
+            "{what}: {msg}"
+        );
         assert!(
-            message.contains(expect),
-            "{what}: expected {expect:?} in: {message}"
+            msg.contains(expect),
+            "{what}: expected {expect:?} in: {msg}"
         );
     }
 }
@@ -254,16 +290,33 @@ fn merge(target: &mut Value, patch: &Value) {
     }
 }
 
-async fn eventually<F, Fut>(what: &str, mut check: F)
+async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<(), String>>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    // Generous for a loaded two-core runner; the server answers in milliseconds.
+    eventually_with(what, Duration::from_secs(60), check, String::new).await
+}
+
+/// Retries `check` until it passes or `timeout` ends; on failure panics with its last error and
+/// `context()` (e.g. a log).
+async fn eventually_with<F, Fut>(
+    what: &str,
+    timeout: Duration,
+    mut check: F,
+    context: impl Fn() -> String,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
     loop {
         match check().await {
             Ok(()) => return,
-            Err(e) if tokio::time::Instant::now() > deadline => panic!("{what}: {e}"),
+            Err(e) if tokio::time::Instant::now() > deadline => {
+                panic!("{what}: {e}\n{}", context())
+            }
             Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
         }
     }
@@ -310,6 +363,132 @@ async fn redis_password(client: &Client, ns: &str) -> String {
     String::from_utf8(s.data.unwrap()["redis-password"].0.clone()).unwrap()
 }
 
+/// The operator as its pod would run it: the real binary with the container args of the stored
+/// operator Deployment, a token of its ServiceAccount (so the chart's RBAC is all it has), and a
+/// local Redis in place of the in-cluster one (no kubelet runs pods here).
+struct Operator {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Operator {
+    async fn start(cp: &ControlPlane, client: &Client, ns: &str, redis: &RedisServer) -> Self {
+        let deploy = Api::<Deployment>::namespaced(client.clone(), ns)
+            .get("pawfect-inpaint-operator")
+            .await
+            .expect("the operator Deployment");
+        let pod = deploy.spec.template.spec.expect("the operator's pod spec");
+        let sa = pod.service_account_name.clone().unwrap();
+        let c = pod
+            .containers
+            .iter()
+            .find(|c| c.name == "operator")
+            .expect("the operator container");
+        let http = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap();
+        let args: Vec<String> = c
+            .args
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|a| {
+                if a.starts_with("--redis-url=") {
+                    format!("--redis-url={}", redis.url())
+                } else if a.starts_with("--http-addr=") {
+                    format!("--http-addr={http}")
+                } else {
+                    a
+                }
+            })
+            .collect();
+        let kubeconfig = cp.service_account_kubeconfig(client, ns, &sa).await;
+        let log = cp
+            .dir()
+            .join(format!("operator-{ns}-{}.log", std::process::id()));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_pawfect-operator-chart-tests"))
+            .args(&args)
+            .env("KUBECONFIG", &kubeconfig)
+            .env("POD_NAMESPACE", ns)
+            .env("POD_NAME", "pawfect-inpaint-operator-0")
+            .env_remove("PAWFECT_REDIS_PASSWORD")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start the operator binary");
+        Operator { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The default pool Ready (its Deployment applied), owned by the chart's ConfigMap, and its worker
+/// Deployment owned by the pool; returns the stored pool.
+async fn default_pool_is_up(client: &Client, ns: &str, op: &Operator) -> Value {
+    let pools = Api::<InpaintPool>::namespaced(client.clone(), ns);
+    let deploys = Api::<Deployment>::namespaced(client.clone(), ns);
+    eventually_with(
+        "the default pool Ready with its worker Deployment",
+        Duration::from_secs(90),
+        || async {
+            let pool = pools
+                .get_opt("default")
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("no pool yet")?;
+            let ready = pool
+                .status
+                .as_ref()
+                .and_then(|s| s.condition(pawfect_api::conditions::READY))
+                .is_some_and(|c| c.status == "True");
+            if !ready {
+                return Err(format!("pool status {:?}", pool.status));
+            }
+            let owner = pool.metadata.owner_references.clone().unwrap_or_default();
+            if !owner
+                .iter()
+                .any(|o| o.kind == "ConfigMap" && o.name == "pawfect-inpaint-default-pool")
+            {
+                return Err(format!("pool owners {owner:?}"));
+            }
+            let d = deploys
+                .get_opt("default-worker")
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("no worker Deployment yet")?;
+            let pool_uid = pool.metadata.uid.clone();
+            if !d
+                .metadata
+                .owner_references
+                .unwrap_or_default()
+                .iter()
+                .any(|o| o.kind == "InpaintPool" && Some(&o.uid) == pool_uid.as_ref())
+            {
+                return Err("the worker Deployment is not the pool's".into());
+            }
+            Ok(())
+        },
+        || op.log(),
+    )
+    .await;
+    serde_json::to_value(pools.get("default").await.unwrap()).unwrap()
+}
+
 #[tokio::test]
 async fn install_upgrade_and_uninstall_behave_as_the_chart_readme_says() {
     // CRDs are cluster-wide: this release gets a cluster of its own.
@@ -320,8 +499,8 @@ async fn install_upgrade_and_uninstall_behave_as_the_chart_readme_says() {
     let release = "pawfect-inpaint";
     let defaults = ValueSet::defaults();
 
-    // First install: the CRDs come with the chart; the pool is left out (helm maps every
-    // manifest before applying any, when the CRDs are still unknown) and NOTES says so.
+    // One install brings everything: the CRDs, the RBAC, Redis, the operator and the default
+    // pool's ConfigMap (Helm cannot create an InpaintPool in the release that brings its CRD).
     let out = defaults
         .helm_on(&cp, "install", release, ns, &["--create-namespace"])
         .unwrap_or_else(|e| panic!("helm install: {e}"));
@@ -329,7 +508,6 @@ async fn install_upgrade_and_uninstall_behave_as_the_chart_readme_says() {
         unexpected_warnings(&out).is_empty(),
         "the API server warned:\n{out}"
     );
-    assert!(out.contains("is not created yet"), "{out}");
     let crds = Api::<CustomResourceDefinition>::all(client.clone());
     for name in [
         "inpaintjobs.inpaint.pawfect.dev",
@@ -347,11 +525,9 @@ async fn install_upgrade_and_uninstall_behave_as_the_chart_readme_says() {
             .any(|c| c.type_ == "Established" && c.status == "True");
         assert!(established, "{name} is not established");
     }
-    let objects = release_objects(&cp, &client, release, ns).await;
-    assert!(!objects.iter().any(|(m, _)| m.kind() == "InpaintPool"));
     let password = redis_password(&client, ns).await;
     // The real controller-manager rolls the operator Deployment out: a ReplicaSet and a Pod
-    // (Pending: no scheduler or kubelet here).
+    // (Pending: no kubelet here).
     let pods = Api::<Pod>::namespaced(client.clone(), ns);
     let operator_pods = ListParams::default().labels("app.kubernetes.io/component=operator");
     eventually("the operator Deployment's Pod", || async {
@@ -364,27 +540,76 @@ async fn install_upgrade_and_uninstall_behave_as_the_chart_readme_says() {
         (n == 1).then_some(()).ok_or(format!("{n} operator pods"))
     })
     .await;
+    // What that Pod would run: the operator applies the default pool, whose worker Deployment it
+    // then builds.
+    let redis = RedisServer::start().expect("redis-server");
+    let mut op = Operator::start(&cp, &client, ns, &redis).await;
+    let pool = default_pool_is_up(&client, ns, &op).await;
+    check_default_pool("defaults", ns, &pool);
 
-    // The same command again (README: "Run the same command a second time on the first
-    // install"): now the pool; the generated Redis password is kept (looked up).
+    // An upgrade with the same values keeps the generated Redis password (looked up) and the
+    // operator's pod template (no restart).
+    let template = |d: Deployment| d.spec.template.metadata.and_then(|m| m.annotations);
+    let operator_deploy = Api::<Deployment>::namespaced(client.clone(), ns);
+    let before = template(
+        operator_deploy
+            .get("pawfect-inpaint-operator")
+            .await
+            .unwrap(),
+    );
     let out = defaults
-        .helm_on(&cp, "upgrade", release, ns, &["--install"])
+        .helm_on(&cp, "upgrade", release, ns, &[])
         .unwrap_or_else(|e| panic!("helm upgrade: {e}"));
     assert!(
         unexpected_warnings(&out).is_empty(),
         "the API server warned:\n{out}"
     );
-    let objects = release_objects(&cp, &client, release, ns).await;
-    let (_, pool) = objects
-        .iter()
-        .find(|(m, _)| m.kind() == "InpaintPool")
-        .expect("the second run creates the default pool");
-    check_default_pool("defaults", ns, pool);
     assert_eq!(
         redis_password(&client, ns).await,
         password,
         "the upgrade changed the Redis password"
     );
+    assert_eq!(
+        template(
+            operator_deploy
+                .get("pawfect-inpaint-operator")
+                .await
+                .unwrap()
+        ),
+        before
+    );
+    // A changed pool changes the operator's pod template (a rollout); the restarted operator
+    // applies the new manifest.
+    let smaller = defaults.clone().set("pool.maxReplicas=2");
+    smaller
+        .helm_on(&cp, "upgrade", release, ns, &[])
+        .unwrap_or_else(|e| panic!("helm upgrade pool.maxReplicas=2: {e}"));
+    assert_ne!(
+        template(
+            operator_deploy
+                .get("pawfect-inpaint-operator")
+                .await
+                .unwrap()
+        ),
+        before,
+        "a changed pool must roll the operator"
+    );
+    op.stop();
+    let mut op = Operator::start(&cp, &client, ns, &redis).await;
+    let pools = Api::<InpaintPool>::namespaced(client.clone(), ns);
+    eventually_with(
+        "the restarted operator applies maxReplicas 2",
+        Duration::from_secs(90),
+        || async {
+            let p = pools.get("default").await.map_err(|e| e.to_string())?;
+            (p.spec.max_replicas == 2)
+                .then_some(())
+                .ok_or(format!("maxReplicas {}", p.spec.max_replicas))
+        },
+        || op.log(),
+    )
+    .await;
+    let defaults = smaller;
 
     // An upgrade applies a changed CRD (the CRDs are templates, not crds/).
     let job = workspace_root().join("examples/jobs/minimal.yaml");
@@ -443,8 +668,10 @@ async fn install_upgrade_and_uninstall_behave_as_the_chart_readme_says() {
     assert!(unexpected_warnings(&out).is_empty(), "{out}");
 
     // Uninstall: the CRDs, the user's InpaintJobs and the model PVC stay (resource-policy keep);
-    // the chart's own objects go, among them its default pool; the garbage collector removes the
-    // operator's ReplicaSet and Pod, which only the Deployment owned.
+    // the chart's own objects go, among them the default pool's ConfigMap; the garbage collector
+    // then removes the pool, the worker Deployment it owned, and the operator's ReplicaSet and
+    // Pod. (The operator goes with its Deployment; its stand-in here is stopped first.)
+    op.stop();
     helm_cluster(&cp, &["uninstall", release, "--namespace", ns]).unwrap_or_else(|e| panic!("{e}"));
     for name in [
         "inpaintjobs.inpaint.pawfect.dev",
@@ -462,19 +689,25 @@ async fn install_upgrade_and_uninstall_behave_as_the_chart_readme_says() {
         .get("pawfect-inpaint-models")
         .await
         .expect("uninstall keeps the model PVC");
-    let (pools, _, _) = dynamic_api(&client, Some(ns), pool).await.unwrap();
-    assert!(
-        pools.get_opt("default").await.unwrap().is_none(),
-        "the chart's pool goes with the release"
-    );
-    assert!(
-        Api::<Deployment>::namespaced(client.clone(), ns)
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-            .items
-            .is_empty()
-    );
+    eventually(
+        "the default pool and its worker Deployment garbage-collected",
+        || async {
+            let pool = pools.get_opt("default").await.map_err(|e| e.to_string())?;
+            let deploys = operator_deploy
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?
+                .items
+                .len();
+            (pool.is_none() && deploys == 0)
+                .then_some(())
+                .ok_or(format!(
+                    "pool left: {}, {deploys} Deployments left",
+                    pool.is_some()
+                ))
+        },
+    )
+    .await;
     let replicasets = Api::<ReplicaSet>::namespaced(client.clone(), ns);
     eventually(
         "the operator's ReplicaSet and Pod garbage-collected",

@@ -5,10 +5,14 @@
 //! * native transformers `config.json`: `vision_config` with `embed_dim`, `max_position_embeddings`,
 //!   `max_temporal_embeddings`; generation settings in `generation_config.json`.
 //!
-//! Values missing from a file take the Florence-2-base defaults.
+//! Values missing from a file take the Florence-2-base defaults. The files are read through
+//! `serde` into the `Raw*` mirrors at the bottom of this file (every key optional, aliases for
+//! the two layouts' spellings); [`Florence2Config::from_values`] then fills the defaults,
+//! rejects what this implementation does not support, and validates the shapes.
 
 use std::path::Path;
 
+use serde::Deserialize;
 use serde_json::Value;
 
 use super::Florence2Error;
@@ -113,24 +117,16 @@ impl VisionConfig {
 }
 
 /// Activation of the MLPs (`activation_function`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 pub enum Activation {
     /// Exact erf GELU (`"gelu"`).
+    #[serde(rename = "gelu")]
     Gelu,
     /// tanh-approximated GELU (`"gelu_new"`, `"gelu_pytorch_tanh"`, `"gelu_fast"`).
+    #[serde(rename = "gelu_new", alias = "gelu_pytorch_tanh", alias = "gelu_fast")]
     GeluTanh,
+    #[serde(rename = "relu")]
     Relu,
-}
-
-impl Activation {
-    fn parse(s: &str) -> Result<Self, String> {
-        match s {
-            "gelu" => Ok(Self::Gelu),
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Self::GeluTanh),
-            "relu" => Ok(Self::Relu),
-            other => Err(format!("unsupported activation_function {other:?}")),
-        }
-    }
 }
 
 /// BART language model settings.
@@ -268,71 +264,33 @@ impl GenerationConfig {
         self
     }
 
-    /// Reads generation settings the way transformers does: `generation_config.json` when present
+    /// Generation settings the way transformers reads them: `generation_config.json` when present
     /// (missing keys = transformers' defaults, i.e. no forced tokens, beams 1), otherwise the model
-    /// config (`text_config`, then the top level).
-    fn from_checkpoint(
-        gcfg: Option<&Value>,
-        config: &Value,
-        text: &TextConfig,
-    ) -> Result<Self, String> {
-        let text_cfg = config.get("text_config");
-        let lookup = |key: &str| -> Option<&Value> {
-            match gcfg {
-                Some(g) => g.get(key),
-                None => text_cfg
-                    .and_then(|t| t.get(key))
-                    .or_else(|| config.get(key)),
-            }
-        };
-        let usize_of = |key: &str| -> Result<Option<usize>, String> {
-            match lookup(key) {
-                None | Some(Value::Null) => Ok(None),
-                Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| {
-                    format!("generation setting {key} is not an unsigned integer: {v}")
-                }),
-            }
-        };
-        let token_of = |key: &str| -> Result<Option<u32>, String> {
-            match lookup(key) {
-                None | Some(Value::Null) => Ok(None),
-                Some(Value::Array(a)) if a.len() == 1 => a[0]
-                    .as_u64()
-                    .map(|x| Some(x as u32))
-                    .ok_or_else(|| format!("generation setting {key} is not a token id")),
-                Some(v) => v.as_u64().map(|x| Some(x as u32)).ok_or_else(|| {
-                    format!("generation setting {key} is not a single token id: {v}")
-                }),
-            }
-        };
-        let early_stopping = match lookup("early_stopping") {
-            None | Some(Value::Null) | Some(Value::Bool(false)) => EarlyStopping::False,
-            Some(Value::Bool(true)) => EarlyStopping::True,
-            Some(Value::String(s)) if s == "never" => EarlyStopping::Never,
-            Some(v) => {
+    /// config (`text_config`, then the top level, key by key).
+    fn from_raw(g: RawGeneration, text: &TextConfig) -> Result<Self, String> {
+        let early_stopping = match g.early_stopping {
+            None | Some(RawEarlyStopping::Bool(false)) => EarlyStopping::False,
+            Some(RawEarlyStopping::Bool(true)) => EarlyStopping::True,
+            Some(RawEarlyStopping::Text(s)) if s == "never" => EarlyStopping::Never,
+            Some(RawEarlyStopping::Text(s)) => {
                 return Err(format!(
-                    "early_stopping must be true, false or \"never\", got {v}"
+                    "early_stopping must be true, false or \"never\", got {s:?}"
                 ));
             }
         };
-        let length_penalty = match lookup("length_penalty") {
-            None | Some(Value::Null) => 1.0,
-            Some(v) => v
-                .as_f64()
-                .ok_or_else(|| format!("length_penalty is not a number: {v}"))?,
-        };
         Ok(Self {
-            num_beams: usize_of("num_beams")?.unwrap_or(1).max(1),
-            max_new_tokens: usize_of("max_new_tokens")?.unwrap_or(DEFAULT_MAX_NEW_TOKENS),
-            length_penalty,
+            num_beams: g.num_beams.unwrap_or(1).max(1),
+            max_new_tokens: g.max_new_tokens.unwrap_or(DEFAULT_MAX_NEW_TOKENS),
+            length_penalty: g.length_penalty.unwrap_or(1.0),
             early_stopping,
-            no_repeat_ngram_size: usize_of("no_repeat_ngram_size")?.unwrap_or(0),
-            forced_bos_token_id: token_of("forced_bos_token_id")?,
-            forced_eos_token_id: token_of("forced_eos_token_id")?,
-            eos_token_id: token_of("eos_token_id")?.unwrap_or(text.eos_token_id),
-            pad_token_id: token_of("pad_token_id")?.unwrap_or(text.pad_token_id),
-            decoder_start_token_id: token_of("decoder_start_token_id")?
-                .unwrap_or(text.decoder_start_token_id),
+            no_repeat_ngram_size: g.no_repeat_ngram_size.unwrap_or(0),
+            forced_bos_token_id: g.forced_bos_token_id.map(TokenId::get),
+            forced_eos_token_id: g.forced_eos_token_id.map(TokenId::get),
+            eos_token_id: g.eos_token_id.map_or(text.eos_token_id, TokenId::get),
+            pad_token_id: g.pad_token_id.map_or(text.pad_token_id, TokenId::get),
+            decoder_start_token_id: g
+                .decoder_start_token_id
+                .map_or(text.decoder_start_token_id, TokenId::get),
         })
     }
 }
@@ -367,73 +325,51 @@ impl Default for ImageProcessorConfig {
     }
 }
 
+/// `resample` value of PIL's bicubic filter, the only one Florence-2 checkpoints use.
+const PIL_BICUBIC: u64 = 3;
+
 impl ImageProcessorConfig {
     fn from_value(v: &Value) -> Result<Self, String> {
+        let raw = RawImageProcessor::deserialize(v).map_err(|e| e.to_string())?;
         let mut c = Self::default();
-        if let Some(b) = v.get("do_resize").and_then(Value::as_bool) {
-            c.do_resize = b;
-        }
-        if let Some(size) = v.get("size") {
-            match (
-                size.get("height"),
-                size.get("width"),
-                size.get("shortest_edge"),
-            ) {
-                (Some(h), Some(w), _) => {
-                    c.height = h.as_u64().ok_or("size.height is not an integer")? as usize;
-                    c.width = w.as_u64().ok_or("size.width is not an integer")? as usize;
+        if let Some(size) = raw.size {
+            match size {
+                RawSize {
+                    height: Some(h),
+                    width: Some(w),
+                    ..
+                } => (c.height, c.width) = (h, w),
+                RawSize {
+                    shortest_edge: Some(_),
+                    ..
+                } => {
+                    return Err(
+                        "size.shortest_edge resizing is not supported (Florence-2 uses height/width)"
+                            .into(),
+                    );
                 }
-                (_, _, Some(_)) => return Err(
-                    "size.shortest_edge resizing is not supported (Florence-2 uses height/width)"
-                        .into(),
-                ),
-                _ => return Err(format!("unsupported size {size}")),
+                _ => return Err("size needs height and width".into()),
             }
         }
-        if let Some(r) = v.get("resample") {
-            // 3 = PIL.Image.BICUBIC, the only filter Florence-2 checkpoints use.
-            if r.as_u64() != Some(3) {
-                return Err(format!("resample {r} is not supported (only 3 = bicubic)"));
-            }
+        if let Some(r) = raw.resample
+            && r != PIL_BICUBIC
+        {
+            return Err(format!("resample {r} is not supported (only 3 = bicubic)"));
         }
-        if v.get("do_center_crop").and_then(Value::as_bool) == Some(true) {
+        if raw.do_center_crop == Some(true) {
             return Err(
                 "do_center_crop is not supported (Florence-2 resizes without cropping)".into(),
             );
         }
-        if let Some(b) = v.get("do_rescale").and_then(Value::as_bool) {
-            c.do_rescale = b;
+        c.do_resize = raw.do_resize.unwrap_or(c.do_resize);
+        c.do_rescale = raw.do_rescale.unwrap_or(c.do_rescale);
+        c.rescale_factor = raw.rescale_factor.unwrap_or(c.rescale_factor);
+        c.do_normalize = raw.do_normalize.unwrap_or(c.do_normalize);
+        if let Some(m) = raw.image_mean {
+            c.image_mean = m.get();
         }
-        if let Some(f) = v.get("rescale_factor").and_then(Value::as_f64) {
-            c.rescale_factor = f;
-        }
-        if let Some(b) = v.get("do_normalize").and_then(Value::as_bool) {
-            c.do_normalize = b;
-        }
-        let triple = |key: &str| -> Result<Option<[f32; 3]>, String> {
-            match v.get(key) {
-                None | Some(Value::Null) => Ok(None),
-                Some(Value::Array(a)) if a.len() == 3 => {
-                    let mut out = [0f32; 3];
-                    for (o, x) in out.iter_mut().zip(a) {
-                        *o = x
-                            .as_f64()
-                            .ok_or_else(|| format!("{key} holds a non-number"))?
-                            as f32;
-                    }
-                    Ok(Some(out))
-                }
-                Some(Value::Number(n)) => {
-                    let x = n.as_f64().unwrap_or(0.0) as f32;
-                    Ok(Some([x; 3]))
-                }
-                Some(other) => Err(format!("{key} must be 3 numbers, got {other}")),
-            }
-        };
-        if let Some(m) = triple("image_mean")? {
-            c.image_mean = m;
-        }
-        if let Some(s) = triple("image_std")? {
+        if let Some(s) = raw.image_std {
+            let s = s.get();
             if s.contains(&0.0) {
                 return Err("image_std holds a zero".into());
             }
@@ -470,30 +406,9 @@ fn read_json(path: &Path) -> Result<Value, Florence2Error> {
     })
 }
 
-fn get_usize_vec(v: &Value, key: &str) -> Result<Option<Vec<usize>>, String> {
-    match v.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|x| {
-                x.as_u64()
-                    .map(|u| u as usize)
-                    .ok_or_else(|| format!("{key} holds a non-integer"))
-            })
-            .collect::<Result<Vec<_>, _>>()
-            .map(Some),
-        Some(other) => Err(format!("{key} must be a list, got {other}")),
-    }
-}
-
-fn get_usize(v: &Value, key: &str) -> Result<Option<usize>, String> {
-    match v.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(x) => x
-            .as_u64()
-            .map(|u| Some(u as usize))
-            .ok_or_else(|| format!("{key} is not an unsigned integer: {x}")),
-    }
+/// `T::deserialize` of a JSON value, the error naming where in the file it is.
+fn parse<'a, T: Deserialize<'a>>(v: &'a Value, what: &str) -> Result<T, String> {
+    T::deserialize(v).map_err(|e| format!("{what}: {e}"))
 }
 
 impl Florence2Config {
@@ -537,138 +452,105 @@ impl Florence2Config {
         gcfg: Option<&Value>,
         image: ImageProcessorConfig,
     ) -> Result<Self, String> {
-        if let Some(mt) = config.get("model_type").and_then(Value::as_str)
+        let raw: RawConfig = parse(config, "config.json")?;
+        if let Some(mt) = &raw.model_type
             && mt != "florence2"
         {
             return Err(format!("model_type is {mt:?}, expected \"florence2\""));
         }
-        let empty = Value::Object(Default::default());
-        let vcfg = config.get("vision_config").unwrap_or(&empty);
-        let tcfg = config.get("text_config").unwrap_or(&empty);
-        let original = vcfg.get("dim_embed").is_some()
-            || vcfg.get("model_type").and_then(Value::as_str) == Some("davit");
+        let v = raw.vision_config;
+        let original = v.dim_embed.is_some() || v.model_type.as_deref() == Some("davit");
 
-        let mut vision = VisionConfig::base();
-        if let Some(d) = get_usize_vec(vcfg, if original { "dim_embed" } else { "embed_dim" })? {
-            vision.embed_dim = d;
-        }
-        macro_rules! vec_field {
-            ($name:ident) => {
-                if let Some(x) = get_usize_vec(vcfg, stringify!($name))? {
-                    vision.$name = x;
-                }
-            };
-        }
-        vec_field!(depths);
-        vec_field!(num_heads);
-        vec_field!(num_groups);
-        vec_field!(patch_size);
-        vec_field!(patch_stride);
-        vec_field!(patch_padding);
-        if let Some(Value::Array(a)) = vcfg.get("patch_prenorm") {
-            vision.patch_prenorm = a
-                .iter()
-                .map(|x| x.as_bool().ok_or("patch_prenorm holds a non-boolean"))
-                .collect::<Result<_, _>>()?;
-        }
-        if let Some(x) = get_usize(vcfg, "in_channels")? {
-            vision.in_channels = x;
-        }
-        if let Some(x) = get_usize(vcfg, "window_size")? {
-            vision.window_size = x;
-        }
-        if let Some(x) = vcfg.get("mlp_ratio").and_then(Value::as_f64) {
-            vision.mlp_ratio = x;
-        }
-        if let Some(x) = vcfg.get("qkv_bias").and_then(Value::as_bool) {
-            vision.qkv_bias = x;
-        }
-        if let Some(x) = vcfg.get("activation_function").and_then(Value::as_str) {
-            vision.activation = Activation::parse(x)?;
-        }
-        let projection_dim =
-            get_usize(vcfg, "projection_dim")?.or(get_usize(config, "projection_dim")?);
+        let base = VisionConfig::base();
+        let embed_dim = if original { v.dim_embed } else { v.embed_dim };
+        let mut vision = VisionConfig {
+            in_channels: v.in_channels.unwrap_or(base.in_channels),
+            depths: v.depths.unwrap_or(base.depths),
+            embed_dim: embed_dim.unwrap_or(base.embed_dim),
+            num_heads: v.num_heads.unwrap_or(base.num_heads),
+            num_groups: v.num_groups.unwrap_or(base.num_groups),
+            patch_size: v.patch_size.unwrap_or(base.patch_size),
+            patch_stride: v.patch_stride.unwrap_or(base.patch_stride),
+            patch_padding: v.patch_padding.unwrap_or(base.patch_padding),
+            patch_prenorm: v.patch_prenorm.unwrap_or(base.patch_prenorm),
+            window_size: v.window_size.unwrap_or(base.window_size),
+            mlp_ratio: v.mlp_ratio.unwrap_or(base.mlp_ratio),
+            qkv_bias: v.qkv_bias.unwrap_or(base.qkv_bias),
+            activation: v.activation_function.unwrap_or(base.activation),
+            projection_dim: base.projection_dim,
+            max_temporal_embeddings: base.max_temporal_embeddings,
+            max_position_embeddings: base.max_position_embeddings,
+        };
         if original {
-            if let Some(x) = vcfg
-                .get("visual_temporal_embedding")
-                .map(|t| get_usize(t, "max_temporal_embeddings"))
-                .transpose()?
-                .flatten()
+            if let Some(x) = v
+                .visual_temporal_embedding
+                .and_then(|t| t.max_temporal_embeddings)
             {
                 vision.max_temporal_embeddings = x;
             }
-            if let Some(x) = vcfg
-                .get("image_pos_embed")
-                .map(|t| get_usize(t, "max_pos_embeddings"))
-                .transpose()?
-                .flatten()
-            {
+            if let Some(x) = v.image_pos_embed.and_then(|t| t.max_pos_embeddings) {
                 vision.max_position_embeddings = x;
             }
-            if let Some(Value::Array(src)) = vcfg.get("image_feature_source") {
-                let names: Vec<_> = src.iter().filter_map(Value::as_str).collect();
-                if names != ["spatial_avg_pool", "temporal_avg_pool"] {
-                    return Err(format!(
-                        "image_feature_source {names:?} is not supported (only spatial_avg_pool, temporal_avg_pool)"
-                    ));
-                }
+            if let Some(src) = v.image_feature_source
+                && src != ["spatial_avg_pool", "temporal_avg_pool"]
+            {
+                return Err(format!(
+                    "image_feature_source {src:?} is not supported (only spatial_avg_pool, temporal_avg_pool)"
+                ));
             }
             // The original DaViT builds the MLP hidden size from a fixed ratio of 4.
             vision.mlp_ratio = 4.0;
         } else {
-            if let Some(x) = get_usize(vcfg, "max_temporal_embeddings")? {
+            if let Some(x) = v.max_temporal_embeddings {
                 vision.max_temporal_embeddings = x;
             }
-            if let Some(x) = get_usize(vcfg, "max_position_embeddings")? {
+            if let Some(x) = v.max_position_embeddings {
                 vision.max_position_embeddings = x;
             }
         }
 
-        let mut text = TextConfig::base();
-        macro_rules! text_field {
-            ($name:ident) => {
-                if let Some(x) = get_usize(tcfg, stringify!($name))? {
-                    text.$name = x;
-                }
-            };
-        }
-        text_field!(vocab_size);
-        text_field!(d_model);
-        text_field!(encoder_layers);
-        text_field!(decoder_layers);
-        text_field!(encoder_attention_heads);
-        text_field!(decoder_attention_heads);
-        text_field!(encoder_ffn_dim);
-        text_field!(decoder_ffn_dim);
-        text_field!(max_position_embeddings);
-        if let Some(x) = tcfg.get("activation_function").and_then(Value::as_str) {
-            text.activation = Activation::parse(x)?;
-        }
-        if let Some(x) = tcfg.get("scale_embedding").and_then(Value::as_bool) {
-            text.scale_embedding = x;
-        }
-        for (key, slot) in [
-            ("pad_token_id", &mut text.pad_token_id),
-            ("bos_token_id", &mut text.bos_token_id),
-            ("eos_token_id", &mut text.eos_token_id),
-            ("decoder_start_token_id", &mut text.decoder_start_token_id),
+        let t = raw.text_config;
+        for (key, set) in [
+            ("normalize_before", t.normalize_before),
+            ("add_final_layer_norm", t.add_final_layer_norm),
+            ("add_bias_logits", t.add_bias_logits),
         ] {
-            if let Some(x) = get_usize(tcfg, key)? {
-                *slot = x as u32;
-            }
-        }
-        for key in [
-            "normalize_before",
-            "add_final_layer_norm",
-            "add_bias_logits",
-        ] {
-            if tcfg.get(key).and_then(Value::as_bool) == Some(true) {
+            if set == Some(true) {
                 return Err(format!(
                     "text_config.{key} = true is not supported (Florence-2 uses post-LN BART)"
                 ));
             }
         }
-        vision.projection_dim = projection_dim.unwrap_or(text.d_model);
+        let base = TextConfig::base();
+        let text = TextConfig {
+            vocab_size: t.vocab_size.unwrap_or(base.vocab_size),
+            d_model: t.d_model.unwrap_or(base.d_model),
+            encoder_layers: t.encoder_layers.unwrap_or(base.encoder_layers),
+            decoder_layers: t.decoder_layers.unwrap_or(base.decoder_layers),
+            encoder_attention_heads: t
+                .encoder_attention_heads
+                .unwrap_or(base.encoder_attention_heads),
+            decoder_attention_heads: t
+                .decoder_attention_heads
+                .unwrap_or(base.decoder_attention_heads),
+            encoder_ffn_dim: t.encoder_ffn_dim.unwrap_or(base.encoder_ffn_dim),
+            decoder_ffn_dim: t.decoder_ffn_dim.unwrap_or(base.decoder_ffn_dim),
+            max_position_embeddings: t
+                .max_position_embeddings
+                .unwrap_or(base.max_position_embeddings),
+            activation: t.activation_function.unwrap_or(base.activation),
+            scale_embedding: t.scale_embedding.unwrap_or(base.scale_embedding),
+            pad_token_id: t.pad_token_id.map_or(base.pad_token_id, TokenId::get),
+            bos_token_id: t.bos_token_id.map_or(base.bos_token_id, TokenId::get),
+            eos_token_id: t.eos_token_id.map_or(base.eos_token_id, TokenId::get),
+            decoder_start_token_id: t
+                .decoder_start_token_id
+                .map_or(base.decoder_start_token_id, TokenId::get),
+        };
+        vision.projection_dim = v
+            .projection_dim
+            .or(raw.projection_dim)
+            .unwrap_or(text.d_model);
         if vision.projection_dim != text.d_model {
             return Err(format!(
                 "projection_dim {} differs from the language model's d_model {}",
@@ -677,20 +559,205 @@ impl Florence2Config {
         }
         vision.validate()?;
         text.validate()?;
-        let generation = GenerationConfig::from_checkpoint(gcfg, config, &text)?;
-        let image_token_id = get_usize(config, "image_token_id")?.map(|x| x as u32);
+        let generation = match gcfg {
+            Some(g) => parse(g, "generation_config.json")?,
+            None => {
+                let empty = Value::Object(Default::default());
+                let in_text: RawGeneration =
+                    parse(config.get("text_config").unwrap_or(&empty), "text_config")?;
+                in_text.or(parse(config, "config.json")?)
+            }
+        };
+        let generation = GenerationConfig::from_raw(generation, &text)?;
         Ok(Self {
             vision,
             text,
             generation,
             image,
-            image_token_id,
+            image_token_id: raw.image_token_id,
             config_layout: if original {
                 Layout::Original
             } else {
                 Layout::Native
             },
         })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The files as written: every key optional (missing = the base default), unknown keys ignored
+// (checkpoints carry many transformers settings this model does not read), wrong types rejected
+// with serde's message.
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawConfig {
+    model_type: Option<String>,
+    projection_dim: Option<usize>,
+    image_token_id: Option<u32>,
+    vision_config: RawVision,
+    text_config: RawText,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawVision {
+    model_type: Option<String>,
+    /// Original layout's name of `embed_dim`.
+    dim_embed: Option<Vec<usize>>,
+    embed_dim: Option<Vec<usize>>,
+    in_channels: Option<usize>,
+    depths: Option<Vec<usize>>,
+    num_heads: Option<Vec<usize>>,
+    num_groups: Option<Vec<usize>>,
+    patch_size: Option<Vec<usize>>,
+    patch_stride: Option<Vec<usize>>,
+    patch_padding: Option<Vec<usize>>,
+    patch_prenorm: Option<Vec<bool>>,
+    window_size: Option<usize>,
+    mlp_ratio: Option<f64>,
+    qkv_bias: Option<bool>,
+    activation_function: Option<Activation>,
+    projection_dim: Option<usize>,
+    // native layout
+    max_temporal_embeddings: Option<usize>,
+    max_position_embeddings: Option<usize>,
+    // original layout
+    visual_temporal_embedding: Option<RawTemporalEmbedding>,
+    image_pos_embed: Option<RawPosEmbed>,
+    image_feature_source: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawTemporalEmbedding {
+    max_temporal_embeddings: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawPosEmbed {
+    max_pos_embeddings: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawText {
+    vocab_size: Option<usize>,
+    d_model: Option<usize>,
+    encoder_layers: Option<usize>,
+    decoder_layers: Option<usize>,
+    encoder_attention_heads: Option<usize>,
+    decoder_attention_heads: Option<usize>,
+    encoder_ffn_dim: Option<usize>,
+    decoder_ffn_dim: Option<usize>,
+    max_position_embeddings: Option<usize>,
+    activation_function: Option<Activation>,
+    scale_embedding: Option<bool>,
+    pad_token_id: Option<TokenId>,
+    bos_token_id: Option<TokenId>,
+    eos_token_id: Option<TokenId>,
+    decoder_start_token_id: Option<TokenId>,
+    normalize_before: Option<bool>,
+    add_final_layer_norm: Option<bool>,
+    add_bias_logits: Option<bool>,
+}
+
+/// The generation keys, wherever they are written (`generation_config.json`, `text_config`, the
+/// top level of `config.json`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawGeneration {
+    num_beams: Option<usize>,
+    max_new_tokens: Option<usize>,
+    length_penalty: Option<f64>,
+    early_stopping: Option<RawEarlyStopping>,
+    no_repeat_ngram_size: Option<usize>,
+    forced_bos_token_id: Option<TokenId>,
+    forced_eos_token_id: Option<TokenId>,
+    eos_token_id: Option<TokenId>,
+    pad_token_id: Option<TokenId>,
+    decoder_start_token_id: Option<TokenId>,
+}
+
+impl RawGeneration {
+    /// Key by key: `self`'s value where set, else `other`'s.
+    fn or(self, other: Self) -> Self {
+        Self {
+            num_beams: self.num_beams.or(other.num_beams),
+            max_new_tokens: self.max_new_tokens.or(other.max_new_tokens),
+            length_penalty: self.length_penalty.or(other.length_penalty),
+            early_stopping: self.early_stopping.or(other.early_stopping),
+            no_repeat_ngram_size: self.no_repeat_ngram_size.or(other.no_repeat_ngram_size),
+            forced_bos_token_id: self.forced_bos_token_id.or(other.forced_bos_token_id),
+            forced_eos_token_id: self.forced_eos_token_id.or(other.forced_eos_token_id),
+            eos_token_id: self.eos_token_id.or(other.eos_token_id),
+            pad_token_id: self.pad_token_id.or(other.pad_token_id),
+            decoder_start_token_id: self.decoder_start_token_id.or(other.decoder_start_token_id),
+        }
+    }
+}
+
+/// `true`, `false` or `"never"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawEarlyStopping {
+    Bool(bool),
+    Text(String),
+}
+
+/// A token id, written as a number or as a one-element list (transformers accepts both).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(untagged)]
+enum TokenId {
+    One(u32),
+    List([u32; 1]),
+}
+
+impl TokenId {
+    fn get(self) -> u32 {
+        match self {
+            TokenId::One(t) | TokenId::List([t]) => t,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawImageProcessor {
+    do_resize: Option<bool>,
+    size: Option<RawSize>,
+    resample: Option<u64>,
+    do_center_crop: Option<bool>,
+    do_rescale: Option<bool>,
+    rescale_factor: Option<f64>,
+    do_normalize: Option<bool>,
+    image_mean: Option<Triple>,
+    image_std: Option<Triple>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct RawSize {
+    height: Option<usize>,
+    width: Option<usize>,
+    shortest_edge: Option<usize>,
+}
+
+/// Per-channel values, written as three numbers or one for all channels.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(untagged)]
+enum Triple {
+    Three([f32; 3]),
+    One(f32),
+}
+
+impl Triple {
+    fn get(self) -> [f32; 3] {
+        match self {
+            Triple::Three(t) => t,
+            Triple::One(x) => [x; 3],
+        }
     }
 }
 
@@ -778,6 +845,53 @@ mod tests {
         let mut v = original_base();
         v["model_type"] = json!("llava");
         assert!(Florence2Config::from_values(&v, None, ImageProcessorConfig::default()).is_err());
+    }
+
+    #[test]
+    fn native_layout_reads_its_own_spellings() {
+        let v = json!({
+            "model_type": "florence2", "image_token_id": 51289,
+            "text_config": {"d_model": 768, "eos_token_id": [2], "activation_function": "gelu_new"},
+            "vision_config": {"embed_dim": [128, 256, 512, 1024], "max_temporal_embeddings": 7,
+                              "max_position_embeddings": 9, "mlp_ratio": 2.0}
+        });
+        let c = Florence2Config::from_values(&v, None, ImageProcessorConfig::default()).unwrap();
+        assert_eq!(c.config_layout, Layout::Native);
+        assert_eq!(c.image_token_id, Some(51289));
+        assert_eq!(c.text.activation, Activation::GeluTanh);
+        assert_eq!(c.text.eos_token_id, 2);
+        assert_eq!(
+            (
+                c.vision.max_temporal_embeddings,
+                c.vision.max_position_embeddings
+            ),
+            (7, 9)
+        );
+        // only the original DaViT fixes the ratio at 4
+        assert_eq!(c.vision.mlp_ratio, 2.0);
+    }
+
+    #[test]
+    fn wrong_types_and_unknown_values_are_rejected() {
+        for (field, value) in [
+            ("depths", json!("1,1,9,1")),
+            ("window_size", json!(-3)),
+            ("activation_function", json!("swish")),
+        ] {
+            let mut v = original_base();
+            v["vision_config"][field] = value;
+            let e = Florence2Config::from_values(&v, None, ImageProcessorConfig::default())
+                .unwrap_err();
+            assert!(e.starts_with("config.json: "), "{field}: {e}");
+        }
+        let e = Florence2Config::from_values(
+            &original_base(),
+            Some(&json!({"early_stopping": "sometimes"})),
+            ImageProcessorConfig::default(),
+        )
+        .unwrap_err();
+        assert!(e.contains("early_stopping"), "{e}");
+        assert!(ImageProcessorConfig::from_value(&json!({"image_mean": [0.5, 0.5]})).is_err());
     }
 
     #[test]

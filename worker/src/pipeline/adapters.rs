@@ -7,7 +7,8 @@ use image::{GrayImage, RgbImage};
 
 use super::inpaint::{InpaintError, InpaintParams, Inpainted, Inpainter, ModelTimings, Step};
 use super::prompt::{CaptionError, Captioner, PromptRules, RulePrompt};
-use crate::surface_prompt::{PromptSource, SurfacePrompt};
+use crate::surface_prompt::SurfacePrompt;
+use pawfect_api::PromptOrigin;
 use pawfect_models::ModelError;
 use pawfect_models::florence2::{Florence2, GenerationConfig, Task};
 use pawfect_models::flux::{self, FluxFill, InpaintOptions};
@@ -103,7 +104,7 @@ fn rule(p: SurfacePrompt) -> RulePrompt {
     RulePrompt {
         prompt: p.prompt,
         surface: p.surface,
-        neutral: p.source == PromptSource::Fallback,
+        neutral: p.source == PromptOrigin::Fallback,
         note: p.note,
     }
 }

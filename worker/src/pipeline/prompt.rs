@@ -5,31 +5,7 @@
 //! or when it fails, the neutral prompt is used and the reason recorded in `note`.
 
 use image::RgbImage;
-use pawfect_api::{InpaintJobSpec, PromptSource};
-
-/// Where the prompt came from (reported as `promptSource`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PromptOrigin {
-    /// `spec.prompt`, as given.
-    Spec,
-    /// `spec.sceneLabels`.
-    SceneLabels,
-    /// A caption of the crop.
-    Caption,
-    /// Nothing usable: the neutral prompt.
-    Neutral,
-}
-
-impl PromptOrigin {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PromptOrigin::Spec => "prompt",
-            PromptOrigin::SceneLabels => "sceneLabels",
-            PromptOrigin::Caption => "caption",
-            PromptOrigin::Neutral => "fallback",
-        }
-    }
-}
+use pawfect_api::{InpaintJobSpec, PromptOrigin, PromptSource};
 
 /// The prompt of a job and how it was made.
 #[derive(Clone, Debug, PartialEq)]
@@ -82,7 +58,7 @@ pub fn choose(
     match spec.prompt_source() {
         PromptSource::Explicit(text) => Prompt {
             text: text.to_string(),
-            origin: PromptOrigin::Spec,
+            origin: PromptOrigin::Prompt,
             caption: None,
             surface: None,
             note: None,
@@ -90,7 +66,7 @@ pub fn choose(
         PromptSource::SceneLabels(labels) => {
             let p = rules.for_labels(labels);
             let origin = if p.neutral {
-                PromptOrigin::Neutral
+                PromptOrigin::Fallback
             } else {
                 PromptOrigin::SceneLabels
             };
@@ -112,7 +88,7 @@ pub fn choose(
                     Prompt {
                         text: p.prompt,
                         origin: if p.neutral {
-                            PromptOrigin::Neutral
+                            PromptOrigin::Fallback
                         } else {
                             PromptOrigin::Caption
                         },
@@ -131,7 +107,7 @@ fn neutral(rules: &dyn PromptRules, caption: Option<String>, note: Option<String
     let p = rules.neutral();
     Prompt {
         text: p.prompt,
-        origin: PromptOrigin::Neutral,
+        origin: PromptOrigin::Fallback,
         caption,
         surface: p.surface,
         note: note.or(p.note),
