@@ -21,6 +21,7 @@
 //! - `{p}:dead:{pool}`: jobs that used up their attempts, with the reason ([`DeadLetter`]).
 //! - `{p}:workers:{pool}`: worker registry, name → `{"seen": ms, "job": uid|null}`.
 //! - `{p}:pools`: set of pool names.
+//! - `{p}:server`: the Redis server's `run_id` and when a claim first saw it (`since`, ms).
 //!
 //! # States
 //!
@@ -77,7 +78,11 @@
 //! 6. **Reclaim**: an entry idle past the lease (worker dead, or stalled without heartbeat) is
 //!    taken by the next claiming worker: attempt + 1 and `claimed` again, or, when that would
 //!    exceed `max_attempts`, dead-lettered: reason `AttemptsExhausted`, last reason
-//!    `WorkerLost`, state `failed`, a `failed` event.
+//!    `WorkerLost`, state `failed`, a `failed` event. Idle times survive a restart of Redis,
+//!    so after one (a new `run_id`) nothing is reclaimed until a lease has passed since a claim
+//!    first saw the new server: a worker that was alive through the outage heartbeats or
+//!    reports its result in that time (it retries reports until Redis answers), and a job that
+//!    finished during the outage is neither run again nor charged an attempt.
 //! 7. **Cancel** ([`Queue::cancel`]): a waiting job's entry is acked and deleted at once
 //!    (`cancelled` + event); a running job gets its `cancel` flag, which the worker sees in its
 //!    heartbeat, progress or [`Claim::is_cancelled`] between denoise steps.
