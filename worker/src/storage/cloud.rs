@@ -10,10 +10,12 @@ use object_store::aws::AmazonS3Builder;
 use object_store::azure::MicrosoftAzureBuilder;
 use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::path::Path as ObjectPath;
-use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, RetryConfig};
+use object_store::{
+    ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, RetryConfig, UpdateVersion,
+};
 use url::Url;
 
-use super::{StorageConfig, StorageError, temp_name};
+use super::{StorageConfig, StorageError, WriteFence, temp_name};
 
 #[derive(Default)]
 pub(super) struct CloudStores {
@@ -144,4 +146,51 @@ pub(super) async fn write_atomic(
         return Err(not_writable(e));
     }
     Ok(())
+}
+
+/// A fenced write: read the object's version, check the fence, then a conditional put on that
+/// version (create when there was none). A put refused because someone wrote in between starts
+/// over, so the fence is always checked after the version the put is conditional on was read.
+pub(super) async fn write_conditional(
+    uri: &str,
+    store: &dyn ObjectStore,
+    path: &ObjectPath,
+    data: Bytes,
+    fence: &dyn WriteFence,
+) -> Result<(), StorageError> {
+    let fenced = |reason: String| StorageError::Fenced {
+        uri: uri.to_string(),
+        reason,
+    };
+    let not_writable = |e: object_store::Error| StorageError::NotWritable {
+        uri: uri.to_string(),
+        reason: e.to_string(),
+    };
+    // Each retry means another writer won a race for this object; a few are plenty.
+    for _ in 0..4 {
+        let mode = match store.head(path).await {
+            Ok(meta) => PutMode::Update(UpdateVersion {
+                e_tag: meta.e_tag,
+                version: meta.version,
+            }),
+            Err(object_store::Error::NotFound { .. }) => PutMode::Create,
+            Err(e) => return Err(map_err(uri, e)),
+        };
+        fence.check().await.map_err(fenced)?;
+        let opts = PutOptions {
+            mode,
+            ..PutOptions::default()
+        };
+        match store.put_opts(path, data.clone().into(), opts).await {
+            Ok(_) => return Ok(()),
+            Err(
+                object_store::Error::Precondition { .. }
+                | object_store::Error::AlreadyExists { .. },
+            ) => continue,
+            Err(e) => return Err(not_writable(e)),
+        }
+    }
+    Err(fenced(
+        "the object kept changing under concurrent writers".into(),
+    ))
 }
