@@ -53,8 +53,12 @@
 //!    read) adds one to `attempt`, sets `running`, `worker`, `claimed_at`, marks the worker
 //!    busy in the registry and sends `claimed`. An entry it should not run is acked and
 //!    deleted instead: orphaned (no hash) or stale (the hash points at another entry), a job
-//!    with a cancel request (→ `cancelled`), or one whose attempts are used up (→ dead-letter).
-//!    A blocking read may deliver one entry per stream; the second is handed back at once (a
+//!    with a cancel request (→ `cancelled`), one whose attempts are used up (→ dead-letter),
+//!    or a hash not in a claimable state (no state, or one this version does not know: →
+//!    `failed`, `InvalidInput`). A claimed job the worker cannot read (unknown priority,
+//!    `max_attempts` not a number, a spec that is no `InpaintJobSpec` or outside the CRD's
+//!    limits, `pawfect_api::check_limits`) is failed at once as `InvalidInput` with the reason,
+//!    and the claim goes on to the next entry. A blocking read may deliver one entry per stream; the second is handed back at once (a
 //!    fresh entry at the end of its stream, attempt unchanged). A session's first claim also
 //!    takes back entries still pending under its own name (a worker restarted in the same pod).
 //! 3. **Heartbeat** ([`Claim::start_heartbeat`], every lease/4): XCLAIM of its own entry with
@@ -114,9 +118,11 @@
 //!   attempt as it is.
 //! - Only jobs that ran out of attempts go to the dead-letter stream; a non-retryable failure
 //!   (e.g. `InvalidInput`) just fails with its reason.
-//! - Completion is first-result-wins: a worker that lost its lease and still finishes may
-//!   complete the job (the output is already stored); the worker that took over then sees its
-//!   claim [`Standing::Lost`]. Fail, cancelled, hand-back and progress from a worker that no
+//! - Completion is first-result-wins: a worker that lost its lease after it had stored its
+//!   output may still complete the job; the worker that took over then sees its claim
+//!   [`Standing::Lost`]. The output itself is fenced: a worker puts it in place only while
+//!   [`Claim::holds`] says its attempt still holds the job, so an attempt that lost the job
+//!   before storing never replaces another's output. Fail, cancelled, hand-back and progress from a worker that no
 //!   longer holds the job change nothing ([`Outcome::Lost`]).
 //! - A cancelled waiting job's entry is XACK'ed as well as XDEL'ed: a blocking read may have
 //!   delivered it a moment before, and depth counts pending entries.
