@@ -194,3 +194,105 @@ pub(super) async fn write_conditional(
         "the object kept changing under concurrent writers".into(),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use object_store::memory::InMemory;
+
+    use super::*;
+
+    /// A fence that answers from a script of verdicts, and on its first call may write the
+    /// object itself, as another writer racing in between would.
+    struct Scripted {
+        store: Arc<InMemory>,
+        path: ObjectPath,
+        intrude: bool,
+        verdicts: Vec<bool>,
+        calls: AtomicUsize,
+    }
+
+    impl WriteFence for Scripted {
+        fn check(&self) -> futures::future::BoxFuture<'_, Result<(), String>> {
+            Box::pin(async move {
+                let n = self.calls.fetch_add(1, Ordering::SeqCst);
+                if self.intrude && n == 0 {
+                    self.store
+                        .put(&self.path, Bytes::from_static(b"other").into())
+                        .await
+                        .unwrap();
+                }
+                match self.verdicts.get(n) {
+                    Some(true) => Ok(()),
+                    _ => Err("lost the job".into()),
+                }
+            })
+        }
+    }
+
+    async fn content(store: &InMemory, path: &ObjectPath) -> Option<Bytes> {
+        match store.get(path).await {
+            Ok(g) => Some(g.bytes().await.unwrap()),
+            Err(object_store::Error::NotFound { .. }) => None,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn fence(store: &Arc<InMemory>, path: &ObjectPath, intrude: bool, v: &[bool]) -> Scripted {
+        Scripted {
+            store: store.clone(),
+            path: path.clone(),
+            intrude,
+            verdicts: v.to_vec(),
+            calls: AtomicUsize::new(0),
+        }
+    }
+
+    /// object_store's in-memory store implements `PutMode::Create` and `PutMode::Update` with
+    /// the same semantics as S3, GCS and Azure.
+    #[tokio::test]
+    async fn conditional_writes_follow_the_fence() {
+        let store = Arc::new(InMemory::new());
+        let path = ObjectPath::from("out/result.png");
+        let mine = Bytes::from_static(b"mine");
+
+        // Absent: created while the fence allows it.
+        let f = fence(&store, &path, false, &[true]);
+        write_conditional("mem://out", &*store, &path, mine.clone(), &f)
+            .await
+            .unwrap();
+        assert_eq!(content(&store, &path).await, Some(mine.clone()));
+
+        // Refused: the object stays as it is.
+        store
+            .put(&path, Bytes::from_static(b"old").into())
+            .await
+            .unwrap();
+        let f = fence(&store, &path, false, &[false]);
+        let err = write_conditional("mem://out", &*store, &path, mine.clone(), &f)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StorageError::Fenced { .. }), "{err}");
+        assert_eq!(content(&store, &path).await.as_deref(), Some(&b"old"[..]));
+
+        // Another writer between the version read and the put: the put is refused, and the
+        // fence is asked again before the next try; refused then, the other write stays.
+        let f = fence(&store, &path, true, &[true, false]);
+        let err = write_conditional("mem://out", &*store, &path, mine.clone(), &f)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StorageError::Fenced { .. }), "{err}");
+        assert_eq!(f.calls.load(Ordering::SeqCst), 2);
+        assert_eq!(content(&store, &path).await.as_deref(), Some(&b"other"[..]));
+
+        // Allowed again, the second try writes over the version it read.
+        let f = fence(&store, &path, true, &[true, true]);
+        write_conditional("mem://out", &*store, &path, mine.clone(), &f)
+            .await
+            .unwrap();
+        assert_eq!(f.calls.load(Ordering::SeqCst), 2);
+        assert_eq!(content(&store, &path).await, Some(mine));
+    }
+}
