@@ -11,6 +11,7 @@
 //! | `pawfect:dead:{pool}` | stream | jobs that used up their attempts |
 //! | `pawfect:workers:{pool}` | hash | worker name → `{"seen": ms, "job": uid or null}` |
 //! | `pawfect:pools` | set | every pool that ever had a job or a worker |
+//! | `pawfect:server` | hash | `run_id` of the Redis server and `since` (ms) a claim first saw it |
 //!
 //! Pool names and uids must not contain `:` or whitespace (Kubernetes names and uids never do),
 //! so `{pool}:high` of one pool can never be the stream of another pool.
@@ -143,6 +144,12 @@ impl Keys {
     pub fn pools(&self) -> String {
         format!("{}:pools", self.prefix)
     }
+
+    /// Hash of the Redis server's `run_id` and `since` (ms): when a claim first saw this
+    /// server run, so reclaims wait a lease after a restart.
+    pub fn server(&self) -> String {
+        format!("{}:server", self.prefix)
+    }
 }
 
 /// Checks a pool name, job uid or worker name for use in keys and as a consumer name.
@@ -184,6 +191,7 @@ mod tests {
         assert_eq!(k.dead("t4"), "pawfect:dead:t4");
         assert_eq!(k.workers("t4"), "pawfect:workers:t4");
         assert_eq!(k.pools(), "pawfect:pools");
+        assert_eq!(k.server(), "pawfect:server");
     }
 
     #[test]

@@ -21,6 +21,7 @@
 //! - `{p}:dead:{pool}`: jobs that used up their attempts, with the reason ([`DeadLetter`]).
 //! - `{p}:workers:{pool}`: worker registry, name → `{"seen": ms, "job": uid|null}`.
 //! - `{p}:pools`: set of pool names.
+//! - `{p}:server`: the Redis server's `run_id` and when a claim first saw it (`since`, ms).
 //!
 //! # States
 //!
@@ -52,8 +53,12 @@
 //!    read) adds one to `attempt`, sets `running`, `worker`, `claimed_at`, marks the worker
 //!    busy in the registry and sends `claimed`. An entry it should not run is acked and
 //!    deleted instead: orphaned (no hash) or stale (the hash points at another entry), a job
-//!    with a cancel request (→ `cancelled`), or one whose attempts are used up (→ dead-letter).
-//!    A blocking read may deliver one entry per stream; the second is handed back at once (a
+//!    with a cancel request (→ `cancelled`), one whose attempts are used up (→ dead-letter),
+//!    or a hash not in a claimable state (no state, or one this version does not know: →
+//!    `failed`, `InvalidInput`). A claimed job the worker cannot read (unknown priority,
+//!    `max_attempts` not a number, a spec that is no `InpaintJobSpec` or outside the CRD's
+//!    limits, `pawfect_api::check_limits`) is failed at once as `InvalidInput` with the reason,
+//!    and the claim goes on to the next entry. A blocking read may deliver one entry per stream; the second is handed back at once (a
 //!    fresh entry at the end of its stream, attempt unchanged). A session's first claim also
 //!    takes back entries still pending under its own name (a worker restarted in the same pod).
 //! 3. **Heartbeat** ([`Claim::start_heartbeat`], every lease/4): XCLAIM of its own entry with
@@ -77,7 +82,11 @@
 //! 6. **Reclaim**: an entry idle past the lease (worker dead, or stalled without heartbeat) is
 //!    taken by the next claiming worker: attempt + 1 and `claimed` again, or, when that would
 //!    exceed `max_attempts`, dead-lettered: reason `AttemptsExhausted`, last reason
-//!    `WorkerLost`, state `failed`, a `failed` event.
+//!    `WorkerLost`, state `failed`, a `failed` event. Idle times survive a restart of Redis,
+//!    so after one (a new `run_id`) nothing is reclaimed until a lease has passed since a claim
+//!    first saw the new server: a worker that was alive through the outage heartbeats or
+//!    reports its result in that time (it retries reports until Redis answers), and a job that
+//!    finished during the outage is neither run again nor charged an attempt.
 //! 7. **Cancel** ([`Queue::cancel`]): a waiting job's entry is acked and deleted at once
 //!    (`cancelled` + event); a running job gets its `cancel` flag, which the worker sees in its
 //!    heartbeat, progress or [`Claim::is_cancelled`] between denoise steps.
@@ -109,9 +118,11 @@
 //!   attempt as it is.
 //! - Only jobs that ran out of attempts go to the dead-letter stream; a non-retryable failure
 //!   (e.g. `InvalidInput`) just fails with its reason.
-//! - Completion is first-result-wins: a worker that lost its lease and still finishes may
-//!   complete the job (the output is already stored); the worker that took over then sees its
-//!   claim [`Standing::Lost`]. Fail, cancelled, hand-back and progress from a worker that no
+//! - Completion is first-result-wins: a worker that lost its lease after it had stored its
+//!   output may still complete the job; the worker that took over then sees its claim
+//!   [`Standing::Lost`]. The output itself is fenced: a worker puts it in place only while
+//!   [`Claim::holds`] says its attempt still holds the job, so an attempt that lost the job
+//!   before storing never replaces another's output. Fail, cancelled, hand-back and progress from a worker that no
 //!   longer holds the job change nothing ([`Outcome::Lost`]).
 //! - A cancelled waiting job's entry is XACK'ed as well as XDEL'ed: a blocking read may have
 //!   delivered it a moment before, and depth counts pending entries.

@@ -50,9 +50,13 @@ impl Queue {
         config.validate()?;
         let keys = Keys::new(&config.prefix)?;
         let client = redis::Client::open(config.url.as_str())?;
+        // Reconnect attempts at least every heartbeat interval: after an outage a worker must
+        // reach Redis again well within the lease the queue then leaves it (the default
+        // backoff grows to seconds).
         let cm = ConnectionManagerConfig::new()
             .set_response_timeout(Some(config.response_timeout))
-            .set_connection_timeout(Some(config.connect_timeout));
+            .set_connection_timeout(Some(config.connect_timeout))
+            .set_max_delay(config.heartbeat_interval());
         let conn = client.get_connection_manager_with_config(cm).await?;
         Ok(Queue {
             inner: Arc::new(Inner {

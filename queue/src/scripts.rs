@@ -14,6 +14,7 @@ use redis::Script;
 const PRELUDE: &str = r#"
 local GROUP = 'workers'
 local TERMINAL = {succeeded = true, failed = true, cancelled = true}
+local CLAIMABLE = {queued = true, running = true}
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -101,7 +102,8 @@ end
 
 -- Claim bookkeeping for an entry this worker just got (fresh delivery or reclaim).
 -- Returns the claim as an array, or nil when the entry was not a job to run (orphan,
--- stale, cancelled, or out of attempts: each is acked and deleted, with its event).
+-- stale, not in a claimable state, cancelled, or out of attempts: each is acked and deleted,
+-- with its event).
 local function take(ctx, stream, id, uid)
   if not uid or uid == '' then ackdel(stream, id); return nil end
   local jobkey = ctx.prefix .. ':job:' .. uid
@@ -113,6 +115,21 @@ local function take(ctx, stream, id, uid)
   local ts = now_ms()
   local prev = job.worker or ''
   local used = tonumber(job.attempt) or 0
+  if not CLAIMABLE[job.state] then
+    -- Not a job that can run (no state, or one this version does not know): it fails with
+    -- the reason instead of running.
+    local msg = 'the job hash has no state'
+    if job.state and job.state ~= '' then
+      msg = 'the job hash has state ' .. job.state .. ', which is not queued or running'
+    end
+    ackdel(stream, id)
+    redis.call('HSET', jobkey, 'reason', 'InvalidInput', 'message', msg)
+    finish(jobkey, 'failed', ts, ctx.ttl)
+    clear_registry_job(ctx.registry, prev, uid)
+    emit(ctx.events, ctx.events_maxlen, 'failed', uid, job, used, prev, ts,
+      error_payload('InvalidInput', msg))
+    return nil
+  end
   if job.cancel == '1' then
     finish_cancelled(ctx, jobkey, uid, job, stream, id, used, 'cancelled while its worker was gone', ts)
     clear_registry_job(ctx.registry, prev, uid)
@@ -190,8 +207,9 @@ local ctx = {prefix = ARGV[1], worker = ARGV[2], events = KEYS[3], dead = KEYS[4
 "#;
 
 /// Non-blocking claim: the worker's own pending entries (after a restart, when asked), then
-/// per stream (high first) entries idle longer than the lease (XAUTOCLAIM), then new entries.
-/// KEYS: high, normal, events, dead, registry.
+/// per stream (high first) entries idle longer than the lease (XAUTOCLAIM; only once the server
+/// has been up for a lease), then new entries.
+/// KEYS: high, normal, events, dead, registry, server.
 /// ARGV: prefix, worker, events maxlen, dead maxlen, ttl ms, lease ms, own-first ('1'|'0').
 /// Reply: the claim array of `take`, or {'none'}.
 pub(crate) static CLAIM: LazyLock<Script> = LazyLock::new(|| {
@@ -211,9 +229,25 @@ if ARGV[7] == '1' then
     end
   end
 end
+-- Idle times survive a restart of Redis (the pending lists are persisted), so right after one
+-- every entry looks abandoned since the outage began. Its worker may well be alive, have
+-- finished and be retrying its report: nothing is taken over until this server has been up
+-- for a whole lease, which gives every live worker that lease to heartbeat or report again.
+-- The server's run id changes with every start; `since` is when a claim first saw this one
+-- (no earlier than the start itself).
+local run = string.match(redis.call('INFO', 'server'), 'run_id:(%w+)') or ''
+local seen = redis.call('HMGET', KEYS[6], 'run_id', 'since')
+local since = tonumber(seen[2])
+local now = tonumber(now_ms())
+if seen[1] ~= run or not since then
+  since = now
+  redis.call('HSET', KEYS[6], 'run_id', run, 'since', string.format('%.0f', since))
+end
+local reclaim = now - since >= tonumber(ARGV[6])
 for _, s in ipairs(streams) do
   local cursor = '0-0'
   for round = 1, 64 do
+    if not reclaim then break end
     local r = redis.call('XAUTOCLAIM', s, GROUP, ctx.worker, ARGV[6], cursor, 'COUNT', 1)
     cursor = r[1]
     for _, e in ipairs(r[2]) do
@@ -238,7 +272,7 @@ return {{'none'}}
 });
 
 /// Bookkeeping for an entry delivered by the worker's blocking read.
-/// KEYS: high, normal, events, dead, registry.
+/// KEYS: high, normal, events, dead, registry, server (unused).
 /// ARGV: prefix, worker, events maxlen, dead maxlen, ttl ms, stream index (1|2), entry id, uid.
 pub(crate) static CLAIM_DELIVERED: LazyLock<Script> = LazyLock::new(|| {
     script(&format!(

@@ -145,7 +145,8 @@ impl WorkerSession {
             .key(&self.normal)
             .key(&self.events)
             .key(&self.dead)
-            .key(&self.registry);
+            .key(&self.registry)
+            .key(self.queue.keys().server());
         let cfg = self.queue.config();
         inv.arg(self.queue.keys().prefix())
             .arg(&self.name)
@@ -271,33 +272,36 @@ impl WorkerSession {
             "claimed" => {}
             _ => return Err(r.unexpected()),
         }
-        let attempt: u32 = r.get(4)?.parse().map_err(|_| r.unexpected())?;
-        let max_attempts: u32 = r.get(5)?.parse().map_err(|_| r.unexpected())?;
-        let prev = r.get(10)?;
+        // Uid, stream and entry are what the fail script needs; the script always sends them.
+        let (Ok(uid), Ok(stream), Ok(entry_id)) = (r.get(1), r.get(2), r.get(3)) else {
+            return Err(r.unexpected());
+        };
+        let attempt = r.get(4).ok().and_then(|a| a.parse::<u32>().ok());
         let holder = Holder {
             queue: self.queue.clone(),
-            job: JobRef::new(r.get(1)?, r.get(6)?, r.get(7)?),
+            job: JobRef::new(uid, r.get(6).unwrap_or(""), r.get(7).unwrap_or("")),
             pool: self.pool.clone(),
-            attempt,
+            attempt: attempt.unwrap_or(0),
             worker: self.name.clone(),
-            stream: r.get(2)?.to_string(),
-            entry_id: r.get(3)?.to_string(),
+            stream: stream.to_string(),
+            entry_id: entry_id.to_string(),
         };
-        match serde_json::from_str::<InpaintJobSpec>(r.get(9)?) {
-            Ok(spec) => Ok(ClaimStep::Got(Box::new(Claim {
+        match read_claim(&r, attempt) {
+            Ok(c) => Ok(ClaimStep::Got(Box::new(Claim {
                 h: holder,
-                priority: parse_priority(r.get(8)?)?,
-                max_attempts,
-                spec,
-                reclaimed_from: Some(prev.to_string()).filter(|p| !p.is_empty()),
+                priority: c.priority,
+                max_attempts: c.max_attempts,
+                spec: c.spec,
+                reclaimed_from: Some(c.prev).filter(|p| !p.is_empty()),
             }))),
-            Err(e) => {
-                // A spec this worker cannot read will not get better with retries.
-                tracing::warn!(uid = %holder.job.uid, error = %e, "unreadable job spec");
+            Err(why) => {
+                // A job this worker cannot read or must not run will not get better with
+                // retries: it fails now, instead of being reclaimed once per lease.
+                tracing::warn!(uid = %holder.job.uid, reason = %why, "job cannot be run");
                 holder
                     .fail(&Failure::permanent(
                         pawfect_api::conditions::reasons::INVALID_INPUT,
-                        format!("the queued spec is not a valid InpaintJobSpec: {e}"),
+                        why,
                     ))
                     .await?;
                 Ok(ClaimStep::Skipped)
@@ -325,6 +329,49 @@ impl WorkerSession {
             .await?;
         Ok(n)
     }
+}
+
+/// The job-derived part of a claim reply, once checked.
+struct ClaimParts {
+    priority: Priority,
+    max_attempts: u32,
+    spec: InpaintJobSpec,
+    prev: String,
+}
+
+/// Reads and checks what the claim reply says about the job (written by the operator, by
+/// other versions or by hand): every field this worker needs must be readable, every enum value
+/// known and the spec within the CRD's limits. Err: why not, for an `InvalidInput` failure.
+fn read_claim(r: &ScriptReply, attempt: Option<u32>) -> Result<ClaimParts, String> {
+    let item = |i: usize, what: &str| {
+        r.get(i)
+            .map_err(|_| format!("the claim reply has no {what} (element {i})"))
+    };
+    if attempt.is_none() {
+        return Err(format!(
+            "the job's attempt {:?} is not a number",
+            item(4, "attempt")?
+        ));
+    }
+    let max = item(5, "max_attempts")?;
+    let max_attempts: u32 = max
+        .parse()
+        .map_err(|_| format!("the job's max_attempts {max:?} is not a number"))?;
+    let prio = item(8, "priority")?;
+    let priority = parse_priority(prio).map_err(|_| {
+        format!("the job's priority {prio:?} is not one this worker knows (high, normal)")
+    })?;
+    let spec: InpaintJobSpec = serde_json::from_str(item(9, "spec")?)
+        .map_err(|e| format!("the queued spec is not a valid InpaintJobSpec: {e}"))?;
+    pawfect_api::check_limits(&spec)
+        .map_err(|e| format!("the queued spec is outside the InpaintJob limits: {e}"))?;
+    let prev = item(10, "previous worker")?.to_string();
+    Ok(ClaimParts {
+        priority,
+        max_attempts,
+        spec,
+        prev,
+    })
 }
 
 enum ClaimStep {
@@ -552,6 +599,32 @@ impl Claim {
         } else {
             Standing::Active
         })
+    }
+
+    /// Whether this attempt still holds the job: it runs under this worker, entry and attempt
+    /// number. The attempt is the fencing token of the job's output: a later claim of the same
+    /// entry (a reclaim, or a restarted worker under the same name) has a higher one. Ask it
+    /// right before putting the output in place; a cancel request does not end the hold.
+    pub async fn holds(&self) -> Result<bool> {
+        let h = &self.h;
+        type Fields = (
+            Option<String>,
+            Option<String>,
+            Option<String>,
+            Option<String>,
+        );
+        let (state, worker, entry, attempt): Fields = redis::cmd("HMGET")
+            .arg(h.queue.keys().job(&h.job.uid))
+            .arg(field::STATE)
+            .arg(field::WORKER)
+            .arg(field::ENTRY)
+            .arg(field::ATTEMPT)
+            .query_async(&mut h.queue.conn())
+            .await?;
+        Ok(state.as_deref() == Some(JobState::Running.as_str())
+            && worker.as_deref() == Some(h.worker.as_str())
+            && entry.as_deref() == Some(h.entry_id.as_str())
+            && attempt.and_then(|a| a.parse::<u32>().ok()) == Some(h.attempt))
     }
 
     /// True when a cancel was requested (check between denoise steps, then call

@@ -438,7 +438,7 @@ async fn drain_finishes_or_hands_back_and_a_dead_worker_is_replaced() {
     )
     .await;
     let mut long = inp.good(&inp.out("handed.png"));
-    long.steps = 200;
+    long.steps = 100; // the CRD's maximum: 5 s at 50 ms a step
     // The hand-back does not count; the reclaim after the worker died does.
     long.max_attempts = 2;
     enqueue(&queue, "handed", &long).await;
@@ -499,4 +499,74 @@ async fn drain_finishes_or_hands_back_and_a_dead_worker_is_replaced() {
 async fn get_or_closed(addr: std::net::SocketAddr) -> Option<u16> {
     tokio::net::TcpStream::connect(addr).await.ok()?;
     Some(get(addr, "/healthz").await.0)
+}
+
+/// Redis goes away for three leases while a job runs; the job finishes meanwhile. Its worker
+/// checks its claim and reports for as long as Redis is away, and the restarted queue leaves it
+/// a lease before taking anything over: the job is recorded on its first (and only allowed)
+/// attempt, by the worker that ran it, although another worker claims right after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_longer_than_the_lease_costs_no_attempt() {
+    let mut redis = RedisServer::start_aof().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let inp = Inputs::create(tmp.path());
+    let lease = Duration::from_secs(1);
+    let queue = Queue::connect(queue_config(&redis.url(), lease))
+        .await
+        .unwrap();
+    let a = start_worker(
+        &redis,
+        &inp.root,
+        "a",
+        lease,
+        Duration::from_secs(5),
+        Duration::from_millis(100),
+    )
+    .await;
+    wait_ready(a.http).await;
+    // Another worker of the pool, claiming as fast as it can from the moment Redis is back.
+    let mut other = queue.worker("test", "other").await.unwrap();
+
+    let mut job = inp.good(&inp.out("outage.png"));
+    // 20 steps of 100 ms: done about two seconds into the three-lease outage.
+    job.steps = 20;
+    job.max_attempts = 1;
+    enqueue(&queue, "outage", &job).await;
+    let rec = wait_denoising(&queue, "outage", Duration::from_secs(20)).await;
+    assert_eq!(rec.worker.as_deref(), Some("a"));
+    redis.stop().unwrap();
+    tokio::time::sleep(lease * 3).await;
+    redis.restart().unwrap();
+
+    // The connections reconnect: transient errors until Redis answers.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let rec = loop {
+        match other.claim(Duration::ZERO).await {
+            Ok(Some(c)) => panic!("taken over after the outage: {c:?}"),
+            Ok(None) => {}
+            Err(e) => assert!(e.is_transient(), "{e}"),
+        }
+        match queue.get_job("outage").await {
+            Ok(Some(rec)) if rec.state.is_terminal() => break rec,
+            Ok(_) => {}
+            Err(e) => assert!(e.is_transient(), "{e}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not finished in 30 s after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(rec.state, JobState::Succeeded, "{rec:?}");
+    assert_eq!(rec.attempt, 1, "{rec:?}");
+    assert_eq!(rec.worker.as_deref(), Some("a"));
+    check_result(&inp, &rec, "outage.png");
+    assert!(queue.dead_letters("test", 10).await.unwrap().is_empty());
+    let events = all_events(&queue).await;
+    assert_eq!(of(&events, "outage", EventKind::Claimed).len(), 1);
+    assert_eq!(of(&events, "outage", EventKind::Succeeded).len(), 1);
+    assert!(of(&events, "outage", EventKind::Failed).is_empty());
+
+    a.shutdown.send(true).unwrap();
+    a.handle.await.unwrap().unwrap();
 }

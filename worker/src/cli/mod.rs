@@ -31,11 +31,11 @@ pub enum Command {
 /// Entry point of the binary.
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let format = match &cli.command {
-        Command::Serve(args) => args.log_format,
-        _ => serve::LogFormat::Text,
-    };
-    serve::init_tracing(format);
+    if let Command::Serve(args) = cli.command {
+        // `serve` installs its signal handlers before anything else, logging included.
+        return serve::main(*args);
+    }
+    serve::init_tracing(serve::LogFormat::Text);
     match cli.command {
         Command::Inpaint(args) => inpaint::run(&args),
         Command::Caption(args) => caption::run(args),

@@ -203,15 +203,25 @@ fn redis_url(url: &str, password: Option<&str>) -> anyhow::Result<String> {
 }
 
 pub fn main(args: ServeArgs) -> anyhow::Result<()> {
-    init_tracing(args.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    runtime.block_on(run(args))
+    // The signal handlers come first: from here on a SIGTERM (while logging is set up, the
+    // models load or the port is bound) asks for a clean exit instead of killing the process.
+    let shutdown = {
+        let _in_runtime = runtime.enter();
+        install_signal_handlers().context("installing signal handlers")?
+    };
+    init_tracing(args.log_format);
+    let result = runtime.block_on(run(args, shutdown));
+    // A shutdown during model loading leaves the loader running on its blocking thread: exit
+    // without waiting for it.
+    runtime.shutdown_timeout(Duration::from_millis(100));
+    result
 }
 
-async fn run(args: ServeArgs) -> anyhow::Result<()> {
+async fn run(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     let queue = QueueConfig {
         url: redis_url(&args.redis_url, args.redis_password.as_deref())?,
         prefix: args.queue_prefix.clone(),
@@ -225,6 +235,11 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
             serve::TEST_FAULTS_ENV
         );
     }
+    #[cfg(feature = "test-faults")]
+    let faults = match std::env::var(serve::faults::ENV) {
+        Ok(spec) => serve::faults::parse(&spec).map_err(anyhow::Error::msg)?,
+        Err(_) => Vec::new(),
+    };
     let config = ServeConfig {
         pool: args.pool.clone(),
         worker_name: args.worker_name.clone(),
@@ -240,48 +255,47 @@ async fn run(args: ServeArgs) -> anyhow::Result<()> {
         model_variant: args.model_variant.as_str().to_string(),
         device: args.flux.device.clone().unwrap_or_else(|| "auto".into()),
         #[cfg(feature = "test-faults")]
-        faults: match std::env::var(serve::faults::ENV) {
-            Ok(spec) => serve::faults::parse(&spec).map_err(anyhow::Error::msg)?,
-            Err(_) => Vec::new(),
-        },
+        faults: faults.clone(),
     };
     let listener = serve::bind(args.http_addr)
         .await
         .with_context(|| format!("binding {}", args.http_addr))?;
-    let (tx, rx) = watch::channel(false);
-    tokio::spawn(async move {
-        if let Err(e) = wait_for_signals(tx).await {
-            tracing::error!(error = %e, "installing signal handlers failed");
-        }
-    });
     let (flux, caption, variant) = (args.flux.clone(), args.caption.clone(), args.model_variant);
     let load = move || -> Result<Loaded, String> {
+        #[cfg(feature = "test-faults")]
+        serve::faults::hold_load(&faults);
         let loaded = load_models(&flux, &caption, Some(variant)).map_err(|e| format!("{e:#}"))?;
         Ok(Loaded {
             gpu_memory: crate::pipeline::adapters::gpu_memory(&loaded.device),
             models: loaded.models,
         })
     };
-    serve::run(config, listener, load, rx)
+    serve::run(config, listener, load, shutdown)
         .await
         .map_err(anyhow::Error::from)
 }
 
-async fn wait_for_signals(tx: watch::Sender<bool>) -> std::io::Result<()> {
+/// Registers SIGTERM and SIGINT (at once, in the current runtime) and returns the shutdown
+/// flag they raise. The first signal asks for a drain; a second one exits at once.
+fn install_signal_handlers() -> std::io::Result<watch::Receiver<bool>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: draining"),
-        _ = int.recv() => tracing::info!("SIGINT: draining"),
-    }
-    let _ = tx.send(true);
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tracing::warn!("second signal: exiting now");
-    std::process::exit(1);
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: draining"),
+            _ = int.recv() => tracing::info!("SIGINT: draining"),
+        }
+        let _ = tx.send(true);
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!("second signal: exiting now");
+        std::process::exit(1);
+    });
+    Ok(rx)
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use super::progress::{Observer, Progress, Stage};
 use super::prompt::{self, Captioner, Prompt, PromptRules};
 use super::stitch;
 use super::store::{self, OutputFormat};
-use crate::storage::Storage;
+use crate::storage::{Storage, WriteFence};
 
 /// How the stages are set up.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -333,7 +333,18 @@ impl Pipeline {
     pub async fn run(
         self: &Arc<Self>,
         params: JobParams,
+        observer: Box<dyn Observer>,
+    ) -> Result<JobOutcome, PipelineError> {
+        self.run_fenced(params, observer, None).await
+    }
+
+    /// [`run`](Self::run), with the output written only while `fence` allows it
+    /// ([`Storage::write_fenced`]: a queue job's claim).
+    pub async fn run_fenced(
+        self: &Arc<Self>,
+        params: JobParams,
         mut observer: Box<dyn Observer>,
+        fence: Option<Arc<dyn WriteFence>>,
     ) -> Result<JobOutcome, PipelineError> {
         let started = Instant::now();
         let output = params.spec.output.clone();
@@ -372,10 +383,12 @@ impl Pipeline {
             return Err(PipelineError::cancelled());
         }
         observer.progress(Progress::stage(Stage::Store));
-        self.storage
-            .write(&output, Bytes::from(bytes))
-            .await
-            .map_err(|e| PipelineError::storage(e, "output", true))?;
+        let bytes = Bytes::from(bytes);
+        match &fence {
+            Some(fence) => self.storage.write_fenced(&output, bytes, &**fence).await,
+            None => self.storage.write(&output, bytes).await,
+        }
+        .map_err(|e| PipelineError::storage(e, "output", true))?;
         let mut timings = p.timings;
         timings.store = Some(ms(t));
         timings.total = Some(ms(started));

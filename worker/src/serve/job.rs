@@ -26,6 +26,7 @@ use super::Shared;
 use crate::pipeline::{
     FailureReason, JobOutcome, JobParams, Observer, Pipeline, PipelineError, Progress, Stage,
 };
+use crate::storage::WriteFence;
 
 /// Why a running job should stop; the first cause wins.
 #[derive(Default)]
@@ -204,7 +205,12 @@ async fn run(
             "running"
         );
 
-        let mut running = Box::pin(pipeline.run(params, observer));
+        let fence: Arc<dyn WriteFence> = Arc::new(ClaimFence::new(
+            claim.clone(),
+            queue.config().heartbeat_interval(),
+            shared,
+        ));
+        let mut running = Box::pin(pipeline.run_fenced(params, observer, Some(fence)));
         let mut deadline: Option<Instant> = None;
         let result = loop {
             tokio::select! {
@@ -243,15 +249,75 @@ async fn run(
             Some(Err(e)) => End::Fail(e),
         }
     };
-    finish(&claim, &end, shared).await;
+    finish(&claim, &end, shared, queue.config().heartbeat_interval()).await;
     drop(heartbeat);
     shared.metrics.busy.set(0);
 }
 
-/// Reports the end of the job, retrying while Redis is unreachable (every call is idempotent).
-async fn finish(claim: &Claim, end: &End, shared: &Shared) {
+/// The job's output is put in place only while this attempt holds the job (the attempt
+/// number is the token, see [`Claim::holds`]). While Redis cannot be reached the check is
+/// retried: after an outage the queue leaves a live worker a lease to come back.
+struct ClaimFence {
+    claim: Claim,
+    retry_cap: Duration,
+    #[cfg(feature = "test-faults")]
+    freeze: std::sync::atomic::AtomicBool,
+}
+
+impl ClaimFence {
+    fn new(claim: Claim, retry_cap: Duration, shared: &Shared) -> Self {
+        #[cfg(feature = "test-faults")]
+        let freeze = shared
+            .faults
+            .get()
+            .is_some_and(|f| super::faults::freezes_store(f, &claim.spec().output));
+        #[cfg(not(feature = "test-faults"))]
+        let _ = shared;
+        ClaimFence {
+            claim,
+            retry_cap,
+            #[cfg(feature = "test-faults")]
+            freeze: std::sync::atomic::AtomicBool::new(freeze),
+        }
+    }
+}
+
+impl WriteFence for ClaimFence {
+    fn check(&self) -> futures::future::BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            #[cfg(feature = "test-faults")]
+            if self.freeze.swap(false, Ordering::AcqRel) {
+                super::faults::freeze_self();
+            }
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                match self.claim.holds().await {
+                    Ok(true) => return Ok(()),
+                    Ok(false) => {
+                        return Err(format!(
+                            "attempt {} no longer holds the job (taken over or finished elsewhere)",
+                            self.claim.attempt()
+                        ));
+                    }
+                    Err(e) if e.is_transient() => {
+                        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "checking the claim before storing the output failed");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(self.retry_cap);
+                    }
+                    Err(e) => return Err(format!("the claim could not be checked: {e}")),
+                }
+            }
+        })
+    }
+}
+
+/// Reports the end of the job, retrying while Redis is unreachable (every call is idempotent),
+/// for as long as it takes: a result already stored must not be lost to an outage. The retries
+/// come at least every `retry_cap` (a fraction of the lease), so after a Redis restart the report
+/// lands within the lease the queue leaves a live worker before reclaiming its job.
+async fn finish(claim: &Claim, end: &End, shared: &Shared, retry_cap: Duration) {
     let mut backoff = Duration::from_millis(100);
-    for attempt in 0..10 {
+    loop {
         let r: Result<Outcome, QueueError> = match end {
             End::Complete(o) => {
                 let result = JobResult {
@@ -288,11 +354,11 @@ async fn finish(claim: &Claim, end: &End, shared: &Shared) {
                 record(end, &outcome, shared);
                 return;
             }
-            Err(e) if e.is_transient() && attempt < 9 => {
+            Err(e) if e.is_transient() => {
                 shared.metrics.queue_errors.inc();
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "reporting the job's end failed");
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = (backoff * 2).min(retry_cap);
             }
             Err(e) => {
                 shared.metrics.queue_errors.inc();

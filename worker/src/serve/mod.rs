@@ -1,7 +1,8 @@
 //! `pawfect-worker serve`: the queue loop of one worker.
 //!
 //! 1. Serves `/healthz`, `/readyz`, `/metrics` right away (see [`http`]).
-//! 2. Loads the models once (time logged and exported as `pawfect_worker_model_load_seconds`).
+//! 2. Loads the models once (time logged and exported as `pawfect_worker_model_load_seconds`);
+//!    a shutdown requested meanwhile ends the worker at once.
 //! 3. Connects to Redis (retrying until it answers) and joins its pool.
 //! 4. Claims one job at a time (high priority first; jobs of dead workers are taken over), runs
 //!    the pipeline with heartbeats, progress events and cancellation checks between denoise
@@ -81,6 +82,9 @@ pub struct Shared {
     queue_ok: AtomicBool,
     draining: AtomicBool,
     gpu_memory: std::sync::OnceLock<GpuMemoryProbe>,
+    /// Injected faults that act outside the inpainter (tests only).
+    #[cfg(feature = "test-faults")]
+    faults: std::sync::OnceLock<Vec<faults::Fault>>,
 }
 
 impl Shared {
@@ -91,6 +95,8 @@ impl Shared {
             queue_ok: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             gpu_memory: std::sync::OnceLock::new(),
+            #[cfg(feature = "test-faults")]
+            faults: std::sync::OnceLock::new(),
         }
     }
 
@@ -153,6 +159,8 @@ where
         faults,
     } = config;
     let shared = Arc::new(Shared::new());
+    #[cfg(feature = "test-faults")]
+    let _ = shared.faults.set(faults.clone());
     shared.update_ready();
     let http_addr = listener.local_addr()?;
     // The endpoints stay up while a job drains; they stop once the loop has ended.
@@ -173,13 +181,19 @@ where
 
     let storage = Storage::new(storage)?;
     let started = Instant::now();
-    let loaded = tokio::task::spawn_blocking(load)
-        .await
-        .map_err(|e| ServeError::Models(format!("model loader panicked: {e}")))?;
-    let Loaded {
-        mut models,
-        gpu_memory,
-    } = match loaded {
+    // A shutdown while the models load ends the worker at once (it holds no job yet); the
+    // loader's thread is left to the process exit.
+    let loader = tokio::task::spawn_blocking(load);
+    let loaded = tokio::select! {
+        r = loader => r.map_err(|e| ServeError::Models(format!("model loader panicked: {e}")))?,
+        true = requested(shutdown.clone()) => {
+            tracing::info!("shutdown requested while the models load: stopping");
+            let _ = http_stop.send(true);
+            let _ = http.await;
+            return Ok(());
+        }
+    };
+    let Loaded { models, gpu_memory } = match loaded {
         Ok(l) => l,
         Err(e) => {
             tracing::error!(error = %e, "loading the models failed");
@@ -190,6 +204,8 @@ where
     if let Some(probe) = gpu_memory {
         let _ = shared.gpu_memory.set(probe);
     }
+    #[cfg(feature = "test-faults")]
+    let mut models = models;
     #[cfg(feature = "test-faults")]
     if !faults.is_empty() {
         tracing::warn!(
@@ -239,6 +255,11 @@ where
     let _ = http.await;
     tracing::info!("worker stopped");
     result
+}
+
+/// Resolves to true once shutdown is requested (false if it never can be: the sender is gone).
+async fn requested(mut shutdown: watch::Receiver<bool>) -> bool {
+    shutdown.wait_for(|s| *s).await.is_ok()
 }
 
 #[allow(clippy::too_many_arguments)]

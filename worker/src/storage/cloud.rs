@@ -10,10 +10,12 @@ use object_store::aws::AmazonS3Builder;
 use object_store::azure::MicrosoftAzureBuilder;
 use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::path::Path as ObjectPath;
-use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, RetryConfig};
+use object_store::{
+    ClientOptions, ObjectStore, ObjectStoreExt, PutMode, PutOptions, RetryConfig, UpdateVersion,
+};
 use url::Url;
 
-use super::{StorageConfig, StorageError, temp_name};
+use super::{StorageConfig, StorageError, WriteFence, temp_name};
 
 #[derive(Default)]
 pub(super) struct CloudStores {
@@ -144,4 +146,153 @@ pub(super) async fn write_atomic(
         return Err(not_writable(e));
     }
     Ok(())
+}
+
+/// A fenced write: read the object's version, check the fence, then a conditional put on that
+/// version (create when there was none). A put refused because someone wrote in between starts
+/// over, so the fence is always checked after the version the put is conditional on was read.
+pub(super) async fn write_conditional(
+    uri: &str,
+    store: &dyn ObjectStore,
+    path: &ObjectPath,
+    data: Bytes,
+    fence: &dyn WriteFence,
+) -> Result<(), StorageError> {
+    let fenced = |reason: String| StorageError::Fenced {
+        uri: uri.to_string(),
+        reason,
+    };
+    let not_writable = |e: object_store::Error| StorageError::NotWritable {
+        uri: uri.to_string(),
+        reason: e.to_string(),
+    };
+    // Each retry means another writer won a race for this object; a few are plenty.
+    for _ in 0..4 {
+        let mode = match store.head(path).await {
+            Ok(meta) => PutMode::Update(UpdateVersion {
+                e_tag: meta.e_tag,
+                version: meta.version,
+            }),
+            Err(object_store::Error::NotFound { .. }) => PutMode::Create,
+            Err(e) => return Err(map_err(uri, e)),
+        };
+        fence.check().await.map_err(fenced)?;
+        let opts = PutOptions {
+            mode,
+            ..PutOptions::default()
+        };
+        match store.put_opts(path, data.clone().into(), opts).await {
+            Ok(_) => return Ok(()),
+            Err(
+                object_store::Error::Precondition { .. }
+                | object_store::Error::AlreadyExists { .. },
+            ) => continue,
+            Err(e) => return Err(not_writable(e)),
+        }
+    }
+    Err(fenced(
+        "the object kept changing under concurrent writers".into(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use object_store::memory::InMemory;
+
+    use super::*;
+
+    /// A fence that answers from a script of verdicts, and on its first call may write the
+    /// object itself, as another writer racing in between would.
+    struct Scripted {
+        store: Arc<InMemory>,
+        path: ObjectPath,
+        intrude: bool,
+        verdicts: Vec<bool>,
+        calls: AtomicUsize,
+    }
+
+    impl WriteFence for Scripted {
+        fn check(&self) -> futures::future::BoxFuture<'_, Result<(), String>> {
+            Box::pin(async move {
+                let n = self.calls.fetch_add(1, Ordering::SeqCst);
+                if self.intrude && n == 0 {
+                    self.store
+                        .put(&self.path, Bytes::from_static(b"other").into())
+                        .await
+                        .unwrap();
+                }
+                match self.verdicts.get(n) {
+                    Some(true) => Ok(()),
+                    _ => Err("lost the job".into()),
+                }
+            })
+        }
+    }
+
+    async fn content(store: &InMemory, path: &ObjectPath) -> Option<Bytes> {
+        match store.get(path).await {
+            Ok(g) => Some(g.bytes().await.unwrap()),
+            Err(object_store::Error::NotFound { .. }) => None,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn fence(store: &Arc<InMemory>, path: &ObjectPath, intrude: bool, v: &[bool]) -> Scripted {
+        Scripted {
+            store: store.clone(),
+            path: path.clone(),
+            intrude,
+            verdicts: v.to_vec(),
+            calls: AtomicUsize::new(0),
+        }
+    }
+
+    /// object_store's in-memory store implements `PutMode::Create` and `PutMode::Update` with
+    /// the same semantics as S3, GCS and Azure.
+    #[tokio::test]
+    async fn conditional_writes_follow_the_fence() {
+        let store = Arc::new(InMemory::new());
+        let path = ObjectPath::from("out/result.png");
+        let mine = Bytes::from_static(b"mine");
+
+        // Absent: created while the fence allows it.
+        let f = fence(&store, &path, false, &[true]);
+        write_conditional("mem://out", &*store, &path, mine.clone(), &f)
+            .await
+            .unwrap();
+        assert_eq!(content(&store, &path).await, Some(mine.clone()));
+
+        // Refused: the object stays as it is.
+        store
+            .put(&path, Bytes::from_static(b"old").into())
+            .await
+            .unwrap();
+        let f = fence(&store, &path, false, &[false]);
+        let err = write_conditional("mem://out", &*store, &path, mine.clone(), &f)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StorageError::Fenced { .. }), "{err}");
+        assert_eq!(content(&store, &path).await.as_deref(), Some(&b"old"[..]));
+
+        // Another writer between the version read and the put: the put is refused, and the
+        // fence is asked again before the next try; refused then, the other write stays.
+        let f = fence(&store, &path, true, &[true, false]);
+        let err = write_conditional("mem://out", &*store, &path, mine.clone(), &f)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StorageError::Fenced { .. }), "{err}");
+        assert_eq!(f.calls.load(Ordering::SeqCst), 2);
+        assert_eq!(content(&store, &path).await.as_deref(), Some(&b"other"[..]));
+
+        // Allowed again, the second try writes over the version it read.
+        let f = fence(&store, &path, true, &[true, true]);
+        write_conditional("mem://out", &*store, &path, mine.clone(), &f)
+            .await
+            .unwrap();
+        assert_eq!(f.calls.load(Ordering::SeqCst), 2);
+        assert_eq!(content(&store, &path).await, Some(mine));
+    }
 }

@@ -3,7 +3,8 @@
 //! A path is allowed when its canonical form (symlinks resolved, `..` removed) lies below the
 //! canonical form of one of the roots. For a write target that does not exist yet, the deepest
 //! existing ancestor is canonicalised and the rest must be plain names. The bytes go through
-//! object_store's `LocalFileSystem` (temporary file in the target directory, then a rename).
+//! object_store's `LocalFileSystem` (temporary file in the target directory, then a rename;
+//! a fenced write checks its fence and renames under an exclusive lock of the directory).
 
 use std::path::{Component, Path, PathBuf};
 
@@ -13,7 +14,7 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use url::Url;
 
-use super::{StorageError, temp_name};
+use super::{StorageError, WriteFence, temp_name};
 
 /// The canonical roots `file://` URIs may point into.
 #[derive(Clone, Debug)]
@@ -251,7 +252,12 @@ fn split<'a>(uri: &str, path: &'a Path) -> Result<(&'a Path, &'a str), StorageEr
     Ok((dir, name))
 }
 
-pub(super) async fn write_atomic(uri: &str, path: &Path, data: Bytes) -> Result<(), StorageError> {
+pub(super) async fn write_atomic(
+    uri: &str,
+    path: &Path,
+    data: Bytes,
+    fence: Option<&dyn WriteFence>,
+) -> Result<(), StorageError> {
     let not_writable = |e: object_store::Error| StorageError::NotWritable {
         uri: uri.to_string(),
         reason: e.to_string(),
@@ -269,9 +275,45 @@ pub(super) async fn write_atomic(uri: &str, path: &Path, data: Bytes) -> Result<
     let tmp = object_path(uri, &dir.join(temp_name(name)))?;
     let target = object_path(uri, path)?;
     store.put(&tmp, data.into()).await.map_err(not_writable)?;
-    if let Err(e) = store.rename(&tmp, &target).await {
-        let _ = store.delete(&tmp).await;
-        return Err(not_writable(e));
+    let published = async {
+        let Some(fence) = fence else {
+            return store.rename(&tmp, &target).await.map_err(not_writable);
+        };
+        let fenced = |reason: String| StorageError::Fenced {
+            uri: uri.to_string(),
+            reason,
+        };
+        // Refuse early without taking the lock; then check again under it, right before the
+        // rename, which no other fenced writer of this directory can interleave with.
+        fence.check().await.map_err(fenced)?;
+        let _lock = lock_dir(uri, dir).await?;
+        fence.check().await.map_err(fenced)?;
+        store.rename(&tmp, &target).await.map_err(not_writable)
     }
-    Ok(())
+    .await;
+    if published.is_err() {
+        let _ = store.delete(&tmp).await;
+    }
+    published
+}
+
+/// An exclusive `flock` of a directory, released when the returned file is dropped (also
+/// when the process dies).
+async fn lock_dir(uri: &str, dir: &Path) -> Result<std::fs::File, StorageError> {
+    let owned = dir.to_path_buf();
+    let locked = tokio::task::spawn_blocking(move || {
+        let f = std::fs::File::open(&owned)?;
+        f.lock()?;
+        Ok::<_, std::io::Error>(f)
+    })
+    .await;
+    let reason = match locked {
+        Ok(Ok(f)) => return Ok(f),
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => e.to_string(),
+    };
+    Err(StorageError::NotWritable {
+        uri: uri.to_string(),
+        reason: format!("can't lock {}: {reason}", dir.display()),
+    })
 }

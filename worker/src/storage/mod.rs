@@ -12,6 +12,19 @@
 //!
 //! Writes are atomic: the bytes go to a temporary object next to the target, which is then
 //! renamed into place, so a reader sees either the previous object or the whole new one.
+//!
+//! A job's result is written **fenced** ([`Storage::write_fenced`]): a [`WriteFence`] (the
+//! worker's claim, with the attempt number as the token) is asked right before the object is
+//! put in place, so an attempt that no longer holds its job (frozen past its lease, reclaimed
+//! and finished elsewhere) can never replace the output of the attempt that does:
+//!
+//! - `file://`: the claim is checked, and the temporary file renamed over the target, under an
+//!   exclusive lock (`flock`) of the target's directory that every fenced writer takes, so no
+//!   writer can slip in between another's check and its rename;
+//! - `s3://`, `gs://`, `az://`: the object's current version (ETag / generation) is read,
+//!   the claim checked, and the object written with a conditional put (`PutMode::Create`
+//!   when absent, `PutMode::Update` on that version), which the store refuses if anyone
+//!   wrote the object since the version was read.
 
 mod cloud;
 mod file;
@@ -82,6 +95,16 @@ pub enum StorageError {
     NotWritable { uri: String, reason: String },
     #[error("{uri}: {reason}")]
     Backend { uri: String, reason: String },
+    /// The fence refused the write: the writer may no longer replace the object.
+    #[error("{uri} was not written: {reason}")]
+    Fenced { uri: String, reason: String },
+}
+
+/// Asked right before a fenced write puts its object in place (see the module docs).
+pub trait WriteFence: Send + Sync {
+    /// Ok while the writer may still replace the object; Err(why) once it may not. Called
+    /// more than once per write (before and inside the publishing step).
+    fn check(&self) -> futures::future::BoxFuture<'_, Result<(), String>>;
 }
 
 impl StorageError {
@@ -174,12 +197,35 @@ impl Storage {
 
     /// Writes `data` atomically: temporary object next to the target, then a rename.
     pub async fn write(&self, uri: &str, data: Bytes) -> Result<(), StorageError> {
+        self.write_with(uri, data, None).await
+    }
+
+    /// Writes `data` atomically, and only while `fence` allows it (see the module docs):
+    /// [`StorageError::Fenced`] when it does not, and the target is left as it was.
+    pub async fn write_fenced(
+        &self,
+        uri: &str,
+        data: Bytes,
+        fence: &dyn WriteFence,
+    ) -> Result<(), StorageError> {
+        self.write_with(uri, data, Some(fence)).await
+    }
+
+    async fn write_with(
+        &self,
+        uri: &str,
+        data: Bytes,
+        fence: Option<&dyn WriteFence>,
+    ) -> Result<(), StorageError> {
         match self.locate(uri, Access::Write)? {
-            Location::File(path) => file::write_atomic(uri, &path, data).await,
+            Location::File(path) => file::write_atomic(uri, &path, data, fence).await,
             Location::Http(_) => Err(StorageError::ReadOnly {
                 uri: uri.to_string(),
             }),
-            Location::Cloud { store, path } => cloud::write_atomic(uri, &*store, &path, data).await,
+            Location::Cloud { store, path } => match fence {
+                None => cloud::write_atomic(uri, &*store, &path, data).await,
+                Some(fence) => cloud::write_conditional(uri, &*store, &path, data, fence).await,
+            },
         }
     }
 
