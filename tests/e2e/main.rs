@@ -443,6 +443,7 @@ async fn operator_redis_and_worker_processes() {
                     "args": [
                         "--device", "cpu",
                         "--allow-root", env.inputs.root.display().to_string(),
+                        "--http-allow-plain", "--http-allow-cidrs", "127.0.0.1/32",
                         "--crop-min-side", "128", "--crop-max-side", "256",
                         "--caption-beams", "1", "--log-format", "json"
                     ],

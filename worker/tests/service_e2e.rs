@@ -85,6 +85,8 @@ fn spawn_worker(
         .args(["--crop-min-side", "128", "--crop-max-side", "256"])
         .args(["--max-input-bytes", &MAX_BYTES.to_string()])
         .args(["--http-timeout", "3s", "--drain-timeout", drain])
+        // The test server listens on 127.0.0.1, refused by default.
+        .args(["--http-allow-plain", "--http-allow-cidrs", "127.0.0.1/32"])
         .args(["--caption-beams", "1", "--log-format", "json"])
         .env("PAWFECT_REDIS_URL", redis.url())
         .env("PAWFECT_QUEUE_PREFIX", "e2e")
@@ -221,6 +223,7 @@ async fn bad_inputs_then_a_good_job_in_one_process() {
             "{}: message {msg:?}",
             c.name
         );
+        check_refused_once(c, &rec);
     }
     let rec = wait_finished(&queue, "good", Duration::from_secs(120)).await;
     check_result(&inp, &rec, "good.png");

@@ -19,7 +19,7 @@ use pawfect_worker::pipeline::{
     Models, PipelineConfig, PromptRules, RulePrompt, Step,
 };
 use pawfect_worker::serve::{self, Loaded, ServeConfig};
-use pawfect_worker::storage::StorageConfig;
+use pawfect_worker::storage::{HttpPolicy, StorageConfig};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -144,6 +144,12 @@ async fn start_worker(
             allow_roots: vec![root.to_path_buf()],
             http_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_millis(500),
+            // The test server listens on 127.0.0.1, refused by default.
+            http_policy: HttpPolicy {
+                allow_plain: true,
+                allow: vec!["127.0.0.1/32".parse().unwrap()],
+                deny: Vec::new(),
+            },
             ..StorageConfig::default()
         },
         pipeline,
@@ -265,6 +271,7 @@ async fn bad_inputs_fail_with_reasons_and_the_worker_keeps_serving() {
             c.name
         );
         assert_eq!(rec.worker.as_deref(), Some("w1"));
+        check_refused_once(c, &rec);
     }
     let rec = wait_finished(&queue, "good", Duration::from_secs(30)).await;
     check_result(&inp, &rec, "good.png");

@@ -1,4 +1,5 @@
-//! Storage: file:// confinement and atomic writes, http(s) limits, scheme handling.
+//! Storage: file:// confinement and atomic writes, http(s) limits, scheme handling, and the
+//! address policy of http(s) reads (loopback, metadata, private addresses, redirects).
 
 mod common;
 
@@ -6,7 +7,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::http::{Route, Server};
-use pawfect_worker::storage::{Storage, StorageConfig, StorageError};
+use pawfect_worker::pipeline::{FailureReason, PipelineError};
+use pawfect_worker::storage::{HttpPolicy, Storage, StorageConfig, StorageError};
 
 struct Dirs {
     _tmp: tempfile::TempDir,
@@ -27,11 +29,24 @@ fn dirs() -> Dirs {
     }
 }
 
+/// Plain http to 127.0.0.1 allowed: the test servers listen there.
 fn storage(roots: &[&std::path::Path]) -> Storage {
+    with_policy(
+        roots,
+        HttpPolicy {
+            allow_plain: true,
+            allow: vec!["127.0.0.1/32".parse().unwrap()],
+            deny: Vec::new(),
+        },
+    )
+}
+
+fn with_policy(roots: &[&std::path::Path], http_policy: HttpPolicy) -> Storage {
     Storage::new(StorageConfig {
         allow_roots: roots.iter().map(|p| p.to_path_buf()).collect(),
         http_timeout: Duration::from_millis(800),
         connect_timeout: Duration::from_millis(500),
+        http_policy,
         ..StorageConfig::default()
     })
     .unwrap()
@@ -267,4 +282,190 @@ async fn http_reads_with_limits() {
         .await
         .unwrap_err();
     assert!(matches!(e, StorageError::Unreachable { .. }), "{e}");
+}
+
+/// What a refused read must look like: the reason, permanent, and nothing of the target's
+/// answer in the message.
+fn assert_refused(e: StorageError, uri: &str, reason: FailureReason, needle: &str) {
+    let text = e.to_string();
+    assert!(!e.is_transient(), "{uri}: {text}");
+    assert!(text.contains(needle), "{uri}: {text}");
+    for leak in [
+        "internal secret",
+        "403",
+        "refused",
+        "timed out",
+        "HTTP status",
+    ] {
+        assert!(!text.contains(leak), "{uri}: {text} tells {leak:?}");
+    }
+    let failed = PipelineError::storage(e, "photo", false);
+    assert_eq!(failed.reason, reason, "{uri}: {failed:?}");
+    assert!(!failed.retryable, "{uri}: {failed:?}");
+}
+
+#[tokio::test]
+async fn default_policy_refuses_loopback_metadata_and_plain_http() {
+    let srv = Server::start().await;
+    srv.route("/x.png", Route::ok(b"internal secret".to_vec()));
+    srv.route("/forbidden.png", Route::status(403));
+    let port = srv.addr.unwrap().port();
+    let s = with_policy(&[], HttpPolicy::default());
+
+    for uri in [
+        format!("http://127.0.0.1:{port}/x.png"),
+        format!("http://localhost:{port}/x.png"),
+        "http://example.com/x.png".to_string(),
+    ] {
+        let e = s.read(&uri, 100).await.unwrap_err();
+        assert!(
+            matches!(e, StorageError::SchemeNotAllowed { .. }),
+            "{uri}: {e}"
+        );
+        assert_refused(e, &uri, FailureReason::UnsupportedScheme, "plain http");
+    }
+    for uri in [
+        format!("https://127.0.0.1:{port}/x.png"),
+        format!("https://127.0.0.1:{port}/forbidden.png"),
+        format!("https://[::1]:{port}/x.png"),
+        format!("https://[::ffff:127.0.0.1]:{port}/x.png"),
+        // Resolved by name: the resolver refuses what `localhost` resolves to.
+        format!("https://localhost:{port}/x.png"),
+        "https://169.254.169.254/latest/meta-data".to_string(),
+        "https://10.0.0.1/x.png".to_string(),
+        "https://[fd00::1]/x.png".to_string(),
+    ] {
+        let e = s.read(&uri, 100).await.unwrap_err();
+        assert!(
+            matches!(e, StorageError::AddressNotAllowed { .. }),
+            "{uri}: {e}"
+        );
+        assert_eq!(e.to_string(), format!("{uri}: address not allowed"));
+        assert_refused(
+            e,
+            &uri,
+            FailureReason::AddressNotAllowed,
+            "address not allowed",
+        );
+    }
+
+    // Plain http allowed, loopback still refused, by literal and by name.
+    let plain = with_policy(
+        &[],
+        HttpPolicy {
+            allow_plain: true,
+            ..HttpPolicy::default()
+        },
+    );
+    for uri in [
+        format!("http://127.0.0.1:{port}/x.png"),
+        format!("http://127.0.0.1:{port}/forbidden.png"),
+        format!("http://localhost:{port}/x.png"),
+        "http://169.254.169.254/latest/meta-data".to_string(),
+    ] {
+        let e = plain.read(&uri, 100).await.unwrap_err();
+        assert!(
+            matches!(e, StorageError::AddressNotAllowed { .. }),
+            "{uri}: {e}"
+        );
+        assert_refused(
+            e,
+            &uri,
+            FailureReason::AddressNotAllowed,
+            "address not allowed",
+        );
+    }
+    assert_eq!(
+        srv.hits("/x.png") + srv.hits("/forbidden.png"),
+        0,
+        "nothing reached the server"
+    );
+
+    // An allow CIDR opens its range, and only that: of what a name resolves to, the allowed
+    // addresses are used.
+    let allowed = storage(&[]);
+    assert_eq!(
+        allowed
+            .read(&format!("http://localhost:{port}/x.png"), 100)
+            .await
+            .unwrap(),
+        Bytes::from_static(b"internal secret"),
+        "localhost resolves to 127.0.0.1 (allowed) and ::1 (refused): the allowed one is used"
+    );
+}
+
+#[tokio::test]
+async fn redirects_to_refused_addresses_are_refused() {
+    // Two loopback hosts: only 127.0.0.2 is allowed, and it redirects to 127.0.0.1.
+    let inner = Server::start().await;
+    inner.route("/x.png", Route::ok(b"internal secret".to_vec()));
+    let inner_port = inner.addr.unwrap().port();
+    let outer = Server::start_on("127.0.0.2").await;
+    let outer_base = format!("http://{}", outer.addr.unwrap());
+    outer.route("/ok.png", Route::ok(b"fine".to_vec()));
+    outer.route("/to-ok", Route::redirect(&format!("{outer_base}/ok.png")));
+    outer.route(
+        "/to-inner",
+        Route::redirect(&format!("http://127.0.0.1:{inner_port}/x.png")),
+    );
+    outer.route(
+        "/to-inner-by-name",
+        Route::redirect(&format!("http://localhost:{inner_port}/x.png")),
+    );
+    outer.route(
+        "/to-metadata",
+        Route::redirect("http://169.254.169.254/latest/meta-data"),
+    );
+    outer.route(
+        "/to-inner-twice",
+        Route::redirect(&format!("{outer_base}/to-inner")),
+    );
+    outer.route("/loop", Route::redirect(&format!("{outer_base}/loop")));
+    let s = with_policy(
+        &[],
+        HttpPolicy {
+            allow_plain: true,
+            allow: vec!["127.0.0.2/32".parse().unwrap()],
+            deny: Vec::new(),
+        },
+    );
+
+    assert_eq!(
+        s.read(&format!("{outer_base}/to-ok"), 100).await.unwrap(),
+        Bytes::from_static(b"fine"),
+        "an allowed redirect is followed"
+    );
+    for path in [
+        "/to-inner",
+        "/to-inner-by-name",
+        "/to-metadata",
+        "/to-inner-twice",
+    ] {
+        let uri = format!("{outer_base}{path}");
+        let e = s.read(&uri, 100).await.unwrap_err();
+        assert!(
+            matches!(e, StorageError::AddressNotAllowed { .. }),
+            "{path}: {e}"
+        );
+        assert_eq!(e.to_string(), format!("{uri}: address not allowed"));
+        assert_refused(
+            e,
+            &uri,
+            FailureReason::AddressNotAllowed,
+            "address not allowed",
+        );
+        assert_eq!(outer.hits(path), 1, "{path}: the allowed hop was asked");
+    }
+    assert_eq!(
+        inner.hits("/x.png"),
+        0,
+        "the refused host was never reached"
+    );
+
+    let e = s
+        .read(&format!("{outer_base}/loop"), 100)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("too many redirects"), "{e}");
+    assert_eq!(outer.hits("/loop"), 6, "the first request and 5 redirects");
 }

@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use super::models::{CaptionArgs, FluxArgs, load_models};
 use crate::pipeline::{CropConfig, InputLimits, MaskConfig, MaskSizePolicy, PipelineConfig};
 use crate::serve::{self, Loaded, ServeConfig};
-use crate::storage::StorageConfig;
+use crate::storage::{Cidr, HttpPolicy, StorageConfig};
 
 /// Log line format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -186,6 +186,27 @@ pub struct ServeArgs {
     /// Whole-request limit of http(s) reads.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub http_timeout: Duration,
+    /// Allow plain `http://` inputs (default: https only).
+    #[arg(long, env = "PAWFECT_HTTP_ALLOW_PLAIN")]
+    pub http_allow_plain: bool,
+    /// Address ranges http(s) inputs may reach even where they are refused by default
+    /// (loopback, private, link-local) or by --http-deny-cidrs; comma-separated CIDRs.
+    #[arg(
+        long,
+        env = "PAWFECT_HTTP_ALLOW_CIDRS",
+        value_delimiter = ',',
+        value_name = "CIDRS"
+    )]
+    pub http_allow_cidrs: Vec<Cidr>,
+    /// Address ranges http(s) inputs may not reach besides the default ones (the cluster's
+    /// pod and service CIDRs); comma-separated.
+    #[arg(
+        long,
+        env = "PAWFECT_HTTP_DENY_CIDRS",
+        value_delimiter = ',',
+        value_name = "CIDRS"
+    )]
+    pub http_deny_cidrs: Vec<Cidr>,
     #[arg(long, env = "PAWFECT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }
@@ -248,6 +269,11 @@ async fn run(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::Result
         storage: StorageConfig {
             allow_roots: args.allow_roots.clone(),
             http_timeout: args.http_timeout,
+            http_policy: HttpPolicy {
+                allow_plain: args.http_allow_plain,
+                allow: args.http_allow_cidrs.clone(),
+                deny: args.http_deny_cidrs.clone(),
+            },
             ..StorageConfig::default()
         },
         pipeline: args.pipeline.config(),

@@ -33,8 +33,12 @@ pub enum FailureReason {
     InputTooLarge,
     /// A URI can't be parsed.
     InvalidUri,
-    /// A URI's scheme is not one of file, s3, gs, az, http(s).
+    /// A URI's scheme is not one of file, s3, gs, az, http(s), or is plain http where only
+    /// https is allowed.
     UnsupportedScheme,
+    /// An `http(s)://` input (or a redirect hop) names an address the worker may not reach:
+    /// loopback, link-local (cloud metadata), private, or a configured cluster range.
+    AddressNotAllowed,
     /// A `file://` URI outside the worker's allowed roots.
     OutsideAllowedRoots,
     /// The storage refused the credentials.
@@ -70,6 +74,7 @@ impl FailureReason {
             FailureReason::InvalidUri => "InvalidUri",
             FailureReason::UnsupportedScheme => "UnsupportedScheme",
             FailureReason::OutsideAllowedRoots => "OutsideAllowedRoots",
+            FailureReason::AddressNotAllowed => "AddressNotAllowed",
             FailureReason::AccessDenied => "AccessDenied",
             FailureReason::OutputNotWritable => "OutputNotWritable",
             FailureReason::UnsupportedOutputFormat => "UnsupportedOutputFormat",
@@ -119,7 +124,10 @@ impl PipelineError {
         let retryable = err.is_transient();
         let reason = match &err {
             StorageError::InvalidUri { .. } => FailureReason::InvalidUri,
-            StorageError::UnsupportedScheme { .. } => FailureReason::UnsupportedScheme,
+            StorageError::UnsupportedScheme { .. } | StorageError::SchemeNotAllowed { .. } => {
+                FailureReason::UnsupportedScheme
+            }
+            StorageError::AddressNotAllowed { .. } => FailureReason::AddressNotAllowed,
             StorageError::OutsideRoots { .. } => FailureReason::OutsideAllowedRoots,
             StorageError::AccessDenied { .. } if writing => FailureReason::OutputNotWritable,
             StorageError::AccessDenied { .. } => FailureReason::AccessDenied,

@@ -1,33 +1,49 @@
 //! `http(s)://` reads: one GET with a connect and a whole-request time limit and a body limit
 //! (checked against `Content-Length` first, then while the body streams in).
 //!
+//! Where a read may connect is decided by [`super::netguard`]: the URL (scheme, literal host)
+//! is checked before the request and on every redirect hop, and names resolve to allowed
+//! addresses only. A refusal says "address not allowed" and nothing of what the target
+//! answered, and is never retried.
+//!
 //! object_store's HTTP store is not used for these: it drops the query string, which pre-signed
 //! URLs need; its reqwest client is reused.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use url::Url;
 
 use super::StorageError;
+use super::netguard::{self, GuardedResolver, HttpPolicy, Refused};
 
 pub(super) struct HttpReader {
     client: reqwest::Client,
+    policy: Arc<HttpPolicy>,
 }
 
 impl HttpReader {
-    pub(super) fn new(timeout: Duration, connect_timeout: Duration) -> Result<Self, StorageError> {
+    pub(super) fn new(
+        timeout: Duration,
+        connect_timeout: Duration,
+        policy: HttpPolicy,
+    ) -> Result<Self, StorageError> {
+        let policy = Arc::new(policy);
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(connect_timeout)
-            .redirect(reqwest::redirect::Policy::limited(5))
+            .redirect(netguard::redirect_policy(policy.clone()))
+            .dns_resolver(GuardedResolver::new(policy.clone()))
+            // A proxy would connect on the worker's behalf, past the address checks.
+            .no_proxy()
             .user_agent(concat!("pawfect-worker/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| StorageError::Backend {
                 uri: "http client".into(),
                 reason: e.to_string(),
             })?;
-        Ok(HttpReader { client })
+        Ok(HttpReader { client, policy })
     }
 
     pub(super) async fn get(
@@ -36,9 +52,21 @@ impl HttpReader {
         url: Url,
         max_bytes: u64,
     ) -> Result<Bytes, StorageError> {
-        let unreachable = |e: reqwest::Error| StorageError::Unreachable {
-            uri: uri.to_string(),
-            reason: describe(&e),
+        let refused = |r: Refused| match r {
+            Refused::Scheme => StorageError::SchemeNotAllowed {
+                uri: uri.to_string(),
+            },
+            Refused::Address => StorageError::AddressNotAllowed {
+                uri: uri.to_string(),
+            },
+        };
+        self.policy.check_url(&url).map_err(refused)?;
+        let unreachable = |e: reqwest::Error| match netguard::refusal(&e) {
+            Some(r) => refused(r),
+            None => StorageError::Unreachable {
+                uri: uri.to_string(),
+                reason: describe(&e),
+            },
         };
         let mut resp = self.client.get(url).send().await.map_err(unreachable)?;
         let status = resp.status();

@@ -8,7 +8,7 @@
 //! | `s3://`, `s3a://` | yes | yes | credentials and region from the environment as the AWS SDKs read them (`AWS_*`) |
 //! | `gs://` | yes | yes | `GOOGLE_*` / service account from the environment |
 //! | `az://`, `abfs://`, `azure://` | yes | yes | `AZURE_*` from the environment |
-//! | `http://`, `https://` | yes | no | size and time limits; query strings (pre-signed URLs) are kept |
+//! | `http://`, `https://` | yes | no | https only unless plain http is allowed; private, loopback, link-local and configured addresses refused ([`HttpPolicy`]); size and time limits; query strings (pre-signed URLs) are kept |
 //!
 //! Writes are atomic: the bytes go to a temporary object next to the target, which is then
 //! renamed into place, so a reader sees either the previous object or the whole new one.
@@ -29,6 +29,7 @@
 mod cloud;
 mod file;
 mod http;
+pub mod netguard;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Once};
@@ -40,6 +41,7 @@ use object_store::path::Path as ObjectPath;
 use url::Url;
 
 pub use file::Roots;
+pub use netguard::{Cidr, HttpPolicy};
 
 /// Limits and roots of a [`Storage`].
 #[derive(Clone, Debug)]
@@ -54,6 +56,8 @@ pub struct StorageConfig {
     pub object_store_timeout: Duration,
     /// Retries of object-store requests on transient errors.
     pub object_store_retries: usize,
+    /// Schemes and addresses `http(s)://` reads may reach (default: https, public addresses).
+    pub http_policy: HttpPolicy,
 }
 
 impl Default for StorageConfig {
@@ -64,6 +68,7 @@ impl Default for StorageConfig {
             connect_timeout: Duration::from_secs(5),
             object_store_timeout: Duration::from_secs(60),
             object_store_retries: 3,
+            http_policy: HttpPolicy::default(),
         }
     }
 }
@@ -89,6 +94,13 @@ pub enum StorageError {
     TooLarge { uri: String, limit: u64 },
     #[error("{uri} is unreachable: {reason}")]
     Unreachable { uri: String, reason: String },
+    /// The address (of the URI's host or a redirect hop) is refused by the [`HttpPolicy`].
+    /// Says nothing of what the address answered.
+    #[error("{uri}: address not allowed")]
+    AddressNotAllowed { uri: String },
+    /// Plain `http://` (in the URI or a redirect hop) while the policy allows https only.
+    #[error("{uri}: plain http is not allowed (https only)")]
+    SchemeNotAllowed { uri: String },
     #[error("{uri}: HTTP status {status}")]
     HttpStatus { uri: String, status: u16 },
     #[error("{uri} can't be written: {reason}")]
@@ -157,7 +169,11 @@ impl Storage {
     pub fn new(config: StorageConfig) -> Result<Self, StorageError> {
         install_crypto_provider();
         let roots = Roots::new(&config.allow_roots)?;
-        let http = http::HttpReader::new(config.http_timeout, config.connect_timeout)?;
+        let http = http::HttpReader::new(
+            config.http_timeout,
+            config.connect_timeout,
+            config.http_policy.clone(),
+        )?;
         let cloud = cloud::CloudStores::default();
         Ok(Storage {
             inner: Arc::new(Inner {

@@ -1,5 +1,5 @@
 //! A tiny HTTP/1.1 server for tests: fixed routes, optional delay, a gate that holds the
-//! response until opened, bodies with or without Content-Length.
+//! response until opened, bodies with or without Content-Length, redirects.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,6 +20,8 @@ pub struct Route {
     pub content_length: bool,
     /// Hold the answer until this turns true.
     pub gate: Option<watch::Receiver<bool>>,
+    /// Sent as the `Location` header.
+    pub location: Option<String>,
 }
 
 impl Route {
@@ -30,6 +32,15 @@ impl Route {
             delay: Duration::ZERO,
             content_length: true,
             gate: None,
+            location: None,
+        }
+    }
+    /// A 302 to `location`.
+    pub fn redirect(location: &str) -> Self {
+        Route {
+            status: 302,
+            location: Some(location.to_string()),
+            ..Route::ok(Vec::new())
         }
     }
     pub fn status(status: u16) -> Self {
@@ -51,7 +62,12 @@ pub struct Server {
 impl Server {
     /// Starts serving on 127.0.0.1 (on the current tokio runtime).
     pub async fn start() -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Server::start_on("127.0.0.1").await
+    }
+
+    /// Starts serving on `ip` (a loopback address: 127.0.0.2 is a second host for tests).
+    pub async fn start_on(ip: &str) -> Server {
+        let listener = TcpListener::bind((ip, 0)).await.unwrap();
         let s = Server {
             addr: Some(listener.local_addr().unwrap()),
             ..Default::default()
@@ -84,6 +100,9 @@ impl Server {
                     }
                     tokio::time::sleep(route.delay).await;
                     let mut resp = format!("HTTP/1.1 {} X\r\nConnection: close\r\n", route.status);
+                    if let Some(location) = &route.location {
+                        resp.push_str(&format!("Location: {location}\r\n"));
+                    }
                     if route.content_length {
                         resp.push_str(&format!("Content-Length: {}\r\n", route.body.len()));
                     }

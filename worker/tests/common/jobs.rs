@@ -179,6 +179,25 @@ pub struct BadCase {
 
 /// Every bad input of the issue (item 5) that fails before the model, with its reason.
 /// `unreachable` is an http URL nobody listens on.
+/// The cloud metadata endpoint: refused even where the tests allow plain http to 127.0.0.1.
+pub const METADATA_URL: &str = "http://169.254.169.254/latest/meta-data";
+
+/// Whether a job's `file://` output exists.
+pub fn output_exists(spec: &InpaintJobSpec) -> bool {
+    let path = spec.output.strip_prefix("file://").unwrap_or(&spec.output);
+    Path::new(path).exists()
+}
+
+/// For a refused address: failed on its first attempt (not retried) and wrote nothing.
+pub fn check_refused_once(c: &BadCase, rec: &JobRecord) {
+    if c.reason != "AddressNotAllowed" {
+        return;
+    }
+    assert_eq!(rec.attempt, 1, "{}: not retried: {rec:?}", c.name);
+    assert!(c.spec.max_attempts > 1, "{}: retries were possible", c.name);
+    assert!(!output_exists(&c.spec), "{}: no output", c.name);
+}
+
 pub fn bad_cases(inp: &Inputs, server: &Server, unreachable: &str) -> Vec<BadCase> {
     let photo = inp.uri("photo.png");
     let mask = inp.uri("mask.png");
@@ -189,6 +208,9 @@ pub fn bad_cases(inp: &Inputs, server: &Server, unreachable: &str) -> Vec<BadCas
         reason,
         message_starts,
     };
+    // Retries allowed: a refused address must fail on its first attempt all the same.
+    let mut metadata = inp.spec(METADATA_URL, &mask, &out("n.png"));
+    metadata.max_attempts = 3;
     vec![
         case(
             "truncated image",
@@ -259,6 +281,12 @@ pub fn bad_cases(inp: &Inputs, server: &Server, unreachable: &str) -> Vec<BadCas
             ),
             "OutsideAllowedRoots",
             "photo: file://",
+        ),
+        case(
+            "cloud metadata address",
+            metadata,
+            "AddressNotAllowed",
+            "photo: http://169.254.169.254/latest/meta-data: address not allowed",
         ),
         case(
             "unsupported scheme",
