@@ -355,6 +355,51 @@ mod tests {
         assert!(parse_duration("5d").is_err());
     }
 
+    fn parse(extra: &[&str]) -> Result<ServeArgs, clap::Error> {
+        use clap::Parser;
+        let mut argv = vec![
+            "pawfect-worker",
+            "serve",
+            "--models",
+            "/m",
+            "--worker-name",
+            "w",
+        ];
+        argv.extend_from_slice(extra);
+        let cli = crate::cli::Cli::try_parse_from(argv)?;
+        match cli.command {
+            crate::cli::Command::Serve(args) => Ok(*args),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn http_policy_flags() {
+        let args = parse(&[]).unwrap();
+        assert!(!args.http_allow_plain, "https only by default");
+        assert!(args.http_allow_cidrs.is_empty() && args.http_deny_cidrs.is_empty());
+
+        let args = parse(&[
+            "--http-allow-plain",
+            "--http-allow-cidrs",
+            "127.0.0.1/32,10.96.0.0/12",
+            "--http-deny-cidrs",
+            "203.0.113.0/24",
+        ])
+        .unwrap();
+        assert!(args.http_allow_plain);
+        let shown: Vec<String> = args
+            .http_allow_cidrs
+            .iter()
+            .map(|c| c.to_string())
+            .collect();
+        assert_eq!(shown, ["127.0.0.1/32", "10.96.0.0/12"]);
+        assert_eq!(args.http_deny_cidrs[0].to_string(), "203.0.113.0/24");
+
+        let e = parse(&["--http-allow-cidrs", "10.0.0.0/40"]).unwrap_err();
+        assert!(e.to_string().contains("prefix length"), "{e}");
+    }
+
     #[test]
     fn variants_parse() {
         assert_eq!(parse_variant("q4_k_m"), Ok(ModelVariant::Q4KM));
