@@ -71,7 +71,7 @@ const DENSE_TOL: f64 = 1e-4;
 
 fn check(name: &str, a: &Tensor, b: &Tensor, tol: f64) -> R {
     let e = rel_err(a, b)?;
-    eprintln!("{name}: rel err {e:.3e}");
+    eprintln!("{name}: rel err {e:.3e} (bound {tol:.3e})");
     assert!(e <= tol, "{name}: rel err {e:.3e} > {tol:e}");
     Ok(())
 }
