@@ -574,27 +574,10 @@ impl Claim {
 
     /// Reads whether this claim is still valid, without renewing anything.
     pub async fn standing(&self) -> Result<Standing> {
-        let h = &self.h;
-        type Fields = (
-            Option<String>,
-            Option<String>,
-            Option<String>,
-            Option<String>,
-        );
-        let (state, worker, entry, cancel): Fields = redis::cmd("HMGET")
-            .arg(h.queue.keys().job(&h.job.uid))
-            .arg(field::STATE)
-            .arg(field::WORKER)
-            .arg(field::ENTRY)
-            .arg(field::CANCEL)
-            .query_async(&mut h.queue.conn())
-            .await?;
-        let owned = state.as_deref() == Some(JobState::Running.as_str())
-            && worker.as_deref() == Some(h.worker.as_str())
-            && entry.as_deref() == Some(h.entry_id.as_str());
-        Ok(if !owned {
+        let hold = self.read_hold().await?;
+        Ok(if !hold.owned {
             Standing::Lost
-        } else if cancel.as_deref() == Some("1") {
+        } else if hold.cancel.as_deref() == Some("1") {
             Standing::CancelRequested
         } else {
             Standing::Active
@@ -606,25 +589,36 @@ impl Claim {
     /// entry (a reclaim, or a restarted worker under the same name) has a higher one. Ask it
     /// right before putting the output in place; a cancel request does not end the hold.
     pub async fn holds(&self) -> Result<bool> {
+        let hold = self.read_hold().await?;
+        Ok(hold.owned && hold.attempt.and_then(|a| a.parse::<u32>().ok()) == Some(self.h.attempt))
+    }
+
+    /// One read of the job hash for [`standing`](Self::standing) and [`holds`](Self::holds).
+    async fn read_hold(&self) -> Result<Hold> {
         let h = &self.h;
         type Fields = (
             Option<String>,
             Option<String>,
             Option<String>,
             Option<String>,
+            Option<String>,
         );
-        let (state, worker, entry, attempt): Fields = redis::cmd("HMGET")
+        let (state, worker, entry, cancel, attempt): Fields = redis::cmd("HMGET")
             .arg(h.queue.keys().job(&h.job.uid))
             .arg(field::STATE)
             .arg(field::WORKER)
             .arg(field::ENTRY)
+            .arg(field::CANCEL)
             .arg(field::ATTEMPT)
             .query_async(&mut h.queue.conn())
             .await?;
-        Ok(state.as_deref() == Some(JobState::Running.as_str())
-            && worker.as_deref() == Some(h.worker.as_str())
-            && entry.as_deref() == Some(h.entry_id.as_str())
-            && attempt.and_then(|a| a.parse::<u32>().ok()) == Some(h.attempt))
+        Ok(Hold {
+            owned: state.as_deref() == Some(JobState::Running.as_str())
+                && worker.as_deref() == Some(h.worker.as_str())
+                && entry.as_deref() == Some(h.entry_id.as_str()),
+            cancel,
+            attempt,
+        })
     }
 
     /// True when a cancel was requested (check between denoise steps, then call
@@ -761,6 +755,14 @@ impl Outcome {
             Outcome::Finished(_) | Outcome::DeadLettered | Outcome::AlreadyFinished(_)
         )
     }
+}
+
+/// What the job hash says of a claim: whether it still runs under this worker and entry, its
+/// cancel flag and its attempt number.
+struct Hold {
+    owned: bool,
+    cancel: Option<String>,
+    attempt: Option<String>,
 }
 
 #[cfg(test)]
