@@ -26,12 +26,13 @@ mod kubelet;
 #[path = "../../worker/tests/common/mod.rs"]
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::http::{Route, Server};
 use common::jobs::{Inputs, photo, png_rgb};
+use common::models::models_dir;
 use k8s_openapi::api::apps::v1::Deployment;
 use pawfect_api::conditions::{self, reasons};
 use pawfect_api::{InpaintJobStatus, InpaintPoolStatus, JobPhase};
@@ -54,27 +55,6 @@ const PREFIX: &str = "e2e";
 const MAX_REPLICAS: u32 = 3;
 /// Long enough for anything on a slow two-core runner; the test takes far less.
 const WAIT: Duration = Duration::from_secs(90);
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
-}
-
-/// A models directory laid out as in production (what the pool's model volume holds).
-fn models_dir(dir: &Path) -> PathBuf {
-    let models = dir.join("models");
-    std::fs::create_dir_all(&models).unwrap();
-    let f = fixtures().canonicalize().unwrap();
-    let link = |target: PathBuf, name: &str| {
-        std::os::unix::fs::symlink(target, models.join(name)).unwrap()
-    };
-    link(f.join("flux/pipeline"), "FLUX.1-Fill-dev");
-    link(
-        f.join("flux/gguf/flux1-fill-dev-Q8_0.gguf"),
-        "flux1-fill-dev-Q8_0.gguf",
-    );
-    link(f.join("florence2/native"), "Florence-2-base");
-    models
-}
 
 struct Env {
     api: FakeApi,

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use common::http::{Route, Server};
 use common::jobs::*;
+use common::models::models_dir;
 use pawfect_queue::testing::RedisServer;
 use pawfect_queue::{EventKind, JobState, Queue};
 use tokio::process::{Child, Command};
@@ -26,28 +27,6 @@ use tokio::sync::watch;
 
 const LEASE: Duration = Duration::from_secs(2);
 const MAX_BYTES: u64 = 64 * 1024;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-/// A models directory laid out as in production: `FLUX.1-Fill-dev/`, a GGUF transformer next
-/// to it, `Florence-2-base/`.
-fn models_dir(dir: &Path) -> PathBuf {
-    let models = dir.join("models");
-    std::fs::create_dir_all(&models).unwrap();
-    let f = fixtures().canonicalize().unwrap();
-    let link = |target: PathBuf, name: &str| {
-        std::os::unix::fs::symlink(target, models.join(name)).unwrap()
-    };
-    link(f.join("flux/pipeline"), "FLUX.1-Fill-dev");
-    link(
-        f.join("flux/gguf/flux1-fill-dev-Q8_0.gguf"),
-        "flux1-fill-dev-Q8_0.gguf",
-    );
-    link(f.join("florence2/native"), "Florence-2-base");
-    models
-}
 
 struct Worker {
     child: Child,

@@ -14,32 +14,12 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::jobs::*;
+use common::models::models_dir;
 use pawfect_queue::testing::RedisServer;
 use pawfect_queue::{EventKind, JobState, Queue};
 use tokio::process::{Child, Command};
 
 const LEASE: Duration = Duration::from_secs(2);
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-/// A models directory laid out as in production (see `service_e2e.rs`).
-fn models_dir(dir: &Path) -> PathBuf {
-    let models = dir.join("models");
-    std::fs::create_dir_all(&models).unwrap();
-    let f = fixtures().canonicalize().unwrap();
-    let link = |target: PathBuf, name: &str| {
-        std::os::unix::fs::symlink(target, models.join(name)).unwrap()
-    };
-    link(f.join("flux/pipeline"), "FLUX.1-Fill-dev");
-    link(
-        f.join("flux/gguf/flux1-fill-dev-Q8_0.gguf"),
-        "flux1-fill-dev-Q8_0.gguf",
-    );
-    link(f.join("florence2/native"), "Florence-2-base");
-    models
-}
 
 struct Worker {
     child: Child,
