@@ -5,8 +5,8 @@
 //! carries its reason where it is used: tokens and packing exact, sigmas ≤ 1e-6, f32 encoder / VAE
 //! / transformer outputs relative L2 error ≤ 1e-4 (`DENSE_TOL`), 2-step latents ≤ 1e-3, decoded
 //! image mean absolute error ≤ 1/255; GGUF: ≤ 1e-4 against the exact (gguf-py f32) reference, and
-//! bounds derived from diffusers' f16 rounding and from the f16 / 8-bit device paths (see the GGUF
-//! section).
+//! bounds derived from diffusers' f16 rounding, from the f16 / 8-bit device paths and, on CUDA,
+//! from the f16 attention that f32 runs through by default (see the GGUF section).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
