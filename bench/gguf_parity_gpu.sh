@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# GGUF quantized-matmul paths on the GPU against the exact (gguf-py dequantized, f32) reference:
-# runs the `flux_parity_gguf_device_paths` test of pawfect-models on CUDA for each fixture set and
-# writes every measured error with its bound to $OUT/gguf_parity_gpu.json (merge it into
-# bench/results.json under "gguf_parity_gpu" with bench/merge_results.py).
+# The dense f32 transformer and the GGUF quantized-matmul paths (Dequant, DequantF16, Native, each
+# with f16 and reference f32 attention) on the GPU against the exact (gguf-py dequantized, f32)
+# references: runs the `flux_parity_gguf_device_paths` test of pawfect-models on CUDA for each
+# fixture set. The test measures and prints every check before asserting any; this writes every
+# measured error with its bound to $OUT/gguf_parity_gpu.json (merge it into bench/results.json:
+# `python3 bench/merge_results.py gguf_parity_gpu <that json>`).
 #
 # Build here (no GPU needed), then carry the binary to the GPU machine:
 #   export PATH=/work/cuda13/cuda/bin:$PATH CUDA_HOME=/work/cuda13/cuda CUDA_COMPUTE_CAP=90
@@ -40,10 +42,15 @@ for line in open(log):
         runs.append(cur)
     elif line.startswith("== ") and cur is not None:
         cur["verdict"] = line[3:].strip()
-    else:
-        m = re.match(r"(.*): rel err ([0-9.e+-]+)(?: \(bound ([0-9.e+-]+)\))?", line.strip())
-        if m and cur is not None:
-            cur["checks"].append({"check": m[1], "rel_l2": float(m[2]), "bound": float(m[3]) if m[3] else None})
+    elif cur is not None:
+        # measured lines only ("NAME: rel err E (bound B)"), not the failure summary that repeats them
+        m = re.fullmatch(r"(.*): rel err ([0-9.e+-]+|NaN) \(bound ([0-9.e+-]+)\)", line.strip())
+        a = re.fullmatch(r"f16 attention bound on .*: ([0-9.e+-]+)", line.strip())
+        if m:
+            cur["checks"].append({"check": m[1], "rel_l2": float(m[2]), "bound": float(m[3]),
+                                  "within": float(m[2]) <= float(m[3])})
+        elif a:
+            cur["f16_attention_bound"] = float(a[1])
 json.dump({"gpu": gpu, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "command": "bench/gguf_parity_gpu.sh BIN " + " ".join(r["fixtures"] for r in runs),
            "runs": runs}, sys.stdout, indent=1)

@@ -5,8 +5,8 @@
 //! carries its reason where it is used: tokens and packing exact, sigmas ≤ 1e-6, f32 encoder / VAE
 //! / transformer outputs relative L2 error ≤ 1e-4 (`DENSE_TOL`), 2-step latents ≤ 1e-3, decoded
 //! image mean absolute error ≤ 1/255; GGUF: ≤ 1e-4 against the exact (gguf-py f32) reference, and
-//! bounds derived from diffusers' f16 rounding and from the f16 / 8-bit device paths (see the GGUF
-//! section).
+//! bounds derived from diffusers' f16 rounding, from the f16 / 8-bit device paths and, on CUDA,
+//! from the f16 attention that f32 runs through by default (see the GGUF section).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,7 +18,7 @@ use pawfect_models::checkpoint::{
 use pawfect_models::flux::config::{TransformerConfig, VaeConfig};
 use pawfect_models::flux::profile::RegionTime;
 use pawfect_models::flux::sampling::{Rope, model_time_inputs, pack_latents, sigmas, timesteps};
-use pawfect_models::flux::transformer::{FluxTransformer, Loader};
+use pawfect_models::flux::transformer::{F32Attention, FluxTransformer, Loader};
 use pawfect_models::flux::vae::{AutoEncoder, VaeWeights};
 use pawfect_models::flux::{FluxFill, FluxLoadOptions, InpaintOptions, ModelError, Step};
 use pawfect_models::weights::{FluxModelPaths, FluxOverrides};
@@ -301,7 +301,16 @@ fn transformer_cfg() -> R<TransformerConfig> {
 /// Velocity for the fixture's step-0 input; with `check_temb` also compares the conditioning vector
 /// (only meaningful for the dense weights the reference `temb` was computed with).
 fn run_transformer(store: &dyn WeightStore, quant: QuantMatmul, check_temb: bool) -> R<Tensor> {
-    Ok(run_transformer_with(store, quant, check_temb, false)?.0)
+    Ok(run_transformer_with(store, quant, check_temb, false, F32Attention::default())?.0)
+}
+
+/// [`run_transformer`] with the f32 attention mode set (it only acts on CUDA).
+fn run_transformer_attn(
+    store: &dyn WeightStore,
+    quant: QuantMatmul,
+    attn: F32Attention,
+) -> R<Tensor> {
+    Ok(run_transformer_with(store, quant, false, false, attn)?.0)
 }
 
 /// [`run_transformer`], optionally with the region timer on; returns the timed regions too. Runs
@@ -311,6 +320,7 @@ fn run_transformer_with(
     quant: QuantMatmul,
     check_temb: bool,
     profile: bool,
+    attn: F32Attention,
 ) -> R<(Tensor, Vec<RegionTime>)> {
     let dev = store.device().clone();
     let layout = Loader::detect_layout(store)?;
@@ -324,6 +334,7 @@ fn run_transformer_with(
     };
     let mut tr = FluxTransformer::load(&loader, &transformer_cfg()?)?;
     tr.set_profiling(profile);
+    tr.set_f32_attention(attn);
     let m = manifest()?;
     let t0 = m["t0"].as_f64().ok_or("t0")? as f32;
     let guidance = m["guidance"].as_f64().ok_or("guidance")? as f32;
@@ -363,9 +374,21 @@ fn flux_parity_transformer_profiled_is_identical() -> R {
         &[fixtures().join("bfl/flux1-fill-dev.safetensors")],
         &Device::Cpu,
     )?;
-    let (plain, none) = run_transformer_with(&store, QuantMatmul::Auto, false, false)?;
+    let (plain, none) = run_transformer_with(
+        &store,
+        QuantMatmul::Auto,
+        false,
+        false,
+        F32Attention::default(),
+    )?;
     assert!(none.is_empty(), "regions timed with profiling off");
-    let (profiled, regions) = run_transformer_with(&store, QuantMatmul::Auto, false, true)?;
+    let (profiled, regions) = run_transformer_with(
+        &store,
+        QuantMatmul::Auto,
+        false,
+        true,
+        F32Attention::default(),
+    )?;
     let diff = (&plain - &profiled)?.abs()?.max_all()?.to_scalar::<f32>()?;
     assert_eq!(diff, 0.0, "profiling changed the output");
     let cfg = transformer_cfg()?;
@@ -543,37 +566,218 @@ const DEQUANT_F16_EPS: f64 = 3.0 * U16;
 /// Gaussian data; c ≤ 4 allows for the heavier tails of modulated / GELU activations.
 const NATIVE_EPS: f64 = 4.0 / (127.0 * 3.464_101_615_137_754);
 
-/// The quantized matmul modes on `test_device()` against the exact reference. On the CPU (CI) this
-/// emulates the GPU's f16 path: `DequantF16` there is f16 weights × f16 inputs with f32 sums, the
-/// premise of its bound on either device. For the GPU run (H100):
-/// `PAWFECT_FIXTURES=<dir> PAWFECT_TEST_DEVICE=cuda cargo test -p pawfect-models --features cuda
-///  --test flux_parity gguf_device_paths -- --nocapture`.
+/// Measured errors of one test, each with its bound: every check is measured and printed before
+/// any is asserted, so one run reports all of them.
+#[derive(Default)]
+struct Checks {
+    rows: Vec<(String, f64, f64)>,
+}
+
+impl Checks {
+    fn measure(&mut self, name: String, a: &Tensor, b: &Tensor, tol: f64) -> R {
+        let e = rel_err(a, b)?;
+        eprintln!("{name}: rel err {e:.3e} (bound {tol:.3e})");
+        self.rows.push((name, e, tol));
+        Ok(())
+    }
+
+    /// Fails with every check over its bound.
+    fn finish(self) -> R {
+        let n = self.rows.len();
+        let over: Vec<String> = self
+            .rows
+            .into_iter()
+            .filter(|(_, e, tol)| e.is_nan() || e > tol)
+            .map(|(name, e, tol)| format!("  {name}: rel err {e:.3e} > {tol:.3e}"))
+            .collect();
+        if over.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "{} of {n} checks over their bound:\n{}",
+            over.len(),
+            over.join("\n")
+        )
+        .into())
+    }
+}
+
+/// The bound of a path whose error sources are independent: their model-level errors add in
+/// quadrature; `DENSE_TOL`, the f32 operation-order allowance that every device path keeps, is a
+/// worst case and adds linearly.
+fn combined_bound(parts: &[f64]) -> f64 {
+    DENSE_TOL + parts.iter().map(|p| p * p).sum::<f64>().sqrt()
+}
+
+/// Largest |gain| of the QK-RMSNorms (`*.query_norm.scale`, `*.key_norm.scale`): (query, key).
+fn qk_norm_gains(store: &dyn WeightStore) -> R<(f64, f64)> {
+    let (mut gq, mut gk) = (0f64, 0f64);
+    for name in store.names() {
+        let g = if name.ends_with("query_norm.scale") {
+            &mut gq
+        } else if name.ends_with("key_norm.scale") {
+            &mut gk
+        } else {
+            continue;
+        };
+        let m = store
+            .dense(&name, DType::F32)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
+        *g = g.max(m as f64);
+    }
+    if gq == 0.0 || gk == 0.0 {
+        return Err(format!("{}: no QK-norm gains", store.origin().display()).into());
+    }
+    Ok((gq, gk))
+}
+
+/// The model-level error that `F32Attention::F16` (the f32 default on CUDA: q, k, v cast to f16
+/// around the fused kernel, which also rounds P to f16 for the P·V mma and writes O in f16; both
+/// products accumulate in f32) adds, derived from the precision alone:
+/// - each of the five roundings (q, k, v, P, O) has a relative error of rms ≤ u/√3 (round to
+///   nearest: the absolute error is uniform within ±½ ulp and ½ ulp ≤ u·|x|), independent;
+/// - v, P and O enter the output linearly: u/√3 each (O = Σⱼ Pⱼvⱼ is a convex combination);
+/// - q and k enter through the logits: Δsⱼ = (Σᵢ qᵢkⱼᵢ(δqᵢ + δkⱼᵢ))/√D has rms
+///   √(2/3)·u·m with m² = E[qᵢ²kᵢ²] ≤ √(E[qᵢ⁴]E[kᵢ⁴]) = 3·g_q²·g_k² (RMS-normalized rows of
+///   Gaussian-like entries times the norm gains g; the fourth moment of a Gaussian is 3·σ⁴,
+///   RoPE rotations keep it), whatever the alignment of q and k; the softmax passes them on as
+///   ΔO = Σⱼ Pⱼ·Δsⱼ·(vⱼ − O), relative gain ≤ 1 for v rows without structure;
+/// - per call in quadrature: ε² = (u²/3)·(3 + 2m²) = u²·(1 + 2·g_q²·g_k²);
+/// - `num_layers + num_single_layers` calls, independent, reaching the output with gain ≈ 1
+///   like the linear layers: √(calls)·ε (`layers_bound`).
+///
+/// Zero on the CPU, where attention always is the f32 reference.
+fn f16_attention_bound(store: &dyn WeightStore, dev: &Device) -> R<f64> {
+    if !dev.is_cuda() {
+        return Ok(0.0);
+    }
+    let cfg = transformer_cfg()?;
+    let (gq, gk) = qk_norm_gains(store)?;
+    let eps = U16 * (1.0 + 2.0 * gq * gq * gk * gk).sqrt();
+    Ok(layers_bound(cfg.num_layers + cfg.num_single_layers, eps))
+}
+
+/// The dense f32 weights of a GGUF file dequantized on the CPU (bit for bit gguf-py's, see
+/// gguf_dequant.rs), as a safetensors store on `dev`.
+fn dequantized_store(file: &str, dev: &Device, dir: &Path) -> R<SafetensorsStore> {
+    let cpu = open_gguf(file, &Device::Cpu)?;
+    let mut tensors = std::collections::HashMap::new();
+    for name in cpu.names() {
+        let t = cpu.dense(&name, DType::F32)?;
+        tensors.insert(name, t);
+    }
+    let name = Path::new(file).file_name().ok_or("file name")?;
+    let path = dir.join(name).with_extension("safetensors");
+    candle_core::safetensors::save(&tensors, &path)?;
+    Ok(SafetensorsStore::open(&[path], dev)?)
+}
+
+/// The dense f32 transformer and the quantized matmul modes on `test_device()`, each with both f32
+/// attention modes, against the exact references; every error printed, then all asserted. On the
+/// CPU (CI) `DequantF16` emulates the GPU's f16 path (f16 weights × f16 inputs with f32 sums, the
+/// premise of its bound on either device) and the attention mode has no effect. f32 GEMMs on CUDA
+/// run with CUBLAS_COMPUTE_32F: candle's `gemm_reduced_precision_f32` (TF32) is off by default and
+/// the project never turns it on, so the reference-attention runs keep the f32 bounds. For the GPU run
+/// (H100): `PAWFECT_FIXTURES=<dir> PAWFECT_TEST_DEVICE=cuda cargo test -p pawfect-models --features
+/// cuda --test flux_parity gguf_device_paths -- --nocapture` (bench/gguf_parity_gpu.sh).
 #[test]
 fn flux_parity_gguf_device_paths() -> R {
+    use F32Attention::{F16, Reference};
     let dev = test_device()?;
+    let loc = dev.location();
     eprintln!("device: {dev:?}");
+    let mut c = Checks::default();
+    let dense = SafetensorsStore::open(&[fixtures().join("bfl/flux1-fill-dev.safetensors")], &dev)?;
+    let attn = f16_attention_bound(&dense, &dev)?;
+    eprintln!("f16 attention bound on {loc:?}: {attn:.3e}");
+    let want = load("ref/transformer_out.safetensors")?;
+    let dense_ref = run_transformer_attn(&dense, QuantMatmul::Auto, Reference)?;
+    let dense_f16 = run_transformer_attn(&dense, QuantMatmul::Auto, F16)?;
+    // f32 throughout: the dense bound.
+    c.measure(
+        format!("dense f32 (reference attention) on {loc:?} vs diffusers f32"),
+        &dense_ref,
+        &want,
+        DENSE_TOL,
+    )?;
+    // The default f32 attention on CUDA carries the f16 attention rounding.
+    c.measure(
+        format!("dense f32 on {loc:?} vs diffusers f32"),
+        &dense_f16,
+        &want,
+        combined_bound(&[attn]),
+    )?;
+    // The same run but for attention: the f16 attention rounding alone (0 on the CPU).
+    c.measure(
+        format!("dense f32 f16 attention vs reference attention on {loc:?}"),
+        &dense_f16,
+        &dense_ref,
+        attn,
+    )?;
+    let dir = tempfile::tempdir()?;
     for (tag, file, _) in GGUF_FILES {
         let want = load_named("ref/gguf_exact_transformer_out.safetensors", tag)?;
         let store = open_gguf(file, &dev)?;
         let n = quantized_layers(&store)?;
-        for (mode, tol) in [
-            // f32 on either device; on CUDA the K-quant kernels may fuse d·q − m (≤ 1 f32 ulp).
-            (QuantMatmul::Dequant, GGUF_EXACT_TOL),
-            (QuantMatmul::DequantF16, layers_bound(n, DEQUANT_F16_EPS)),
-            (QuantMatmul::Native, layers_bound(n, NATIVE_EPS)),
+        let attn = f16_attention_bound(&store, &dev)?;
+        let mut dequant_f16_attn = None;
+        for (mode, eps) in [
+            // f32 weights equal to the exact ones (on CUDA the K-quant kernels may fuse d·q − m:
+            // ≤ 1 f32 ulp, far inside DENSE_TOL): no term of its own.
+            (QuantMatmul::Dequant, 0.0),
+            (QuantMatmul::DequantF16, DEQUANT_F16_EPS),
+            (QuantMatmul::Native, NATIVE_EPS),
         ] {
-            check(
-                &format!(
-                    "gguf {tag} {mode:?} on {:?} vs exact reference",
-                    dev.location()
-                ),
-                &run_transformer(&store, mode, false)?,
+            let layers = layers_bound(n, eps);
+            let out_ref = run_transformer_attn(&store, mode, Reference)?;
+            let out_f16 = run_transformer_attn(&store, mode, F16)?;
+            // The mode's own rounding (√n·ε) on top of f32.
+            c.measure(
+                format!("gguf {tag} {mode:?} (reference attention) on {loc:?} vs exact reference"),
+                &out_ref,
                 &want,
-                tol,
+                combined_bound(&[layers]),
             )?;
+            // The default attention adds its f16 rounding, independent of the mode's.
+            c.measure(
+                format!("gguf {tag} {mode:?} on {loc:?} vs exact reference"),
+                &out_f16,
+                &want,
+                combined_bound(&[layers, attn]),
+            )?;
+            // Same mode, the attention differs: its f16 rounding, and the mode's activation
+            // roundings (f16 casts, 8-bit blocks) decorrelate between the two runs once their
+            // inputs differ, so at worst each run carries its own √n·ε: √(attn² + 2·(√n·ε)²).
+            // On the CPU the attention mode does nothing: the two runs are identical.
+            let between = if dev.is_cuda() {
+                (attn * attn + 2.0 * layers * layers).sqrt()
+            } else {
+                0.0
+            };
+            c.measure(
+                format!("gguf {tag} {mode:?} f16 attention vs reference attention on {loc:?}"),
+                &out_f16,
+                &out_ref,
+                between,
+            )?;
+            if mode == QuantMatmul::Dequant {
+                dequant_f16_attn = Some(out_f16);
+            }
         }
+        // Dequantized on the device against the same weights dequantized on the CPU and run as a
+        // dense model, both with the default attention: only the dequantization kernels differ
+        // (≤ 1 f32 ulp per weight), so the dense f32 bound.
+        let dense = dequantized_store(file, &dev, dir.path())?;
+        c.measure(
+            format!("gguf {tag} Dequant on {loc:?} vs dense f32 on its CPU-dequantized weights"),
+            dequant_f16_attn.as_ref().ok_or("no Dequant run")?,
+            &run_transformer_attn(&dense, QuantMatmul::Auto, F16)?,
+            DENSE_TOL,
+        )?;
     }
-    Ok(())
+    c.finish()
 }
 
 fn fixture_opts() -> R<InpaintOptions> {
