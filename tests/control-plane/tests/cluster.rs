@@ -176,5 +176,8 @@ async fn kubectl_of_the_same_release_talks_to_it() {
     let err = cp
         .kubectl_run(&["get", "pod", "no-such-pod", "-n", "default"])
         .unwrap_err();
-    assert!(err.contains("NotFound") || err.contains("not found"), "{err}");
+    assert!(
+        err.contains("NotFound") || err.contains("not found"),
+        "{err}"
+    );
 }
