@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # A real Kubernetes control plane on loopback, for the tests and for trying the chart by hand:
-# etcd, kube-apiserver and kube-controller-manager, built from their Go modules (tests/k8s).
+# etcd, kube-apiserver and kube-controller-manager, built from their Go modules (tests/k8s), and
+# the kubectl of the same release ($PAWFECT_K8S_BIN/kubectl, PAWFECT_K8S_BIN is in DIR/env).
 #
 #   scripts/local-k8s.sh build       build the binaries (or find them in the cache); prints the dir
 #   scripts/local-k8s.sh up DIR      start a control plane whose state lives in DIR; prints
 #                                    `export KUBECONFIG=DIR/kubeconfig`
 #   scripts/local-k8s.sh down DIR    stop it and remove what `up` wrote into DIR
+#   scripts/local-k8s.sh restart DIR NAME
+#                                    SIGKILL etcd, kube-apiserver or kube-controller-manager and
+#                                    start it again with the same flags and data (a crash)
 #
 # `up`:
 #   - etcd on 127.0.0.1 (data in DIR/etcd, fsync off: test data);
@@ -109,7 +113,7 @@ cmd_build() {
       die "building the control plane failed (go build in tests/k8s, output above). Is the Go module \
 proxy ($("$GO" env GOPROXY)) reachable?"
     fi
-    for name in etcd kube-apiserver kube-controller-manager; do ln -s k8s-local "$tmp/$name"; done
+    for name in etcd kube-apiserver kube-controller-manager kubectl; do ln -s k8s-local "$tmp/$name"; done
     rm -rf "$dir"
     mv "$tmp" "$dir"
     echo "local-k8s: built in $((SECONDS - start)) s" >&2
@@ -161,6 +165,47 @@ explain_failure() { # what went wrong, from the logs: a taken port first
   done
 }
 
+# The three daemons, from what `up` recorded in DIR/env (so that `restart` starts each again with
+# the same ports, certificates and data).
+start_etcd() {
+  start etcd "$DIR/etcd.log" "$PAWFECT_K8S_BIN/etcd" --name local --data-dir "$DIR/etcd" \
+    --listen-client-urls "http://127.0.0.1:$PAWFECT_K8S_ETCD_PORT" \
+    --advertise-client-urls "http://127.0.0.1:$PAWFECT_K8S_ETCD_PORT" \
+    --listen-peer-urls "http://127.0.0.1:$PAWFECT_K8S_ETCD_PEER_PORT" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$PAWFECT_K8S_ETCD_PEER_PORT" \
+    --initial-cluster "local=http://127.0.0.1:$PAWFECT_K8S_ETCD_PEER_PORT" --unsafe-no-fsync --log-level warn
+}
+
+start_apiserver() {
+  local pki=$DIR/pki
+  start kube-apiserver "$DIR/kube-apiserver.log" "$PAWFECT_K8S_BIN/kube-apiserver" \
+    --etcd-servers "http://127.0.0.1:$PAWFECT_K8S_ETCD_PORT" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$PAWFECT_K8S_API_PORT" \
+    --endpoint-reconciler-type none \
+    --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
+    --client-ca-file "$pki/ca.crt" \
+    --authorization-mode RBAC \
+    --service-account-issuer https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
+    --service-cluster-ip-range 10.0.0.0/24 \
+    --allow-privileged \
+    --profiling=false --v 1
+}
+
+start_controller_manager() {
+  local pki=$DIR/pki
+  start kube-controller-manager "$DIR/kube-controller-manager.log" "$PAWFECT_K8S_BIN/kube-controller-manager" \
+    --kubeconfig "$pki/controller-manager.kubeconfig" \
+    --authentication-kubeconfig "$pki/controller-manager.kubeconfig" \
+    --authorization-kubeconfig "$pki/controller-manager.kubeconfig" \
+    --bind-address 127.0.0.1 --secure-port 0 \
+    --leader-elect=false \
+    --controllers deployment-controller,replicaset-controller,garbage-collector-controller,namespace-controller,serviceaccount-controller \
+    --use-service-account-credentials \
+    --service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" \
+    --profiling=false --v 1
+}
+
 cmd_up() {
   DIR=${1:?usage: local-k8s.sh up DIR}
   [ -f "$DIR/kube-apiserver.pid" ] && die "$DIR already has a control plane: run \`$0 down $DIR\` first"
@@ -184,35 +229,14 @@ PAWFECT_K8S_ETCD_PORT=$etcd_port
 PAWFECT_K8S_ETCD_PEER_PORT=$peer_port
 PAWFECT_K8S_BIN=$bin
 EOF
+  # shellcheck source=/dev/null
+  . "$DIR/env"
   "$bin/k8s-local" pki --server "$server" "$DIR" || die "cannot write certificates into $DIR"
-  local pki=$DIR/pki start_s=$SECONDS
+  local start_s=$SECONDS
   PIDS=""
-  start etcd "$DIR/etcd.log" "$bin/etcd" --name local --data-dir "$DIR/etcd" \
-    --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
-    --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
-    --initial-cluster "local=http://127.0.0.1:$peer_port" --unsafe-no-fsync --log-level warn
-  start kube-apiserver "$DIR/kube-apiserver.log" "$bin/kube-apiserver" \
-    --etcd-servers "http://127.0.0.1:$etcd_port" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
-    --endpoint-reconciler-type none \
-    --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
-    --client-ca-file "$pki/ca.crt" \
-    --authorization-mode RBAC \
-    --service-account-issuer https://kubernetes.default.svc.cluster.local \
-    --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
-    --service-cluster-ip-range 10.0.0.0/24 \
-    --allow-privileged \
-    --profiling=false --v 1
-  start kube-controller-manager "$DIR/kube-controller-manager.log" "$bin/kube-controller-manager" \
-    --kubeconfig "$pki/controller-manager.kubeconfig" \
-    --authentication-kubeconfig "$pki/controller-manager.kubeconfig" \
-    --authorization-kubeconfig "$pki/controller-manager.kubeconfig" \
-    --bind-address 127.0.0.1 --secure-port 0 \
-    --leader-elect=false \
-    --controllers deployment-controller,replicaset-controller,garbage-collector-controller,namespace-controller,serviceaccount-controller \
-    --use-service-account-credentials \
-    --service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" \
-    --profiling=false --v 1
+  start_etcd
+  start_apiserver
+  start_controller_manager
   if [ -n "${PAWFECT_K8S_OWNER_PID:-}" ]; then
     # Its own session: a Ctrl-C of the test run does not kill the cleanup with it.
     setsid bash -c 'while kill -0 "$1" 2>/dev/null && [ -f "$2/kube-apiserver.pid" ]; do sleep 0.5; done
@@ -270,13 +294,41 @@ stop_all() {
   rm -f "$DIR"/*.pid
 }
 
+cmd_restart() {
+  DIR=${1:?usage: local-k8s.sh restart DIR etcd|kube-apiserver|kube-controller-manager}
+  local name=${2:?usage: local-k8s.sh restart DIR etcd|kube-apiserver|kube-controller-manager} pid
+  [ -f "$DIR/.local-k8s" ] || die "$DIR was not made by \`$0 up\`"
+  DIR=$(cd "$DIR" && pwd)
+  # shellcheck source=/dev/null
+  . "$DIR/env"
+  case "$name" in
+    etcd | kube-apiserver | kube-controller-manager) ;;
+    *) die "restart: no component $name (etcd, kube-apiserver or kube-controller-manager)" ;;
+  esac
+  # A crash, not a shutdown: SIGKILL, then the same command again (the old log is kept aside).
+  if pid=$(pid_of "$name"); then
+    kill -KILL "$pid" 2>/dev/null || true
+    wait_gone 10 "$pid" || die "$name (pid $pid) did not exit after SIGKILL"
+  fi
+  mv "$DIR/$name.log" "$DIR/$name.log.$(date +%s%N)" 2>/dev/null || true
+  PIDS=""
+  case "$name" in
+    etcd) start_etcd ;;
+    kube-apiserver) start_apiserver ;;
+    kube-controller-manager) start_controller_manager ;;
+  esac
+  "$PAWFECT_K8S_BIN/k8s-local" ready --kubeconfig "$DIR/kubeconfig" --timeout "${PAWFECT_K8S_READY_TIMEOUT:-120s}" \
+    --pids "$PIDS" || { explain_failure; die "$name did not come back"; }
+  echo "local-k8s: $name restarted" >&2
+}
+
 cmd_down() {
   DIR=${1:?usage: local-k8s.sh down DIR}
   [ -d "$DIR" ] || { echo "local-k8s: $DIR does not exist: nothing to stop" >&2; return 0; }
   DIR=$(cd "$DIR" && pwd)
   [ -f "$DIR/.local-k8s" ] || die "$DIR was not made by \`$0 up\`: not touching it"
   stop_all
-  rm -rf "$DIR/etcd" "$DIR/pki" "$DIR/kubeconfig" "$DIR/env" "$DIR"/*.log "$DIR/.local-k8s"
+  rm -rf "$DIR/etcd" "$DIR/pki" "$DIR/kubeconfig" "$DIR/env" "$DIR"/*.log "$DIR"/*.log.* "$DIR/.local-k8s"
   rmdir "$DIR" 2>/dev/null || true
   echo "local-k8s: stopped" >&2
 }
@@ -285,8 +337,9 @@ case "${1:-}" in
   build) cmd_build ;;
   up) shift; cmd_up "$@" ;;
   down) shift; cmd_down "$@" ;;
+  restart) shift; cmd_restart "$@" ;;
   *)
-    sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
     ;;
 esac

@@ -335,7 +335,16 @@ pub fn from_queue(
             let output = q.output.clone().unwrap_or_else(|| job.spec.output.clone());
             let msg = format!("result written to {output}");
             settle(&mut s, conditions::QUEUED, reasons::FINISHED, &msg, now);
-            settle(&mut s, conditions::RUNNING, reasons::FINISHED, &msg, now);
+            // A succeeded job ran, even when this status never showed it Running (the job
+            // finished between two reconciles): Running is False either way, not absent.
+            set(
+                &mut s,
+                conditions::RUNNING,
+                false,
+                reasons::FINISHED,
+                &msg,
+                now,
+            );
             set(
                 &mut s,
                 conditions::COMPLETE,
@@ -533,6 +542,29 @@ mod tests {
             claimed_at: Some(ts(5)),
             ..q(QueueState::Running)
         }
+    }
+
+    #[test]
+    fn succeeded_straight_from_queued_says_it_ran() {
+        let j = job();
+        let s0 = enqueued(&j, None, ts(1));
+        let done = QueueJob {
+            attempt: 1,
+            worker: Some("t4-worker-abc".into()),
+            claimed_at: Some(ts(5)),
+            finished_at: Some(ts(9)),
+            ..q(QueueState::Succeeded)
+        };
+        let s = from_queue(&j, Some(&s0), &done, ts(10));
+        assert_eq!(s.phase, Some(JobPhase::Succeeded));
+        let r = s.condition(RUNNING).expect("a Running condition");
+        assert_eq!(
+            (r.status.as_str(), r.reason.as_str()),
+            ("False", reasons::FINISHED)
+        );
+        assert!(!is_true(&s.conditions, QUEUED));
+        assert!(is_true(&s.conditions, COMPLETE));
+        assert_eq!(s.started_at, Some(Time(ts(5))));
     }
 
     #[test]

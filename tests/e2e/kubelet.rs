@@ -1,24 +1,28 @@
-//! The kubelet and the Deployment/ReplicaSet controllers, played over the fake API server for
-//! one worker Deployment: real `pawfect-worker serve` processes as its pods.
+//! The kubelet's part of a cluster, for the pods of one namespace on the real API server: the real
+//! kube-controller-manager creates the worker Deployment's ReplicaSets and Pods and picks the
+//! scale-down victims; this plays what a node does with them, with real `pawfect-worker serve`
+//! processes as the containers.
 //!
-//! - Pods follow `spec.replicas` of the Deployment the operator applied. A pod runs the
-//!   container of the pod template: its command (`pawfect-worker`, this package's build of the
-//!   worker binary), its args with `$(VAR)` references expanded, its env (values and the
-//!   `metadata.name` / `metadata.namespace` field references), the model volume's `mountPath`
-//!   mapped to its `hostPath`. Each pod has its own network namespace in a cluster; here each
-//!   gets its own port on 127.0.0.1 in place of the container port.
-//! - Readiness: the template's readiness probe path (`/readyz`) on that port; the pod's Ready
-//!   condition and the Deployment's `status.replicas` / `readyReplicas` follow.
-//! - Scale-down picks its victims the way the ReplicaSet controller does (`getPodsToDelete`):
-//!   not-ready pods first, then the lowest `controller.kubernetes.io/pod-deletion-cost`, then
-//!   the youngest. A victim gets a deletionTimestamp and SIGTERM, SIGKILL after
-//!   `terminationGracePeriodSeconds`, and leaves the API once its process exited.
+//! - Binding: a new pod without a node is bound (`pods/binding`, as the scheduler does) to one of
+//!   the fake T4 nodes, round robin.
+//! - Running: the pod's container runs as a process: its command (`pawfect-worker`, this
+//!   package's build of the worker binary), its args with `$(VAR)` references expanded, its env
+//!   (values and the `metadata.name` / `metadata.namespace` / `spec.nodeName` field references),
+//!   the volume mounts' paths mapped to their `hostPath`. Each pod gets its own port on
+//!   127.0.0.1 in place of the container port (a pod's network namespace in a cluster).
+//! - Status: phase, container status (restart count, running/terminated) and the Ready condition
+//!   follow the process and the template's HTTP readiness probe, written to `pods/status`.
+//! - Deletion: a pod with a deletionTimestamp gets SIGTERM, SIGKILL once its grace period
+//!   (`metadata.deletionGracePeriodSeconds`) is over, and is removed from the API (delete with
+//!   grace 0 and the pod's UID as precondition) once its process exited.
 //! - A container that exits on its own (a crash, SIGKILL from the test) is restarted in the same
-//!   pod (`restartPolicy: Always`).
+//!   pod (`restartPolicy: Always`), its restart count raised.
+//! - The API server may be away (a restart under test): the processes keep running and the next
+//!   tick catches up, as a kubelet does.
 //!
 //! Every SIGTERM is recorded with whether the queue had the pod busy at that moment, which the
-//! test asserts never happens: the operator's deletion-cost annotations must steer the scale-down
-//! to idle workers.
+//! test asserts never happens: the operator's deletion-cost annotations must steer the real
+//! ReplicaSet controller's scale-down to idle workers.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,17 +30,16 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Container;
+use k8s_openapi::api::core::v1::{Container, Pod};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::{Client, ResourceExt};
 use pawfect_operator::pool::DELETION_COST;
 use pawfect_queue::Queue;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
-use crate::fake_api::{FakeApi, Res};
-
-const TICK: Duration = Duration::from_millis(100);
+const TICK: Duration = Duration::from_millis(200);
 
 /// A SIGTERM the kubelet sent to a pod's worker.
 #[derive(Clone, Debug)]
@@ -51,11 +54,12 @@ pub struct Termination {
 }
 
 struct PodProc {
+    uid: String,
     child: Child,
     port: u16,
     ready: bool,
     restarts: u32,
-    created: u64,
+    /// Since when, and for how long, it may shut down.
     terminating: Option<(Instant, Duration)>,
 }
 
@@ -65,19 +69,24 @@ struct Inner {
     terminations: Vec<Termination>,
     /// Crashes (container exits without a deletion): pod, exit status.
     crashes: Vec<(String, String)>,
-    max_replicas_seen: u32,
-    created: u64,
+    /// What the kubelet could not do (a pod it cannot run, an API call refused for good).
+    problems: Vec<String>,
+    /// Most pods with a process at once, terminating ones excluded.
+    max_active: usize,
+    bound: usize,
+    /// The last pod list failed (printed once per outage).
+    api_away: bool,
 }
 
-/// Handle on the kubelet double.
+/// Handle on the kubelet.
 #[derive(Clone)]
 pub struct Kubelet {
     inner: Arc<Mutex<Inner>>,
-    api: FakeApi,
+    pods: Api<Pod>,
     queue: Queue,
     namespace: String,
-    deployment: String,
     queue_pool: String,
+    nodes: Vec<String>,
     worker_bin: PathBuf,
     log_dir: PathBuf,
 }
@@ -132,23 +141,31 @@ fn expand(s: &str, env: &BTreeMap<String, String>) -> String {
     out
 }
 
+fn now() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
+    k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now())
+}
+
 impl Kubelet {
     pub fn new(
-        api: FakeApi,
+        client: Client,
         queue: Queue,
         namespace: &str,
-        deployment: &str,
         queue_pool: &str,
+        nodes: Vec<String>,
         worker_bin: PathBuf,
         log_dir: &Path,
     ) -> Kubelet {
+        assert!(
+            !nodes.is_empty(),
+            "the kubelet needs a node to bind pods to"
+        );
         Kubelet {
             inner: Arc::default(),
-            api,
+            pods: Api::namespaced(client, namespace),
             queue,
             namespace: namespace.into(),
-            deployment: deployment.into(),
             queue_pool: queue_pool.into(),
+            nodes,
             worker_bin,
             log_dir: log_dir.to_path_buf(),
         }
@@ -166,11 +183,15 @@ impl Kubelet {
         self.lock().crashes.clone()
     }
 
-    pub fn max_replicas_seen(&self) -> u32 {
-        self.lock().max_replicas_seen
+    pub fn problems(&self) -> Vec<String> {
+        self.lock().problems.clone()
     }
 
-    /// Pods not being deleted, with whether they are ready.
+    pub fn max_active(&self) -> usize {
+        self.lock().max_active
+    }
+
+    /// Pods with a process and no deletion, with whether they are ready.
     pub fn active_pods(&self) -> BTreeMap<String, bool> {
         self.lock()
             .pods
@@ -209,7 +230,7 @@ impl Kubelet {
                 .filter(|p| {
                     p.file_name()
                         .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.starts_with(pod))
+                        .is_some_and(|n| n.starts_with(&format!("{pod}.")))
                 })
                 .collect();
             files.sort();
@@ -239,104 +260,266 @@ impl Kubelet {
         }
     }
 
-    async fn step(&self) {
-        let Some(d) =
-            self.api
-                .get_as::<Deployment>(Res::Deployments, &self.namespace, &self.deployment)
-        else {
-            return;
-        };
-        let spec = d.spec.clone();
-        let replicas = u32::try_from(spec.replicas.unwrap_or(1)).unwrap_or(0);
-        let template = spec.template.clone();
-        let pod_spec = template.spec.clone().unwrap_or_default();
-        let container = pod_spec
-            .containers
-            .first()
-            .cloned()
-            .expect("the pod template has a container");
-        let grace = Duration::from_secs(
-            u64::try_from(pod_spec.termination_grace_period_seconds.unwrap_or(30)).unwrap_or(30),
-        );
+    fn problem(&self, what: String) {
+        eprintln!("kubelet: {what}");
+        self.lock().problems.push(what);
+    }
 
-        self.reap();
+    async fn step(&self) {
+        let listed = match self.pods.list(&ListParams::default()).await {
+            Ok(l) => {
+                self.lock().api_away = false;
+                l.items
+            }
+            // The API server restarting: the containers keep running, the next tick catches up.
+            Err(e) => {
+                if !std::mem::replace(&mut self.lock().api_away, true) {
+                    eprintln!("kubelet: cannot list pods: {e} (retrying every tick)");
+                }
+                return;
+            }
+        };
+        self.reap().await;
         let busy = match self.queue.busy_workers(&self.queue_pool).await {
             Ok(b) => b.into_iter().map(|b| b.worker).collect::<Vec<_>>(),
             Err(e) => {
-                // Redis goes away when a test fails; otherwise the next tick tries again.
                 eprintln!("kubelet: cannot read the queue: {e}");
                 return;
             }
         };
+        // Pods gone from the API (deleted with grace 0 by someone else): stop their process.
         {
             let mut inner = self.lock();
-            inner.max_replicas_seen = inner.max_replicas_seen.max(replicas);
-            // Grace period over: SIGKILL.
+            let uids: Vec<String> = listed.iter().filter_map(|p| p.uid()).collect();
+            inner.pods.retain(|name, p| {
+                let keep = uids.contains(&p.uid);
+                if !keep {
+                    eprintln!("kubelet: pod {name} left the API; stopping its process");
+                    let _ = p.child.start_kill();
+                }
+                keep
+            });
+        }
+        for pod in &listed {
+            let name = pod.name_any();
+            let uid = pod.uid().unwrap_or_default();
+            let known = self.lock().pods.get(&name).is_some_and(|p| p.uid == uid);
+            let deleting = pod.metadata.deletion_timestamp.is_some();
+            match (known, deleting) {
+                (false, false) => {
+                    if pod
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.node_name.as_ref())
+                        .is_none()
+                    {
+                        self.bind_and_start(pod).await;
+                    }
+                }
+                (false, true) => {
+                    // Deleted before it ever ran here.
+                    self.remove(&name, &uid).await;
+                }
+                (true, true) => self.terminate(pod, &busy),
+                (true, false) => {}
+            }
+        }
+        {
+            let mut inner = self.lock();
             for p in inner.pods.values_mut() {
-                if let Some((since, g)) = p.terminating
-                    && since.elapsed() > g
+                if let Some((since, grace)) = p.terminating
+                    && since.elapsed() > grace
                 {
                     let _ = p.child.start_kill();
                 }
             }
+            let active = inner
+                .pods
+                .values()
+                .filter(|p| p.terminating.is_none())
+                .count();
+            inner.max_active = inner.max_active.max(active);
         }
-        let active: Vec<(String, bool, u64)> = self
-            .lock()
-            .pods
-            .iter()
-            .filter(|(_, p)| p.terminating.is_none())
-            .map(|(n, p)| (n.clone(), p.ready, p.created))
-            .collect();
-        let n = u32::try_from(active.len()).unwrap_or(u32::MAX);
-        if n < replicas {
-            for _ in n..replicas {
-                self.create_pod(&d, &template, &container);
-            }
-        } else if n > replicas {
-            // The ReplicaSet controller's order: not ready first, then the lowest deletion
-            // cost, then the youngest.
-            let mut ranked: Vec<(bool, i64, std::cmp::Reverse<u64>, String)> = active
-                .iter()
-                .map(|(name, ready, created)| {
-                    let cost = self.deletion_cost(name);
-                    let c = cost.as_deref().and_then(|c| c.parse().ok()).unwrap_or(0);
-                    (*ready, c, std::cmp::Reverse(*created), name.clone())
-                })
-                .collect();
-            ranked.sort();
-            for (_, _, _, name) in ranked.into_iter().take((n - replicas) as usize) {
-                let cost = self.deletion_cost(&name);
-                self.api.update(Res::Pods, &self.namespace, &name, |o| {
-                    o["metadata"]["deletionTimestamp"] =
-                        serde_json::to_value(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                            jiff::Timestamp::now(),
-                        ))
-                        .expect("time serializes");
-                });
-                let mut inner = self.lock();
-                let Some(p) = inner.pods.get_mut(&name) else {
-                    continue;
-                };
-                p.terminating = Some((Instant::now(), grace));
-                if let Some(pid) = p.child.id() {
-                    signal(pid, "-TERM");
-                }
-                inner.terminations.push(Termination {
-                    pod: name.clone(),
-                    busy: busy.contains(&name),
-                    deletion_cost: cost,
-                    exit: None,
-                });
-            }
-        }
+        self.probe(&listed).await;
+    }
 
-        // Readiness probes.
-        let probe_path = container
-            .readiness_probe
+    /// SIGTERM on the first sight of a deletionTimestamp.
+    fn terminate(&self, pod: &Pod, busy: &[String]) {
+        let name = pod.name_any();
+        let grace = Duration::from_secs(
+            pod.metadata
+                .deletion_grace_period_seconds
+                .and_then(|g| u64::try_from(g).ok())
+                .unwrap_or(30),
+        );
+        let cost = pod
+            .metadata
+            .annotations
             .as_ref()
-            .and_then(|p| p.http_get.as_ref())
-            .and_then(|h| h.path.clone())
-            .expect("the worker container has an HTTP readiness probe");
+            .and_then(|a| a.get(DELETION_COST).cloned());
+        let mut inner = self.lock();
+        let Some(p) = inner.pods.get_mut(&name) else {
+            return;
+        };
+        if p.terminating.is_some() {
+            return;
+        }
+        p.terminating = Some((Instant::now(), grace));
+        if let Some(pid) = p.child.id() {
+            signal(pid, "-TERM");
+        }
+        inner.terminations.push(Termination {
+            pod: name.clone(),
+            busy: busy.contains(&name),
+            deletion_cost: cost,
+            exit: None,
+        });
+    }
+
+    /// Deletes the pod object for good (its process is gone).
+    async fn remove(&self, name: &str, uid: &str) {
+        let dp = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(Preconditions {
+                uid: Some(uid.to_string()),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match self.pods.delete(name, &dp).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+            Err(e) => eprintln!("kubelet: delete pod {name}: {e} (next tick tries again)"),
+        }
+    }
+
+    /// Processes that exited: deleted pods leave the API, others restart.
+    async fn reap(&self) {
+        let mut gone = Vec::new();
+        let mut crashed = Vec::new();
+        {
+            let mut inner = self.lock();
+            for (name, p) in inner.pods.iter_mut() {
+                if let Ok(Some(status)) = p.child.try_wait() {
+                    if p.terminating.is_some() {
+                        gone.push((name.clone(), p.uid.clone(), status.code()));
+                    } else {
+                        crashed.push((name.clone(), status.to_string()));
+                    }
+                }
+            }
+            for (name, _, code) in &gone {
+                inner.pods.remove(name);
+                if let Some(t) = inner.terminations.iter_mut().rev().find(|t| t.pod == *name) {
+                    t.exit = Some(*code);
+                }
+            }
+        }
+        for (name, uid, _) in gone {
+            self.remove(&name, &uid).await;
+        }
+        for (name, status) in crashed {
+            self.lock().crashes.push((name.clone(), status));
+            self.restart(&name).await;
+        }
+    }
+
+    async fn bind_and_start(&self, pod: &Pod) {
+        let name = pod.name_any();
+        let node = {
+            let mut inner = self.lock();
+            inner.bound += 1;
+            self.nodes[inner.bound % self.nodes.len()].clone()
+        };
+        let binding = json!({
+            "apiVersion": "v1",
+            "kind": "Binding",
+            "metadata": {"name": name, "uid": pod.uid()},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": node},
+        });
+        if let Err(e) = self
+            .pods
+            .create_subresource::<_, serde_json::Value>(
+                "binding",
+                &name,
+                &PostParams::default(),
+                &binding,
+            )
+            .await
+        {
+            // Already bound or deleted meanwhile, or the server away: the next list says.
+            eprintln!("kubelet: bind {name} to {node}: {e}");
+            return;
+        }
+        let Some(c) = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.first())
+            .cloned()
+        else {
+            self.problem(format!("pod {name} has no container"));
+            return;
+        };
+        let (child, port) = match self.spawn(pod, &node, &c, 0) {
+            Ok(x) => x,
+            Err(e) => {
+                self.problem(format!("pod {name}: {e}"));
+                return;
+            }
+        };
+        self.lock().pods.insert(
+            name.clone(),
+            PodProc {
+                uid: pod.uid().unwrap_or_default(),
+                child,
+                port,
+                ready: false,
+                restarts: 0,
+                terminating: None,
+            },
+        );
+        self.write_status(&name, &c.name, false, 0).await;
+    }
+
+    async fn restart(&self, name: &str) {
+        let pod = match self.pods.get(name).await {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("kubelet: restart {name}: {e} (next tick tries again)");
+                return;
+            }
+        };
+        // The pod's own spec (as the kubelet has it), not the Deployment's current template.
+        let Some(c) = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.first())
+            .cloned()
+        else {
+            return;
+        };
+        let node = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default();
+        let restarts = self.restarts(name) + 1;
+        match self.spawn(&pod, &node, &c, restarts) {
+            Ok((child, port)) => {
+                if let Some(p) = self.lock().pods.get_mut(name) {
+                    p.child = child;
+                    p.port = port;
+                    p.ready = false;
+                    p.restarts = restarts;
+                }
+                self.write_status(name, &c.name, false, restarts).await;
+            }
+            Err(e) => self.problem(format!("restart {name}: {e}")),
+        }
+    }
+
+    /// Readiness probes of pods not ready yet.
+    async fn probe(&self, listed: &[Pod]) {
         let unready: Vec<(String, u16)> = self
             .lock()
             .pods
@@ -345,187 +528,116 @@ impl Kubelet {
             .map(|(n, p)| (n.clone(), p.port))
             .collect();
         for (name, port) in unready {
-            if http_status(port, &probe_path).await == Some(200) {
-                if let Some(p) = self.lock().pods.get_mut(&name) {
+            let Some(pod) = listed.iter().find(|p| p.name_any() == name) else {
+                continue;
+            };
+            let Some(c) = pod.spec.as_ref().and_then(|s| s.containers.first()) else {
+                continue;
+            };
+            let Some(path) = c
+                .readiness_probe
+                .as_ref()
+                .and_then(|p| p.http_get.as_ref())
+                .and_then(|h| h.path.clone())
+            else {
+                self.problem(format!("pod {name}: no HTTP readiness probe"));
+                continue;
+            };
+            if http_status(port, &path).await == Some(200) {
+                let restarts = self.restarts(&name);
+                if self.write_status(&name, &c.name, true, restarts).await
+                    && let Some(p) = self.lock().pods.get_mut(&name)
+                {
                     p.ready = true;
                 }
-                self.api.update(Res::Pods, &self.namespace, &name, |o| {
-                    o["status"] = json!({"phase": "Running", "conditions": [
-                        {"type": "Ready", "status": "True"}
-                    ]});
-                });
             }
-        }
-
-        // Deployment status (the Deployment controller's part).
-        let (count, ready) = {
-            let inner = self.lock();
-            let active = inner.pods.values().filter(|p| p.terminating.is_none());
-            let count = active.clone().count();
-            let ready = active.filter(|p| p.ready).count();
-            (count, ready)
-        };
-        let generation = d.metadata.generation;
-        self.api
-            .update(Res::Deployments, &self.namespace, &self.deployment, |o| {
-                o["status"] = json!({
-                    "observedGeneration": generation,
-                    "replicas": count,
-                    "updatedReplicas": count,
-                    "readyReplicas": ready,
-                    "availableReplicas": ready,
-                });
-            });
-    }
-
-    fn deletion_cost(&self, pod: &str) -> Option<String> {
-        self.api.get(Res::Pods, &self.namespace, pod).and_then(|o| {
-            o["metadata"]["annotations"][DELETION_COST]
-                .as_str()
-                .map(str::to_string)
-        })
-    }
-
-    /// Processes that exited: deleted pods leave, others restart.
-    fn reap(&self) {
-        let mut inner = self.lock();
-        let mut gone = Vec::new();
-        let mut crashed = Vec::new();
-        for (name, p) in inner.pods.iter_mut() {
-            if let Ok(Some(status)) = p.child.try_wait() {
-                if p.terminating.is_some() {
-                    gone.push((name.clone(), status.code()));
-                } else {
-                    crashed.push((name.clone(), status.to_string()));
-                }
-            }
-        }
-        for (name, code) in gone {
-            inner.pods.remove(&name);
-            if let Some(t) = inner.terminations.iter_mut().rev().find(|t| t.pod == name) {
-                t.exit = Some(code);
-            }
-            self.api.remove(Res::Pods, &self.namespace, &name);
-        }
-        drop(inner);
-        for (name, status) in crashed {
-            self.lock().crashes.push((name.clone(), status));
-            self.restart(&name);
         }
     }
 
-    fn create_pod(
+    /// Writes the pod's status as a kubelet does; whether the server took it.
+    async fn write_status(&self, name: &str, container: &str, ready: bool, restarts: u32) -> bool {
+        let status = if ready { "True" } else { "False" };
+        let t = now();
+        let patch = json!({"status": {
+            "phase": "Running",
+            "hostIP": "127.0.0.1",
+            "podIP": "127.0.0.1",
+            "podIPs": [{"ip": "127.0.0.1"}],
+            "startTime": t,
+            "conditions": [
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": t},
+                {"type": "Initialized", "status": "True", "lastTransitionTime": t},
+                {"type": "ContainersReady", "status": status, "lastTransitionTime": t},
+                {"type": "Ready", "status": status, "lastTransitionTime": t},
+            ],
+            "containerStatuses": [{
+                "name": container,
+                "image": "pawfect-worker",
+                "imageID": "",
+                "ready": ready,
+                "started": true,
+                "restartCount": restarts,
+                "state": {"running": {"startedAt": t}},
+            }],
+        }});
+        match self
+            .pods
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => true,
+            Err(e) => {
+                eprintln!("kubelet: status of {name}: {e} (next tick tries again)");
+                false
+            }
+        }
+    }
+
+    /// Starts the container `c` of `pod`.
+    fn spawn(
         &self,
-        d: &Deployment,
-        template: &k8s_openapi::api::core::v1::PodTemplateSpec,
+        pod: &Pod,
+        node: &str,
         c: &Container,
-    ) {
-        let n = {
-            let mut inner = self.lock();
-            inner.created += 1;
-            inner.created
-        };
-        let name = format!("{}-{n:05x}", self.deployment);
-        let labels = template.metadata.as_ref().and_then(|m| m.labels.clone());
-        let annotations = template
-            .metadata
-            .as_ref()
-            .and_then(|m| m.annotations.clone());
-        let spec = serde_json::to_value(template.spec.clone()).expect("serializes");
-        self.api.create(
-            Res::Pods,
-            json!({
-                "metadata": {
-                    "name": name, "namespace": self.namespace,
-                    "labels": labels, "annotations": annotations,
-                    "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
-                        "name": d.metadata.name, "uid": d.metadata.uid, "controller": true}]
-                },
-                "spec": spec,
-                "status": {"phase": "Pending"}
-            }),
-        );
-        let (child, port) = self.spawn(&name, c, 0);
-        self.lock().pods.insert(
-            name,
-            PodProc {
-                child,
-                port,
-                ready: false,
-                restarts: 0,
-                created: n,
-                terminating: None,
-            },
-        );
-    }
-
-    fn restart(&self, name: &str) {
-        let pod: Value = self
-            .api
-            .get(Res::Pods, &self.namespace, name)
-            .expect("a pod with a process is in the API");
-        // The pod's own spec (as the kubelet has it), not the Deployment's current template.
-        let c: Container =
-            serde_json::from_value(pod["spec"]["containers"][0].clone()).expect("a container");
-        let restarts = self.restarts(name) + 1;
-        let (child, port) = self.spawn(name, &c, restarts);
-        if let Some(p) = self.lock().pods.get_mut(name) {
-            p.child = child;
-            p.port = port;
-            p.ready = false;
-            p.restarts = restarts;
+        restart: u32,
+    ) -> Result<(Child, u16), String> {
+        let name = pod.name_any();
+        if c.command.as_deref() != Some(&["pawfect-worker".to_string()][..]) {
+            return Err(format!(
+                "container command {:?} is not the worker image's `pawfect-worker`",
+                c.command
+            ));
         }
-        self.api.update(Res::Pods, &self.namespace, name, |o| {
-            o["status"] = json!({"phase": "Running", "conditions": [
-                {"type": "Ready", "status": "False"}
-            ]});
-        });
-    }
-
-    /// Starts the container of pod `name`.
-    fn spawn(&self, name: &str, c: &Container, restart: u32) -> (Child, u16) {
-        let pod: Value = self
-            .api
-            .get(Res::Pods, &self.namespace, name)
-            .expect("the pod exists");
-        assert_eq!(
-            c.command.as_deref(),
-            Some(&["pawfect-worker".to_string()][..]),
-            "the worker image's command"
-        );
         let mut env = BTreeMap::new();
         for e in c.env.iter().flatten() {
             let value = match (&e.value, &e.value_from) {
                 (Some(v), None) => expand(v, &env),
+                (None, None) => String::new(),
                 (None, Some(from)) => {
                     let path = from
                         .field_ref
                         .as_ref()
                         .map(|f| f.field_path.as_str())
-                        .unwrap_or_else(|| {
-                            panic!("env {} needs more than a field reference", e.name)
-                        });
+                        .ok_or_else(|| {
+                            format!("env {}: only field references are provided here", e.name)
+                        })?;
                     match path {
-                        "metadata.name" => name.to_string(),
+                        "metadata.name" => name.clone(),
                         "metadata.namespace" => self.namespace.clone(),
-                        other => panic!("env {}: field {other} not provided", e.name),
+                        "spec.nodeName" => node.to_string(),
+                        other => return Err(format!("env {}: field {other} not provided", e.name)),
                     }
                 }
-                _ => panic!("env {}: unsupported source", e.name),
+                _ => return Err(format!("env {}: value and valueFrom", e.name)),
             };
             env.insert(e.name.clone(), value);
         }
         // Volume mounts: the mount path stands for the volume's host path.
-        let volumes: BTreeMap<String, String> = pod["spec"]["volumes"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| {
-                Some((
-                    v["name"].as_str()?.to_string(),
-                    v["hostPath"]["path"].as_str()?.to_string(),
-                ))
-            })
+        let volumes: BTreeMap<String, String> = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.volumes.iter().flatten())
+            .filter_map(|v| Some((v.name.clone(), v.host_path.as_ref()?.path.clone())))
             .collect();
         let mounts: Vec<(String, String)> = c
             .volume_mounts
@@ -539,7 +651,7 @@ impl Kubelet {
             .flatten()
             .find(|p| p.name.as_deref() == Some("http"))
             .map(|p| p.container_port)
-            .expect("a port named http");
+            .ok_or("no container port named http")?;
         let port = free_port();
         let args: Vec<String> = c
             .args
@@ -561,7 +673,7 @@ impl Kubelet {
             })
             .collect();
         let log = self.log_dir.join(format!("{name}.{restart}.log"));
-        let file = std::fs::File::create(&log).expect("log file");
+        let file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
         let child = Command::new(&self.worker_bin)
             .args(&args)
             .env_clear()
@@ -572,7 +684,7 @@ impl Kubelet {
             .stderr(Stdio::from(file))
             .kill_on_drop(true)
             .spawn()
-            .expect("the worker starts");
-        (child, port)
+            .map_err(|e| format!("{}: {e}", self.worker_bin.display()))?;
+        Ok((child, port))
     }
 }

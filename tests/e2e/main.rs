@@ -1,104 +1,141 @@
-//! End to end: the operator's reconcilers over an in-memory Kubernetes API server, a real
-//! `redis-server`, and real `pawfect-worker serve` processes (tiny fixture models, CPU, `file://`
-//! storage) started and stopped by a kubelet double from the Deployment the operator applies.
+//! End to end on a real Kubernetes control plane (kube-apiserver + etcd + kube-controller-manager
+//! from `scripts/local-k8s.sh`, through `pawfect-control-plane`), a real `redis-server`, the real
+//! `pawfect-operator` binary (two replicas, leader election through a real Lease, authenticated
+//! as the chart's ServiceAccount with the chart's RBAC) and real `pawfect-worker serve` processes
+//! (tiny fixture models, CPU, `file://` storage). The controller-manager turns the operator's
+//! worker Deployment into ReplicaSets and Pods and picks the scale-down victims; `kubelet.rs`
+//! plays the node: it binds the pods and runs their container as a process.
 //!
 //! One test, in phases that share the processes (model loads cost time on two cores):
 //! 1. an InpaintPool at `minReplicas: 0` with an empty queue: the Deployment is applied with
 //!    0 replicas and no worker runs;
 //! 2. an InpaintJob goes Queued → (the pool scales to 1) Running with progress → Complete with
-//!    timings, caption, prompt and an output PNG of the input's size;
-//! 3. a second job, running on a second worker whose process is SIGKILLed mid-job: the queue
-//!    reclaims it and it completes once, after two attempts;
+//!    timings, caption, prompt and an output PNG of the input's size; `kubectl wait
+//!    --for=condition=Complete` returns;
+//! 3. a second job, running on a second worker whose process is SIGKILLed mid-job: the container
+//!    restarts, the queue reclaims the job and it completes once, after two attempts;
 //! 4. the pool drains back to zero after `scaleDownDelaySeconds`;
 //! 5. a burst of five jobs takes the pool to `maxReplicas` (3, never more); when all but one
-//!    are done the pool shrinks to one worker — the busy one, never SIGTERMed (deletion-cost
-//!    annotations) — and to zero once that job is done too.
+//!    are done the pool shrinks to one worker — the busy one, never SIGTERMed (the real
+//!    ReplicaSet controller reading the operator's pod-deletion-cost) — and to zero once that
+//!    job is done too;
+//! 6. a running job deleted (`kubectl delete`): cancelled in the queue, its output never written;
+//! 7. the leading operator replica SIGKILLed mid-job: the standby takes the Lease over and the
+//!    job completes;
+//! 8. the API server SIGKILLed and restarted mid-job: every watch breaks (and, its watch cache
+//!    rebuilt, old resource versions are gone); the job completes and a new job runs;
+//! 9. fields owned by others survive the operator's server-side apply: an annotation set with
+//!    `kubectl annotate` and the restart stamp of `kubectl rollout restart`, across a pool change
+//!    that makes the operator apply the Deployment again;
+//! 10. the pool deleted: the garbage collector removes its Deployment and ReplicaSets.
 //!
 //! Each job's photo is served over HTTP and held until the test opens its gate, so a job stays
 //! Running (stage `fetch`) exactly as long as a phase needs. No timing is asserted: every wait
 //! is for an eventual condition with a generous timeout.
 
-mod controllers;
-mod fake_api;
 mod kubelet;
+mod operator;
 
 #[allow(dead_code, clippy::all)]
 #[path = "../../worker/tests/common/mod.rs"]
 mod common;
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::http::{Route, Server};
 use common::jobs::{Inputs, photo, png_rgb};
 use common::models::models_dir;
-use k8s_openapi::api::apps::v1::Deployment;
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
 use pawfect_api::conditions::{self, reasons};
-use pawfect_api::{InpaintJobStatus, InpaintPoolStatus, JobPhase};
-use pawfect_operator::deployment::WorkerConnection;
-use pawfect_operator::events::Triggers;
-use pawfect_operator::metrics::Metrics;
-use pawfect_operator::{Context, Settings, pool};
+use pawfect_api::{InpaintJob, InpaintJobStatus, InpaintPool, InpaintPoolStatus, JobPhase};
+use pawfect_chart_tests::{ValueSet, committed_crd_files, split_manifests};
+use pawfect_control_plane::{ControlPlane, apply, apply_crds};
+use pawfect_operator::pool;
 use pawfect_queue::testing::RedisServer;
-use pawfect_queue::{Queue, QueueConfig};
+use pawfect_queue::{JobState, Queue, QueueConfig};
 use serde_json::json;
 use tokio::sync::watch;
 
-use fake_api::{FakeApi, Res};
 use kubelet::Kubelet;
+use operator::Replica;
 
-const NS: &str = "pets";
 const POOL: &str = "t4";
 const DEPLOYMENT: &str = "t4-worker";
 const PREFIX: &str = "e2e";
 const MAX_REPLICAS: u32 = 3;
+/// Where the chart (and so the operator, its Lease and its RBAC) is installed.
+const SYSTEM_NS: &str = "pawfect-system";
+const RELEASE: &str = "pawfect-inpaint";
+const MANAGER: &str = "pawfect-e2e";
 /// Long enough for anything on a slow two-core runner; the test takes far less.
-const WAIT: Duration = Duration::from_secs(90);
+const WAIT: Duration = Duration::from_secs(120);
+
+/// Every phase each job's status went through, as the watch saw it (repeats folded).
+type PhaseLog = Arc<Mutex<HashMap<String, Vec<String>>>>;
 
 struct Env {
-    api: FakeApi,
+    cp: ControlPlane,
+    client: Client,
+    ns: String,
     kubelet: Kubelet,
     queue: Queue,
-    record: controllers::Record,
     inputs: Inputs,
     http: Server,
-    gates: std::collections::HashMap<String, watch::Sender<bool>>,
+    gates: Mutex<HashMap<String, watch::Sender<bool>>>,
     redis_url: String,
+    operators: Vec<Replica>,
+    phases: PhaseLog,
 }
 
 impl Env {
-    fn job_status(&self, name: &str) -> Option<InpaintJobStatus> {
-        let j = self.api.get(Res::Jobs, NS, name)?;
-        serde_json::from_value(j["status"].clone()).ok()
+    fn jobs(&self) -> Api<InpaintJob> {
+        Api::namespaced(self.client.clone(), &self.ns)
     }
 
-    fn job_uid(&self, name: &str) -> String {
-        self.api.get(Res::Jobs, NS, name).unwrap()["metadata"]["uid"]
-            .as_str()
-            .unwrap()
-            .to_string()
+    fn pools(&self) -> Api<InpaintPool> {
+        Api::namespaced(self.client.clone(), &self.ns)
     }
 
-    fn phase(&self, name: &str) -> Option<JobPhase> {
-        self.job_status(name).and_then(|s| s.phase)
+    fn deployments(&self) -> Api<Deployment> {
+        Api::namespaced(self.client.clone(), &self.ns)
     }
 
-    fn pool_status(&self) -> Option<InpaintPoolStatus> {
-        let p = self.api.get(Res::Pools, NS, POOL)?;
-        serde_json::from_value(p["status"].clone()).ok()
+    async fn job(&self, name: &str) -> Option<InpaintJob> {
+        self.jobs().get_opt(name).await.ok().flatten()
     }
 
-    fn deployment(&self) -> Option<Deployment> {
-        self.api.get_as(Res::Deployments, NS, DEPLOYMENT)
+    async fn job_status(&self, name: &str) -> Option<InpaintJobStatus> {
+        self.job(name).await.and_then(|j| j.status)
     }
 
-    fn replicas(&self) -> Option<i32> {
-        self.deployment()?.spec.replicas
+    async fn phase(&self, name: &str) -> Option<JobPhase> {
+        self.job_status(name).await.and_then(|s| s.phase)
+    }
+
+    async fn pool_status(&self) -> Option<InpaintPoolStatus> {
+        self.pools().get_opt(POOL).await.ok().flatten()?.status
+    }
+
+    async fn deployment(&self) -> Option<Deployment> {
+        self.deployments().get_opt(DEPLOYMENT).await.ok().flatten()
+    }
+
+    async fn replicas(&self) -> Option<i32> {
+        self.deployment().await?.spec.replicas
     }
 
     /// Creates job `name` whose photo is held at `/<name>.png` until [`Env::release`].
-    fn create_job(&mut self, name: &str) {
+    async fn create_job(&self, name: &str) {
         let path = format!("/{name}.png");
         let (tx, rx) = watch::channel(false);
         self.http.route(
@@ -108,80 +145,130 @@ impl Env {
                 ..Route::ok(png_rgb(&photo(self.inputs.width, self.inputs.height)))
             },
         );
-        self.gates.insert(name.to_string(), tx);
-        self.api.create(
-            Res::Jobs,
-            json!({
-                "metadata": {"name": name, "namespace": NS},
-                "spec": {
-                    "image": self.http.url(&path),
-                    "mask": self.inputs.uri("mask.png"),
-                    "output": self.inputs.out(&format!("{name}.png")),
-                    "pool": POOL,
-                    "steps": 3,
-                    "seed": 7,
-                    "maxAttempts": 3,
-                }
-            }),
-        );
+        self.gates.lock().unwrap().insert(name.to_string(), tx);
+        let job: InpaintJob = serde_json::from_value(json!({
+            "apiVersion": "inpaint.pawfect.dev/v1alpha1",
+            "kind": "InpaintJob",
+            "metadata": {"name": name, "namespace": self.ns},
+            "spec": {
+                "image": self.http.url(&path),
+                "mask": self.inputs.uri("mask.png"),
+                "output": self.inputs.out(&format!("{name}.png")),
+                "pool": POOL,
+                "steps": 3,
+                "seed": 7,
+                "maxAttempts": 3,
+            }
+        }))
+        .expect("an InpaintJob");
+        self.jobs()
+            .create(&PostParams::default(), &job)
+            .await
+            .unwrap_or_else(|e| panic!("create job {name}: {e}"));
+    }
+
+    /// `kubectl ARGS` as the admin. It blocks (e.g. `kubectl wait`): the runtime's other thread
+    /// keeps the kubelet going meanwhile.
+    fn kubectl(&self, args: &[&str]) -> Result<String, String> {
+        tokio::task::block_in_place(|| self.cp.kubectl_run(args))
     }
 
     fn release(&self, name: &str) {
-        self.gates[name].send_replace(true);
+        self.gates.lock().unwrap()[name].send_replace(true);
+    }
+
+    fn output_file(&self, name: &str) -> PathBuf {
+        self.inputs.root.join("out").join(format!("{name}.png"))
     }
 
     /// Everything worth seeing when a wait fails.
-    fn dump(&self) -> String {
+    async fn dump(&self) -> String {
         let mut out = String::new();
-        for j in self.api.list(Res::Jobs) {
-            out.push_str(&format!("job {}: {}\n", j["metadata"]["name"], j["status"]));
+        if let Ok(jobs) = self.jobs().list(&ListParams::default()).await {
+            for j in jobs {
+                out.push_str(&format!(
+                    "job {}: {}\n",
+                    j.name_any(),
+                    serde_json::to_string(&j.status).unwrap_or_default()
+                ));
+            }
         }
-        if let Some(p) = self.api.get(Res::Pools, NS, POOL) {
-            out.push_str(&format!("pool status: {}\n", p["status"]));
-        }
-        if let Some(d) = self.api.get(Res::Deployments, NS, DEPLOYMENT) {
+        out.push_str(&format!("phases seen: {:?}\n", self.phases.lock().unwrap()));
+        out.push_str(&format!(
+            "pool status: {}\n",
+            serde_json::to_string(&self.pool_status().await).unwrap_or_default()
+        ));
+        if let Some(d) = self.deployment().await {
             out.push_str(&format!(
-                "deployment replicas {} status {}\n",
-                d["spec"]["replicas"], d["status"]
+                "deployment replicas {:?} status {}\n",
+                d.spec.replicas,
+                serde_json::to_string(&d.status).unwrap_or_default()
             ));
         }
+        if let Ok(pods) = Api::<Pod>::namespaced(self.client.clone(), &self.ns)
+            .list(&ListParams::default())
+            .await
+        {
+            for p in pods {
+                out.push_str(&format!(
+                    "pod {} node {:?} deleting {} annotations {:?}\n",
+                    p.name_any(),
+                    p.spec.as_ref().and_then(|s| s.node_name.clone()),
+                    p.metadata.deletion_timestamp.is_some(),
+                    p.metadata.annotations
+                ));
+            }
+        }
         out.push_str(&format!(
-            "pods: {:?}\nterminations: {:?}\ncrashes: {:?}\nunexpected calls: {:?}\nreconcile errors: {:?}\n",
+            "kubelet pods: {:?}\nterminations: {:?}\ncrashes: {:?}\nproblems: {:?}\n",
             self.kubelet.active_pods(),
             self.kubelet.terminations(),
             self.kubelet.crashes(),
-            self.api.unexpected(),
-            self.record.errors(),
+            self.kubelet.problems(),
         ));
-        for pod in self.kubelet.all_pods() {
-            let logs = self.kubelet.logs(&pod);
-            let tail: Vec<&str> = logs.lines().rev().take(30).collect();
+        for op in &self.operators {
             out.push_str(&format!(
-                "logs of {pod} (last lines first):\n{}\n",
-                tail.join("\n")
+                "operator {} (started {} times), last lines:\n{}\n",
+                op.identity,
+                op.starts(),
+                tail(&op.log(), 40)
             ));
         }
+        for pod in self.kubelet.all_pods() {
+            out.push_str(&format!(
+                "logs of {pod}, last lines:\n{}\n",
+                tail(&self.kubelet.logs(&pod), 30)
+            ));
+        }
+        out.push_str(&format!(
+            "kube-controller-manager, last lines:\n{}\n",
+            self.cp.log_tail("kube-controller-manager", 20)
+        ));
         out
     }
 
-    async fn wait_for<T>(&self, what: &str, mut f: impl FnMut(&Env) -> Option<T>) -> T {
+    async fn wait_for<T, F, Fut>(&self, what: &str, mut f: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Option<T>>,
+    {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            if let Some(v) = f(self) {
+            if let Some(v) = f().await {
                 return v;
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "timed out waiting for {what}\n{}",
-                self.dump()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            if tokio::time::Instant::now() > deadline {
+                panic!("timed out waiting for {what}\n{}", self.dump().await);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     async fn wait_phase(&self, job: &str, phase: JobPhase) -> InpaintJobStatus {
-        self.wait_for(&format!("job {job} {phase:?}"), |e| {
-            e.job_status(job).filter(|s| s.phase == Some(phase))
+        self.wait_for(&format!("job {job} {phase:?}"), || async move {
+            self.job_status(job)
+                .await
+                .filter(|s| s.phase == Some(phase))
         })
         .await
     }
@@ -189,8 +276,8 @@ impl Env {
     /// Waits for job `job` to be Running on a ready pod, reporting progress.
     async fn wait_running(&self, job: &str) -> (InpaintJobStatus, String) {
         let s = self
-            .wait_for(&format!("job {job} running with progress"), |e| {
-                e.job_status(job).filter(|s| {
+            .wait_for(&format!("job {job} running with progress"), || async move {
+                self.job_status(job).await.filter(|s| {
                     s.phase == Some(JobPhase::Running)
                         && s.progress.as_ref().is_some_and(|p| p.stage.is_some())
                         && s.worker.is_some()
@@ -200,28 +287,44 @@ impl Env {
         let worker = s.worker.clone().unwrap();
         assert!(
             self.kubelet.active_pods().contains_key(&worker),
-            "job {job} runs on {worker}, which is no pod\n{}",
-            self.dump()
+            "job {job} runs on {worker}, which is no pod of this kubelet\n{}",
+            self.dump().await
         );
         (s, worker)
     }
 
     async fn wait_replicas(&self, n: i32) {
-        self.wait_for(&format!("{n} replicas, all ready, none terminating"), |e| {
-            let pods = e.kubelet.active_pods();
-            let ok = e.replicas() == Some(n)
-                && pods.len() == n as usize
-                && pods.values().all(|r| *r)
-                && e.kubelet.all_pods().len() == n as usize;
-            ok.then_some(())
-        })
+        self.wait_for(
+            &format!("{n} replicas, all ready, none terminating"),
+            || async move {
+                let pods = self.kubelet.active_pods();
+                let ok = self.replicas().await == Some(n)
+                    && pods.len() == n as usize
+                    && pods.values().all(|r| *r)
+                    && self.kubelet.all_pods().len() == n as usize;
+                ok.then_some(())
+            },
+        )
         .await
     }
 
-    /// Checks a job that succeeded: status fields (against the queue's job hash) and the
-    /// output file.
+    /// The pod annotations the operator wrote on `pod`.
+    async fn pod_annotations(&self, pod: &str) -> BTreeMap<String, String> {
+        Api::<Pod>::namespaced(self.client.clone(), &self.ns)
+            .get(pod)
+            .await
+            .unwrap_or_else(|e| panic!("pod {pod}: {e}"))
+            .metadata
+            .annotations
+            .unwrap_or_default()
+    }
+
+    /// Checks a job that succeeded: status fields (against the queue's job hash), the phases it
+    /// went through and the output file.
     async fn check_succeeded(&self, name: &str, attempts: u32) -> InpaintJobStatus {
-        let s = self.job_status(name).unwrap();
+        let job = self.job(name).await.expect("the job");
+        let uid = job.uid().unwrap();
+        let s = job.status.clone().unwrap_or_default();
         assert_eq!(s.phase, Some(JobPhase::Succeeded), "{s:?}");
         let complete = s
             .condition(conditions::COMPLETE)
@@ -255,7 +358,7 @@ impl Env {
         // worker reported.
         let rec = self
             .queue
-            .get_job(&self.job_uid(name))
+            .get_job(&uid)
             .await
             .unwrap()
             .expect("the job hash");
@@ -269,8 +372,7 @@ impl Env {
         );
         let want = self.inputs.out(&format!("{name}.png"));
         assert_eq!(s.output.as_deref(), Some(want.as_str()));
-        let file = self.inputs.root.join("out").join(format!("{name}.png"));
-        let bytes = std::fs::read(&file).unwrap();
+        let bytes = std::fs::read(self.output_file(name)).unwrap();
         assert_eq!(
             image::guess_format(&bytes).unwrap(),
             image::ImageFormat::Png
@@ -280,12 +382,75 @@ impl Env {
             (img.width(), img.height()),
             (self.inputs.width, self.inputs.height)
         );
+        // Phases only move forward (the watch may miss a short one: a job can finish between two
+        // status writes of Queued and Running), and nothing follows Succeeded.
+        // The watch sees Succeeded a moment after a GET may.
+        let seen = self
+            .wait_for(
+                &format!("the watch to see job {name} Succeeded"),
+                || async move {
+                    let seen = self.phases.lock().unwrap().get(name).cloned()?;
+                    (seen.last().map(String::as_str) == Some("Succeeded")).then_some(seen)
+                },
+            )
+            .await;
+        let order = ["Queued", "Running", "Succeeded"];
+        let ranks: Vec<usize> = seen
+            .iter()
+            .map(|p| {
+                order
+                    .iter()
+                    .position(|o| o == p)
+                    .unwrap_or_else(|| panic!("job {name}: phase {p} seen: {seen:?}"))
+            })
+            .collect();
+        assert!(
+            ranks.windows(2).all(|w| w[0] < w[1]),
+            "job {name}: phases out of order: {seen:?}"
+        );
         s
+    }
+
+    /// The Lease holder among the operator replicas (None while nobody holds it).
+    async fn leader(&self) -> Option<String> {
+        let leases = Api::<Lease>::namespaced(self.client.clone(), SYSTEM_NS)
+            .list(&ListParams::default())
+            .await
+            .ok()?;
+        let holders: Vec<String> = leases
+            .items
+            .into_iter()
+            .filter_map(|l| l.spec?.holder_identity)
+            .filter(|h| self.operators.iter().any(|o| &o.identity == h))
+            .collect();
+        match holders.as_slice() {
+            [one] => Some(one.clone()),
+            [] => None,
+            many => panic!("more than one Lease held by the operators: {many:?}"),
+        }
+    }
+
+    /// Kubernetes Event reasons about `job`.
+    async fn event_reasons(&self, job: &str) -> Vec<String> {
+        Api::<Event>::namespaced(self.client.clone(), &self.ns)
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(job))
+            .filter_map(|e| e.reason)
+            .collect()
     }
 }
 
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
 /// Every entry of the queue's events stream, as its fields.
-async fn queue_events(url: &str, queue: &Queue) -> Vec<std::collections::HashMap<String, String>> {
+async fn queue_events(url: &str, queue: &Queue) -> Vec<HashMap<String, String>> {
     let client = redis::Client::open(url).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
@@ -312,9 +477,104 @@ async fn queue_events(url: &str, queue: &Queue) -> Vec<std::collections::HashMap
         .collect()
 }
 
+/// Records every job's phase as a watch on the real server sees it.
+fn record_phases(client: Client, ns: &str, log: PhaseLog) -> tokio::task::JoinHandle<()> {
+    let api: Api<InpaintJob> = Api::namespaced(client, ns);
+    tokio::spawn(async move {
+        let mut stream = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .applied_objects()
+            .boxed();
+        while let Some(item) = stream.next().await {
+            let Ok(job) = item else { continue };
+            let Some(phase) = job.status.as_ref().and_then(|s| s.phase) else {
+                continue;
+            };
+            let mut log = log.lock().unwrap();
+            let seen = log.entry(job.name_any()).or_default();
+            let p = phase.as_str().to_string();
+            if seen.last() != Some(&p) {
+                seen.push(p);
+            }
+        }
+    })
+}
+
+/// The chart's RBAC (ServiceAccount, roles, bindings) as `helm template` renders it for two
+/// operator replicas, applied to the server; and the operator container's args.
+async fn install_chart_rbac(client: &Client) -> Vec<String> {
+    let rendered = ValueSet::defaults()
+        .set("operator.replicas=2")
+        .set("crds.install=false")
+        .render_in(SYSTEM_NS)
+        .unwrap_or_else(|e| panic!("helm template: {e}"));
+    let manifests = split_manifests(&rendered).unwrap();
+    let mut args = None;
+    for m in &manifests {
+        match m.kind() {
+            "ServiceAccount" | "ClusterRole" | "ClusterRoleBinding" | "Role" | "RoleBinding" => {
+                apply(client, Some(SYSTEM_NS), &m.value, MANAGER)
+                    .await
+                    .unwrap_or_else(|e| panic!("{} {}: {e}", m.kind(), m.name()));
+            }
+            "Deployment" if m.name() == format!("{RELEASE}-operator") => {
+                let c = m.value["spec"]["template"]["spec"]["containers"]
+                    .as_array()
+                    .and_then(|cs| cs.iter().find(|c| c["name"] == "operator"))
+                    .expect("the operator container");
+                args = Some(
+                    c["args"]
+                        .as_array()
+                        .expect("operator args")
+                        .iter()
+                        .map(|a| a.as_str().expect("string arg").to_string())
+                        .collect::<Vec<_>>(),
+                );
+            }
+            _ => {}
+        }
+    }
+    args.expect("the chart renders the operator Deployment")
+}
+
+/// The chart's operator args for a replica run out of cluster: this test's Redis (no password)
+/// and a loopback HTTP port; without the default pool (its ConfigMap is not installed here) and
+/// the Redis password Secret (this Redis has none).
+fn operator_args(chart_args: &[String], redis_url: &str) -> Vec<String> {
+    let http = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap();
+    let args: Vec<String> = chart_args
+        .iter()
+        .filter(|a| {
+            !a.starts_with("--default-pool-configmap=") && !a.starts_with("--worker-redis-secret")
+        })
+        .map(|a| {
+            if a.starts_with("--redis-url=") {
+                format!("--redis-url={redis_url}")
+            } else if a.starts_with("--http-addr=") {
+                format!("--http-addr={http}")
+            } else if a.starts_with("--log-level=") {
+                "--log-level=info,pawfect_operator=debug".into()
+            } else if a.starts_with("--queue-prefix=") {
+                format!("--queue-prefix={PREFIX}")
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
+    assert!(
+        args.iter().any(|a| a == "--leader-election"),
+        "two replicas elect a leader: {args:?}"
+    );
+    args
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn operator_redis_and_worker_processes() {
+async fn operator_and_workers_on_a_real_control_plane() {
     let started = std::time::Instant::now();
+    let cp = ControlPlane::start().unwrap_or_else(|e| panic!("the control plane: {e}"));
+    let client = cp.client().await;
     let redis = RedisServer::start().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let inputs = Inputs::create(tmp.path());
@@ -322,7 +582,6 @@ async fn operator_redis_and_worker_processes() {
     let logs = tmp.path().join("logs");
     std::fs::create_dir_all(&logs).unwrap();
     let http = Server::start().await;
-
     let connect = || async {
         Queue::connect(QueueConfig {
             prefix: PREFIX.into(),
@@ -331,125 +590,136 @@ async fn operator_redis_and_worker_processes() {
         .await
         .unwrap()
     };
-    let api = FakeApi::default();
-    let metrics = Arc::new(Metrics::default());
-    let worker_conn = WorkerConnection {
-        redis_url: redis.url(),
-        password_secret: None,
-        queue_prefix: PREFIX.into(),
-    };
-    let (job_tx, job_rx) = futures::channel::mpsc::unbounded();
-    let (pool_tx, pool_rx) = futures::channel::mpsc::unbounded();
-    let mut ctx = Context::new(
-        api.client(),
-        connect().await,
-        metrics.clone(),
-        worker_conn,
-        Some("pawfect-operator-e2e".into()),
-    );
-    ctx.settings = Settings {
-        job_resync: controllers::REQUEUE,
-        queued_resync: controllers::REQUEUE,
-        pool_missing_retry: controllers::REQUEUE,
-        error_retry: controllers::REQUEUE,
-    };
-    ctx.pool_wake = Some(pool_tx.clone());
-    let ctx = Arc::new(ctx);
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let events_queue = connect().await;
-    let events_metrics = metrics.clone();
-    let events_task = tokio::spawn(async move {
-        let triggers = Triggers {
-            jobs: job_tx,
-            pools: pool_tx,
-        };
-        pawfect_operator::events::run(
-            events_queue,
-            "operator-e2e".into(),
-            triggers,
-            &events_metrics,
-            Duration::from_millis(200),
+    // The CRDs and the chart's RBAC; the operator, two replicas, as the chart's ServiceAccount.
+    apply_crds(&client, &committed_crd_files().unwrap())
+        .await
+        .unwrap();
+    Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": SYSTEM_NS}})).unwrap(),
         )
-        .await;
-    });
-    let record = controllers::Record::default();
-    let controllers_task = tokio::spawn(controllers::run(
-        api.clone(),
-        ctx.clone(),
-        job_rx,
-        pool_rx,
-        record.clone(),
-        stop_rx.clone(),
-    ));
+        .await
+        .unwrap();
+    let chart_args = install_chart_rbac(&client).await;
+    let sa = format!("{RELEASE}-operator");
+    let kubeconfig = cp.service_account_kubeconfig(&client, SYSTEM_NS, &sa).await;
+    let bin = Path::new(env!("CARGO_BIN_EXE_pawfect-operator-e2e"));
+    let mut operators = Vec::new();
+    for identity in ["operator-a", "operator-b"] {
+        operators.push(Replica::start(
+            bin,
+            operator_args(&chart_args, &redis.url()),
+            &kubeconfig,
+            SYSTEM_NS,
+            identity,
+            &logs,
+        ));
+        // A head start: the first one leads.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    let ns = cp.namespace(&client, "pets").await;
+    let nodes: Vec<String> = Api::<Node>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|n| n.name_any())
+        .collect();
     let kubelet = Kubelet::new(
-        api.clone(),
+        client.clone(),
         connect().await,
-        NS,
-        DEPLOYMENT,
-        &pawfect_operator::queue_pool(NS, POOL),
+        &ns,
+        &pawfect_operator::queue_pool(&ns, POOL),
+        nodes,
         PathBuf::from(env!("CARGO_BIN_EXE_pawfect-worker-e2e")),
         &logs,
     );
+    let (stop_tx, stop_rx) = watch::channel(false);
     let kubelet_task = tokio::spawn(kubelet.clone().run(stop_rx.clone()));
-    let mut env = Env {
-        api: api.clone(),
+    let phases = PhaseLog::default();
+    let phases_task = record_phases(client.clone(), &ns, phases.clone());
+    let env = &Env {
+        cp,
+        client: client.clone(),
+        ns: ns.clone(),
         kubelet,
         queue: connect().await,
-        record,
         inputs,
         http,
         gates: Default::default(),
         redis_url: redis.url(),
+        operators,
+        phases,
     };
+    let leader = env
+        .wait_for("an operator replica leads", move || async move {
+            env.leader().await
+        })
+        .await;
+    assert_eq!(leader, "operator-a", "the first replica started leads");
 
     // 1. The pool, idle: Deployment applied at 0 replicas, no worker.
-    api.create(
-        Res::Pools,
-        json!({
-            "metadata": {"name": POOL, "namespace": NS},
-            "spec": {
-                "minReplicas": 0,
-                "maxReplicas": MAX_REPLICAS,
-                "jobsPerReplica": 1,
-                "pollIntervalSeconds": 1,
-                "scaleDownDelaySeconds": 3,
-                "worker": {
-                    "image": "ghcr.io/pawfect-inpaint/worker:e2e",
-                    "modelVariant": "q8_0",
-                    "terminationGracePeriodSeconds": 20,
-                    "modelVolume": {"hostPath": models.display().to_string(), "mountPath": "/models"},
-                    "resources": {"limits": {"nvidia.com/gpu": "0"}},
-                    "args": [
-                        "--device", "cpu",
-                        "--allow-root", env.inputs.root.display().to_string(),
-                        "--http-allow-plain", "--http-allow-cidrs", "127.0.0.1/32",
-                        "--crop-min-side", "128", "--crop-max-side", "256",
-                        "--caption-beams", "1", "--log-format", "json"
-                    ],
-                    "env": [
-                        {"name": "PAWFECT_LEASE", "value": "2s"},
-                        {"name": "RUST_LOG", "value": "info"}
-                    ]
-                }
+    let pool: InpaintPool = serde_json::from_value(json!({
+        "apiVersion": "inpaint.pawfect.dev/v1alpha1",
+        "kind": "InpaintPool",
+        "metadata": {"name": POOL, "namespace": ns},
+        "spec": {
+            "minReplicas": 0,
+            "maxReplicas": MAX_REPLICAS,
+            "jobsPerReplica": 1,
+            "pollIntervalSeconds": 1,
+            "scaleDownDelaySeconds": 3,
+            "worker": {
+                "image": "ghcr.io/pawfect-inpaint/worker:e2e",
+                "modelVariant": "q8_0",
+                "terminationGracePeriodSeconds": 30,
+                "modelVolume": {"hostPath": models.display().to_string(), "mountPath": "/models"},
+                "resources": {"limits": {"nvidia.com/gpu": "0"}},
+                "args": [
+                    "--device", "cpu",
+                    "--allow-root", env.inputs.root.display().to_string(),
+                    "--http-allow-plain", "--http-allow-cidrs", "127.0.0.1/32",
+                    "--crop-min-side", "128", "--crop-max-side", "256",
+                    "--caption-beams", "1", "--log-format", "json"
+                ],
+                "env": [
+                    {"name": "PAWFECT_LEASE", "value": "2s"},
+                    {"name": "RUST_LOG", "value": "info"}
+                ]
             }
-        }),
-    );
+        }
+    }))
+    .expect("an InpaintPool");
+    env.pools()
+        .create(&PostParams::default(), &pool)
+        .await
+        .unwrap_or_else(|e| panic!("create pool: {e}"));
     let ps = env
-        .wait_for("pool status", |e| {
-            e.pool_status().filter(|s| {
+        .wait_for("pool Ready", move || async move {
+            env.pool_status().await.filter(|s| {
                 conditions::is_true(&s.conditions, conditions::READY)
                     && s.observed_generation == Some(1)
             })
         })
         .await;
     assert_eq!(ps.desired_replicas, 0);
-    let d = env.deployment().expect("the worker Deployment");
+    let d = env.deployment().await.expect("the worker Deployment");
+    let owner = d.owner_references();
+    assert!(
+        owner
+            .iter()
+            .any(|o| o.kind == "InpaintPool" && o.name == POOL && o.controller == Some(true)),
+        "{owner:?}"
+    );
     assert_eq!(d.spec.replicas, Some(0));
     let c = &d.spec.template.spec.as_ref().unwrap().containers[0];
     let args = c.args.clone().unwrap();
     let pool_arg = args.iter().position(|a| a == "--pool").unwrap();
-    assert_eq!(args[pool_arg + 1], format!("{NS}/{POOL}"));
+    assert_eq!(args[pool_arg + 1], format!("{ns}/{POOL}"));
     let env_of = |name: &str| {
         c.env
             .iter()
@@ -462,17 +732,21 @@ async fn operator_redis_and_worker_processes() {
         Some(env.redis_url.as_str())
     );
     assert_eq!(env_of("PAWFECT_QUEUE_PREFIX").as_deref(), Some(PREFIX));
-    // A few more pool reconciles: still nothing to run.
-    let (_, pools_before) = env.record.counts();
-    env.wait_for("pool reconciles", |e| {
-        (e.record.counts().1 >= pools_before + 2).then_some(())
+    // The controller-manager saw it (a ReplicaSet at 0) and no pod exists.
+    env.wait_for("the Deployment's ReplicaSet", move || async move {
+        let rs = Api::<ReplicaSet>::namespaced(env.client.clone(), &env.ns)
+            .list(&ListParams::default())
+            .await
+            .ok()?;
+        (rs.items.len() == 1).then_some(())
     })
     .await;
-    assert_eq!(env.replicas(), Some(0));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(env.replicas().await, Some(0));
     assert!(env.kubelet.all_pods().is_empty());
 
     // 2. A job: Queued → Running with progress → Complete.
-    env.create_job("rex");
+    env.create_job("rex").await;
     let queued = env.wait_phase("rex", JobPhase::Queued).await;
     let q = queued.condition(conditions::QUEUED).unwrap();
     assert_eq!(
@@ -490,43 +764,40 @@ async fn operator_redis_and_worker_processes() {
         running.progress.as_ref().unwrap().stage.as_deref(),
         Some("fetch")
     );
-    assert_eq!(env.replicas(), Some(1), "one job, one worker");
+    assert_eq!(env.replicas().await, Some(1), "one job, one worker");
 
     // 3. A second job on a second worker, SIGKILLed mid-job.
-    env.create_job("kill");
+    env.create_job("kill").await;
     let (_, worker_b) = env.wait_running("kill").await;
     assert_ne!(worker_a, worker_b);
-    assert_eq!(env.replicas(), Some(2), "two jobs, two workers");
+    assert_eq!(env.replicas().await, Some(2), "two jobs, two workers");
     env.kubelet.signal_pod(&worker_b, "-KILL");
-    env.wait_for("the killed worker restarted", |e| {
-        (e.kubelet.restarts(&worker_b) >= 1).then_some(())
+    let worker_b_ref = &worker_b;
+    env.wait_for("the killed worker restarted", move || async move {
+        (env.kubelet.restarts(worker_b_ref) >= 1).then_some(())
     })
     .await;
     env.release("kill");
     env.release("rex");
 
-    env.wait_phase("rex", JobPhase::Succeeded).await;
+    // `kubectl wait`, as a user scripts it.
+    let out = env
+        .kubectl(&[
+            "wait",
+            "--for=condition=Complete",
+            "inpaintjob/rex",
+            "-n",
+            &ns,
+            "--timeout=120s",
+        ])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(out.contains("condition met"), "{out}");
     let rex = env.check_succeeded("rex", 1).await;
     assert_eq!(rex.worker.as_deref(), Some(worker_a.as_str()));
-    // Every status the operator wrote, in order: Queued, then Running with progress, then
-    // Succeeded, never anything after the terminal one.
-    let writes = env.api.status_writes(Res::Jobs, NS, "rex");
-    let phases: Vec<String> = writes
-        .iter()
-        .map(|w| w["phase"].as_str().unwrap_or("").to_string())
-        .collect();
-    let first = |p: &str| phases.iter().position(|x| x == p).unwrap_or(usize::MAX);
-    assert!(
-        first("Queued") < first("Running") && first("Running") < first("Succeeded"),
-        "{phases:?}"
-    );
-    assert_eq!(phases.last().map(String::as_str), Some("Succeeded"));
-    assert_eq!(phases.iter().filter(|p| *p == "Succeeded").count(), 1);
 
     env.wait_phase("kill", JobPhase::Succeeded).await;
     let killed = env.check_succeeded("kill", 2).await;
-    let uid = env.job_uid("kill");
-    // The whole events stream (the operator's consumer group has read and acknowledged it).
+    let uid = env.job("kill").await.unwrap().uid().unwrap();
     let events = queue_events(&env.redis_url, &env.queue).await;
     let of = |kind: &str| {
         events
@@ -542,17 +813,19 @@ async fn operator_redis_and_worker_processes() {
     assert_eq!(crashes.len(), 1, "{crashes:?}");
     assert_eq!(crashes[0].0, worker_b);
     eprintln!("killed job completed by {:?}", killed.worker);
+    // The restart shows in the pod's status, as `kubectl get pods` shows it.
+    let restarted = Api::<Pod>::namespaced(env.client.clone(), &ns)
+        .get(&worker_b)
+        .await
+        .unwrap();
+    let restart_count = restarted
+        .status
+        .and_then(|s| s.container_statuses)
+        .and_then(|c| c.first().map(|c| c.restart_count));
+    assert_eq!(restart_count, Some(1));
 
     // Kubernetes Events on the jobs.
-    let reasons_of = |job: &str| -> Vec<String> {
-        env.api
-            .list(Res::Events)
-            .iter()
-            .filter(|e| e["regarding"]["name"] == job)
-            .map(|e| e["reason"].as_str().unwrap_or("").to_string())
-            .collect()
-    };
-    let rex_events = reasons_of("rex");
+    let rex_events = env.event_reasons("rex").await;
     for want in [reasons::ENQUEUED, reasons::CLAIMED, reasons::SUCCEEDED] {
         assert!(
             rex_events.iter().any(|r| r == want),
@@ -562,7 +835,7 @@ async fn operator_redis_and_worker_processes() {
 
     // 4. Idle: back to zero after the scale-down delay.
     env.wait_replicas(0).await;
-    let ps = env.pool_status().unwrap();
+    let ps = env.pool_status().await.unwrap();
     assert_eq!(
         (ps.desired_replicas, ps.queue.waiting, ps.queue.running),
         (0, 0, 0)
@@ -571,30 +844,34 @@ async fn operator_redis_and_worker_processes() {
     // 5. A burst: up to maxReplicas; down to the one busy worker; to zero.
     let burst: Vec<String> = (0..5).map(|i| format!("burst-{i}")).collect();
     for b in &burst {
-        env.create_job(b);
+        env.create_job(b).await;
     }
     env.wait_replicas(MAX_REPLICAS as i32).await;
+    let burst_ref = &burst;
     let running: Vec<(String, String)> = env
-        .wait_for("three burst jobs running", |e| {
-            let r: Vec<(String, String)> = burst
-                .iter()
-                .filter_map(|b| {
-                    let s = e.job_status(b)?;
-                    (s.phase == Some(JobPhase::Running) && s.progress.is_some())
-                        .then(|| (b.clone(), s.worker.clone().unwrap_or_default()))
-                })
-                .collect();
+        .wait_for("three burst jobs running", move || async move {
+            let mut r = Vec::new();
+            for b in burst_ref {
+                if let Some(s) = env.job_status(b).await
+                    && s.phase == Some(JobPhase::Running)
+                    && s.progress.is_some()
+                {
+                    r.push((b.clone(), s.worker.clone().unwrap_or_default()));
+                }
+            }
             (r.len() == MAX_REPLICAS as usize).then_some(r)
         })
         .await;
-    let waiting = burst
-        .iter()
-        .filter(|b| env.phase(b) == Some(JobPhase::Queued))
-        .count();
+    let mut waiting = 0;
+    for b in &burst {
+        if env.phase(b).await == Some(JobPhase::Queued) {
+            waiting += 1;
+        }
+    }
     assert_eq!(waiting, burst.len() - MAX_REPLICAS as usize);
     let ps = env
-        .wait_for("pool status at the peak", |e| {
-            e.pool_status().filter(|s| {
+        .wait_for("pool status at the peak", move || async move {
+            env.pool_status().await.filter(|s| {
                 s.queue.running == MAX_REPLICAS as u64 && s.busy_workers == MAX_REPLICAS
             })
         })
@@ -616,12 +893,19 @@ async fn operator_redis_and_worker_processes() {
         vec![&kept_pod],
         "the busy worker stays"
     );
-    assert_eq!(env.phase(&kept_job), Some(JobPhase::Running));
+    assert_eq!(env.phase(&kept_job).await, Some(JobPhase::Running));
     // The operator marked it busy: highest deletion cost, not evictable.
-    let kept = env.api.get(Res::Pods, NS, &kept_pod).unwrap();
-    let ann = &kept["metadata"]["annotations"];
-    assert_eq!(ann[pool::DELETION_COST], pool::BUSY_COST, "{ann}");
-    assert_eq!(ann[pool::SAFE_TO_EVICT], "false", "{ann}");
+    let ann = env.pod_annotations(&kept_pod).await;
+    assert_eq!(
+        ann.get(pool::DELETION_COST).map(String::as_str),
+        Some(pool::BUSY_COST),
+        "{ann:?}"
+    );
+    assert_eq!(
+        ann.get(pool::SAFE_TO_EVICT).map(String::as_str),
+        Some("false"),
+        "{ann:?}"
+    );
     assert!(
         !env.kubelet.terminations().iter().any(|t| t.pod == kept_pod),
         "the busy worker got SIGTERM"
@@ -631,31 +915,191 @@ async fn operator_redis_and_worker_processes() {
     env.check_succeeded(&kept_job, 1).await;
     env.wait_replicas(0).await;
 
+    // 6. A running job deleted: cancelled in the queue, its output never written.
+    env.create_job("gone").await;
+    env.wait_running("gone").await;
+    let gone_uid = env.job("gone").await.unwrap().uid().unwrap();
+    env.kubectl(&["delete", "inpaintjob", "gone", "-n", &ns, "--timeout=60s"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(env.job("gone").await.is_none(), "kubectl delete returned");
+    env.release("gone");
+    let gone_uid_ref = &gone_uid;
+    let state = env
+        .wait_for(
+            "the deleted job cancelled in the queue",
+            move || async move {
+                let rec = env.queue.get_job(gone_uid_ref).await.ok().flatten()?;
+                matches!(rec.state, JobState::Cancelled).then_some(rec.state)
+            },
+        )
+        .await;
+    assert!(matches!(state, JobState::Cancelled));
+    assert!(
+        !env.output_file("gone").exists(),
+        "a cancelled job wrote its output"
+    );
+    let gone_reasons: Vec<String> = Api::<Event>::namespaced(env.client.clone(), &ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.uid.as_deref()) == Some(gone_uid.as_str()))
+        .filter_map(|e| e.reason)
+        .collect();
+    assert!(
+        gone_reasons.iter().any(|r| r == reasons::CANCELLED),
+        "{gone_reasons:?}"
+    );
+    env.wait_replicas(0).await;
+
+    // 7. The leader SIGKILLed mid-job: the standby takes the Lease over.
+    env.create_job("failover").await;
+    env.wait_running("failover").await;
+    let leader = env.leader().await.expect("a leader");
+    let (lead, standby) = if env.operators[0].identity == leader {
+        (0, 1)
+    } else {
+        (1, 0)
+    };
+    env.operators[lead].kill_and_hold();
+    env.release("failover");
+    let standby_id = env.operators[standby].identity.clone();
+    let standby_ref = &standby_id;
+    env.wait_for("the standby leads", move || async move {
+        (env.leader().await.as_ref() == Some(standby_ref)).then_some(())
+    })
+    .await;
+    env.wait_phase("failover", JobPhase::Succeeded).await;
+    env.check_succeeded("failover", 1).await;
+    env.operators[lead].resume();
+    env.wait_replicas(0).await;
+
+    // 8. The API server SIGKILLed and restarted while a job runs.
+    env.create_job("restart").await;
+    env.wait_running("restart").await;
+    env.release("restart");
+    tokio::task::block_in_place(|| env.cp.restart("kube-apiserver"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    env.wait_phase("restart", JobPhase::Succeeded).await;
+    env.check_succeeded("restart", 1).await;
+    // Watches resumed: a job created after the restart runs too.
+    env.create_job("after").await;
+    env.release("after");
+    env.wait_phase("after", JobPhase::Succeeded).await;
+    env.check_succeeded("after", 1).await;
+    env.wait_replicas(0).await;
+
+    // 9. Fields owned by others survive the operator's apply.
+    env.kubectl(&[
+        "annotate",
+        "deployment",
+        DEPLOYMENT,
+        "-n",
+        &ns,
+        "team.example.com/owner=ml-platform",
+    ])
+    .unwrap_or_else(|e| panic!("{e}"));
+    env.kubectl(&["rollout", "restart", "deployment", DEPLOYMENT, "-n", &ns])
+        .unwrap_or_else(|e| panic!("{e}"));
+    env.pools()
+        .patch(
+            POOL,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"scaleDownDelaySeconds": 4}})),
+        )
+        .await
+        .unwrap();
+    env.wait_for("the pool at generation 2", move || async move {
+        env.pool_status()
+            .await
+            .filter(|s| s.observed_generation == Some(2))
+    })
+    .await;
+    let d = env.deployment().await.unwrap();
+    let annotations = d.metadata.annotations.clone().unwrap_or_default();
+    assert_eq!(
+        annotations
+            .get("team.example.com/owner")
+            .map(String::as_str),
+        Some("ml-platform"),
+        "{annotations:?}"
+    );
+    let template_annotations = d
+        .spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.annotations.clone())
+        .unwrap_or_default();
+    assert!(
+        template_annotations.contains_key("kubectl.kubernetes.io/restartedAt"),
+        "{template_annotations:?}"
+    );
+    let managers: Vec<String> = d
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|f| f.manager.clone())
+        .collect();
+    assert!(
+        managers.iter().any(|m| m.starts_with("kubectl")),
+        "{managers:?}"
+    );
+
+    // 10. The pool deleted: its Deployment and ReplicaSets are garbage-collected.
+    env.pools()
+        .delete(POOL, &DeleteParams::default())
+        .await
+        .unwrap();
+    env.wait_for("the worker Deployment collected", move || async move {
+        let rs = Api::<ReplicaSet>::namespaced(env.client.clone(), &env.ns)
+            .list(&ListParams::default())
+            .await
+            .ok()?;
+        (env.deployment().await.is_none() && rs.items.is_empty()).then_some(())
+    })
+    .await;
+
     // Across all phases.
     assert!(
-        env.kubelet.max_replicas_seen() <= MAX_REPLICAS,
-        "replicas above maxReplicas: {}",
-        env.kubelet.max_replicas_seen()
+        env.kubelet.max_active() <= MAX_REPLICAS as usize,
+        "pods above maxReplicas: {}",
+        env.kubelet.max_active()
     );
     let terms = env.kubelet.terminations();
     assert!(terms.len() >= MAX_REPLICAS as usize + 2, "{terms:?}");
     for t in &terms {
-        assert!(!t.busy, "a busy worker got SIGTERM: {t:?}\n{}", env.dump());
+        assert!(
+            !t.busy,
+            "a busy worker got SIGTERM: {t:?}\n{}",
+            env.dump().await
+        );
         assert_eq!(t.deletion_cost.as_deref(), Some("0"), "{t:?}");
         assert_eq!(t.exit, Some(Some(0)), "{t:?}");
     }
-    assert_eq!(env.api.unexpected(), Vec::<String>::new());
-    assert_eq!(env.record.errors(), Vec::<String>::new());
-    let (jobs_n, pools_n) = env.record.counts();
+    assert_eq!(env.kubelet.problems(), Vec::<String>::new());
+    let errors: Vec<String> = env
+        .operators
+        .iter()
+        .flat_map(|o| {
+            o.log()
+                .lines()
+                .filter(|l| l.contains("\"level\":\"ERROR\"") && l.contains("reconcile"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect();
     eprintln!(
-        "e2e: {} s, {jobs_n} job and {pools_n} pool reconciles, {} API calls, {} pods SIGTERMed",
+        "e2e: {} s, {} pods SIGTERMed, operator starts {:?}, {} reconcile errors logged",
         started.elapsed().as_secs(),
-        env.api.calls().len(),
-        terms.len()
+        terms.len(),
+        env.operators.iter().map(|o| o.starts()).collect::<Vec<_>>(),
+        errors.len()
     );
 
     stop_tx.send_replace(true);
-    controllers_task.await.unwrap();
     kubelet_task.await.unwrap();
-    events_task.abort();
+    phases_task.abort();
 }

@@ -43,6 +43,8 @@ pub fn script() -> PathBuf {
 pub struct ControlPlane {
     dir: PathBuf,
     kubeconfig: PathBuf,
+    /// The kubectl of the same Kubernetes release (built with the control plane).
+    kubectl: PathBuf,
     server: String,
     /// Stopped on drop (not the shared one: statics are never dropped, the watcher stops it).
     stop_on_drop: bool,
@@ -112,8 +114,13 @@ impl ControlPlane {
             .find_map(|l| l.strip_prefix("PAWFECT_K8S_SERVER="))
             .ok_or_else(|| format!("{}/env has no PAWFECT_K8S_SERVER", dir.display()))?
             .to_string();
+        let bin = env
+            .lines()
+            .find_map(|l| l.strip_prefix("PAWFECT_K8S_BIN="))
+            .ok_or_else(|| format!("{}/env has no PAWFECT_K8S_BIN", dir.display()))?;
         Ok(ControlPlane {
             kubeconfig: dir.join("kubeconfig"),
+            kubectl: Path::new(bin).join("kubectl"),
             dir,
             server,
             stop_on_drop: true,
@@ -160,6 +167,56 @@ impl ControlPlane {
         let mut cmd = Command::new(program);
         cmd.env("KUBECONFIG", &self.kubeconfig);
         cmd
+    }
+
+    /// `kubectl` of the same release, as the admin (`KUBECONFIG` set).
+    pub fn kubectl(&self) -> Command {
+        self.command(&self.kubectl)
+    }
+
+    /// Runs `kubectl ARGS` as the admin; its stdout, or an error with its stderr.
+    pub fn kubectl_run(&self, args: &[&str]) -> Result<String, String> {
+        let out = self
+            .kubectl()
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", self.kubectl.display()))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "`kubectl {}` exited with {}: {}{}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    /// `scripts/local-k8s.sh restart`: SIGKILLs `component` (`etcd`, `kube-apiserver`,
+    /// `kube-controller-manager`) and starts it again with the same flags and data, returning once
+    /// the API server is ready again. Blocking: call it from `spawn_blocking` in async code.
+    pub fn restart(&self, component: &str) -> Result<(), String> {
+        let out = Command::new("bash")
+            .arg(script())
+            .arg("restart")
+            .arg(&self.dir)
+            .arg(component)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", script().display()))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "`{} restart {} {component}` failed: {}",
+                script().display(),
+                self.dir.display(),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
     }
 
     /// Creates a namespace `<prefix>-<n>` unique to this process and returns its name.

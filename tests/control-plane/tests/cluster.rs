@@ -151,3 +151,33 @@ async fn the_controller_manager_rolls_out_and_collects_a_deployment() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn kubectl_of_the_same_release_talks_to_it() {
+    let cp = ControlPlane::shared();
+    let version = cp
+        .kubectl_run(&["version", "-o", "json"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let v: serde_json::Value = serde_json::from_str(&version).expect("kubectl version -o json");
+    // The client is the build of the server's release: same major.minor.
+    let client = &v["clientVersion"];
+    let server = &v["serverVersion"];
+    assert_eq!(client["major"], "1", "{v}");
+    assert_eq!(
+        (&client["major"], &client["minor"]),
+        (&server["major"], &server["minor"]),
+        "{v}"
+    );
+    let nodes = cp
+        .kubectl_run(&["get", "nodes", "-o", "name"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(nodes.lines().count() >= 2, "{nodes}");
+    // An error is kubectl's, with its exit status.
+    let err = cp
+        .kubectl_run(&["get", "pod", "no-such-pod", "-n", "default"])
+        .unwrap_err();
+    assert!(
+        err.contains("NotFound") || err.contains("not found"),
+        "{err}"
+    );
+}

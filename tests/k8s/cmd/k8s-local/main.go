@@ -1,9 +1,10 @@
-// k8s-local is kube-apiserver, kube-controller-manager and etcd in one binary, so that the
-// packages they share are compiled and linked once. It runs the program named by the name it is
-// called by (scripts/local-k8s.sh links etcd, kube-apiserver and kube-controller-manager to it)
-// or by its first argument: `k8s-local kube-apiserver --help`. It also has the few helpers the
-// script needs (certificates, readiness, fake nodes), so that the script needs neither openssl
-// nor curl nor kubectl.
+// k8s-local is kube-apiserver, kube-controller-manager, etcd and kubectl in one binary, so that
+// the packages they share are compiled and linked once. It runs the program named by the name it
+// is called by (scripts/local-k8s.sh links etcd, kube-apiserver, kube-controller-manager and
+// kubectl to it) or by its first argument: `k8s-local kube-apiserver --help`. It also has the few
+// helpers the script needs (certificates, readiness, fake nodes), so that the script needs
+// neither openssl nor curl. kubectl is the one the tests drive the cluster with as a user would
+// (`kubectl wait`, `kubectl scale`, `kubectl rollout restart`).
 package main
 
 import (
@@ -20,6 +21,8 @@ import (
 	_ "k8s.io/component-base/metrics/prometheus/version"  // version metric
 	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
 	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
+	kubectl "k8s.io/kubectl/pkg/cmd"
+	kubectlutil "k8s.io/kubectl/pkg/cmd/util"
 )
 
 var programs = map[string]func(args []string) int{
@@ -32,6 +35,15 @@ var programs = map[string]func(args []string) int{
 	},
 	"kube-controller-manager": func(args []string) int {
 		return runCobra(controllermanager.NewControllerManagerCommand(), args)
+	},
+	"kubectl": func(args []string) int {
+		// As k8s.io/kubernetes/cmd/kubectl does: kubectl prints its own errors.
+		cmd := kubectl.NewDefaultKubectlCommand()
+		cmd.SetArgs(args)
+		if err := cli.RunNoErrOutput(cmd); err != nil {
+			kubectlutil.CheckErr(err)
+		}
+		return 0
 	},
 	// Helpers of scripts/local-k8s.sh.
 	"pki":   pkiMain,
@@ -53,6 +65,6 @@ func main() {
 			os.Exit(run(os.Args[2:]))
 		}
 	}
-	fmt.Fprintln(os.Stderr, "usage: k8s-local etcd|kube-apiserver|kube-controller-manager|pki|ready|nodes [flags]")
+	fmt.Fprintln(os.Stderr, "usage: k8s-local etcd|kube-apiserver|kube-controller-manager|kubectl|pki|ready|nodes [flags]")
 	os.Exit(2)
 }
