@@ -340,8 +340,9 @@ pub fn build(pool: &InpaintPool, conn: &WorkerConnection, replicas: u32) -> Depl
 pub fn with_log_format(deploy: &mut Deployment, format: &str) {
     let containers = deploy
         .spec
+        .template
+        .spec
         .as_mut()
-        .and_then(|s| s.template.spec.as_mut())
         .map(|p| p.containers.iter_mut());
     for c in containers.into_iter().flatten() {
         if c.name != CONTAINER_NAME {
@@ -544,7 +545,10 @@ mod tests {
                 .collect();
             found
         };
-        assert_eq!(log_format(json!({"worker": {"image": "w:1"}})), [json!("json")]);
+        assert_eq!(
+            log_format(json!({"worker": {"image": "w:1"}})),
+            [json!("json")]
+        );
         assert_eq!(
             log_format(json!({"worker": {"image": "w:1",
                 "env": [{"name": "PAWFECT_LOG_FORMAT", "value": "text"}]}})),
@@ -552,7 +556,11 @@ mod tests {
         );
         // Without the call (a context with no log format), the workers keep their default.
         let d = build(&pool(json!({"worker": {"image": "w:1"}})), &conn(false), 1);
-        assert!(!serde_json::to_string(&d).unwrap().contains("PAWFECT_LOG_FORMAT"));
+        assert!(
+            !serde_json::to_string(&d)
+                .unwrap()
+                .contains("PAWFECT_LOG_FORMAT")
+        );
     }
 
     #[test]

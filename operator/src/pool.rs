@@ -133,7 +133,7 @@ async fn refuse(
     let name = pool.name_any();
     warn!(pool = %name, namespace = %ns, reason = r.reason, "{}", r.message);
     let dstatus = existing.and_then(|d| d.status.as_ref());
-    if existing.is_some_and(|d| d.spec.as_ref().and_then(|s| s.replicas) != Some(0)) {
+    if existing.is_some_and(|d| d.spec.replicas != Some(0)) {
         let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
         let mut deploy = deployment::build(pool, &ctx.worker, 0);
         if let Some(f) = ctx.worker_log_format {
@@ -615,7 +615,11 @@ mod tests {
             if let Some(r) = r {
                 assert_eq!(r.reason, HOST_PATH_NOT_ALLOWED);
                 assert!(r.message.contains("/srv/models"), "{}", r.message);
-                assert!(r.message.contains("--allow-host-path-models"), "{}", r.message);
+                assert!(
+                    r.message.contains("--allow-host-path-models"),
+                    "{}",
+                    r.message
+                );
             }
         }
 
@@ -628,7 +632,10 @@ mod tests {
             ("False", HOST_PATH_NOT_ALLOWED)
         );
         assert_eq!(ready.message, r.message);
-        assert_eq!((s.desired_replicas, s.replicas, s.ready_replicas), (0, 2, 1));
+        assert_eq!(
+            (s.desired_replicas, s.replicas, s.ready_replicas),
+            (0, 2, 1)
+        );
         assert!(!is_true(&s.conditions, SCALING));
     }
 

@@ -363,7 +363,10 @@ pub fn pool_ready(pool: Option<&InpaintPool>) -> Result<String, String> {
         .as_ref()
         .and_then(|s| s.condition(pawfect_api::conditions::READY))
         .ok_or("the pool has no Ready condition yet (is the operator running?)")?;
-    let text = format!("Ready={} ({}): {}", ready.status, ready.reason, ready.message);
+    let text = format!(
+        "Ready={} ({}): {}",
+        ready.status, ready.reason, ready.message
+    );
     if ready.status == "True" {
         Ok(text)
     } else {
@@ -408,7 +411,10 @@ pub async fn check(args: CheckArgs) -> anyhow::Result<()> {
                 return Ok(());
             }
             Err(why) if tokio::time::Instant::now() >= deadline => {
-                bail!("InpaintPool {pool} is not Ready after {:?}: {why}", args.timeout)
+                bail!(
+                    "InpaintPool {pool} is not Ready after {:?}: {why}",
+                    args.timeout
+                )
             }
             Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
         }
@@ -693,8 +699,15 @@ mod tests {
         assert_eq!(a.pool.as_deref(), Some("pawfect/default"));
         assert_eq!(a.timeout, Duration::from_secs(90));
         assert!(
-            Cli::try_parse_from(["pawfect-operator", "check", "--redis-url", "redis://r", "--timeout", "soon"])
-                .is_err()
+            Cli::try_parse_from([
+                "pawfect-operator",
+                "check",
+                "--redis-url",
+                "redis://r",
+                "--timeout",
+                "soon"
+            ])
+            .is_err()
         );
 
         let mut pool = InpaintPool::new(
@@ -702,7 +715,11 @@ mod tests {
             serde_json::from_value(serde_json::json!({"worker": {"image": "w:1"}})).unwrap(),
         );
         assert_eq!(pool_ready(None).unwrap_err(), "the pool does not exist");
-        assert!(pool_ready(Some(&pool)).unwrap_err().contains("no Ready condition"));
+        assert!(
+            pool_ready(Some(&pool))
+                .unwrap_err()
+                .contains("no Ready condition")
+        );
         let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH);
         let mut status = pawfect_api::InpaintPoolStatus::default();
         status.set_condition(
