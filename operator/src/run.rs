@@ -726,7 +726,7 @@ mod tests {
             pawfect_api::conditions::READY,
             pawfect_api::conditions::ConditionStatus::False,
             "QueueUnavailable",
-            "cannot read the queue".into(),
+            "cannot read the queue",
             None,
             now.clone(),
         );
@@ -737,7 +737,7 @@ mod tests {
             pawfect_api::conditions::READY,
             pawfect_api::conditions::ConditionStatus::True,
             "DeploymentApplied",
-            "applied".into(),
+            "applied",
             None,
             now,
         );
