@@ -580,6 +580,13 @@ async fn helm_test_check(
     // A password Redis does not take fails the check (this Redis has none).
     let (ok, out) = check(&args, Some("not-the-password"));
     assert!(!ok && out.contains("Redis"), "{out}");
+    // A passed test deletes its hook objects (hook-delete-policy hook-succeeded).
+    for m in &hooks {
+        let (api, name, _) = dynamic_api(client, Some(ns), &m.value).await.unwrap();
+        api.delete(&name, &Default::default())
+            .await
+            .unwrap_or_else(|e| panic!("delete hook {}: {}", m.name(), api_message(&e)));
+    }
 }
 
 /// The chart runs the operator without `--allow-host-path-models`: a pool whose models come from
