@@ -38,6 +38,8 @@ pub struct Cli {
 }
 
 #[derive(Debug, clap::Subcommand)]
+// Parsed once at start-up: the size of the larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run the controllers (InpaintJob, InpaintPool), the queue events reader and the HTTP
     /// endpoints (/metrics, /healthz, /readyz).
