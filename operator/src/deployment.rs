@@ -335,6 +335,26 @@ pub fn build(pool: &InpaintPool, conn: &WorkerConnection, replicas: u32) -> Depl
     }
 }
 
+/// Gives the worker container `PAWFECT_LOG_FORMAT=<format>` (the operator's own log format), unless
+/// the pool's env already sets it (the pool's env wins, as in [`build`]).
+pub fn with_log_format(deploy: &mut Deployment, format: &str) {
+    let containers = deploy
+        .spec
+        .template
+        .spec
+        .as_mut()
+        .map(|p| p.containers.iter_mut());
+    for c in containers.into_iter().flatten() {
+        if c.name != CONTAINER_NAME {
+            continue;
+        }
+        let env = c.env.get_or_insert_with(Vec::new);
+        if !env.iter().any(|e| e.name == "PAWFECT_LOG_FORMAT") {
+            env.push(self::env("PAWFECT_LOG_FORMAT", format));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -507,6 +527,40 @@ mod tests {
         let c = &pod["containers"][0];
         assert_eq!(c["resources"]["limits"]["nvidia.com/gpu"], "0");
         assert_eq!(c["args"][2], "/models");
+    }
+
+    #[test]
+    fn workers_log_in_the_operators_format_unless_the_pool_says_otherwise() {
+        let log_format = |spec: serde_json::Value| {
+            let mut d = build(&pool(spec), &conn(false), 1);
+            with_log_format(&mut d, "json");
+            let v = serde_json::to_value(&d).unwrap();
+            let env = v["spec"]["template"]["spec"]["containers"][0]["env"].clone();
+            let found: Vec<serde_json::Value> = env
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|e| e["name"] == "PAWFECT_LOG_FORMAT")
+                .map(|e| e["value"].clone())
+                .collect();
+            found
+        };
+        assert_eq!(
+            log_format(json!({"worker": {"image": "w:1"}})),
+            [json!("json")]
+        );
+        assert_eq!(
+            log_format(json!({"worker": {"image": "w:1",
+                "env": [{"name": "PAWFECT_LOG_FORMAT", "value": "text"}]}})),
+            [json!("text")]
+        );
+        // Without the call (a context with no log format), the workers keep their default.
+        let d = build(&pool(json!({"worker": {"image": "w:1"}})), &conn(false), 1);
+        assert!(
+            !serde_json::to_string(&d)
+                .unwrap()
+                .contains("PAWFECT_LOG_FORMAT")
+        );
     }
 
     #[test]

@@ -127,6 +127,13 @@ pub struct Context {
     pub pool_wake: Option<UnboundedSender<ObjectRef<InpaintPool>>>,
     /// Autoscaler history per pool (`namespace/name`), with the time the pool was last seen.
     pub scale_history: Mutex<HashMap<String, (autoscaler::History, jiff::Timestamp)>>,
+    /// Log format the worker pods get as `PAWFECT_LOG_FORMAT` (`text`/`json`; `None`: the
+    /// workers' own default). `pawfect-operator run` passes its own `--log-format`.
+    pub worker_log_format: Option<&'static str>,
+    /// Whether pools may mount their models from a `hostPath`. `pawfect-operator run` sets it
+    /// from `--allow-host-path-models` (off unless given); a context built here for tests or
+    /// embedding allows it, as before the flag existed.
+    pub allow_host_path_models: bool,
 }
 
 impl Context {
@@ -150,6 +157,8 @@ impl Context {
             settings: Settings::default(),
             pool_wake: None,
             scale_history: Mutex::new(HashMap::new()),
+            worker_log_format: None,
+            allow_host_path_models: true,
         }
     }
 

@@ -1,4 +1,5 @@
-//! `pawfect-operator run`: see `pawfect_operator::run::RunArgs` for the flags.
+//! `pawfect-operator run` and `check`: see `pawfect_operator::run::RunArgs` and `CheckArgs` for
+//! the flags.
 
 use clap::Parser;
 use pawfect_operator::run::{self, Cli, Command};
@@ -12,6 +13,12 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?;
             rt.block_on(run::run(args))
+        }
+        Command::Check(args) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(run::check(args))
         }
     }
 }

@@ -14,6 +14,11 @@
 //! 5. write the pool status when it changed.
 //!
 //! When the queue cannot be read, the replicas stay where they are (never scale on missing data).
+//!
+//! A pool whose workers would mount a `hostPath` gets no workers unless the operator runs with
+//! `--allow-host-path-models` ([`refusal`]): its Ready condition is `False` with reason
+//! `HostPathNotAllowed`, a Warning Event says why, and a Deployment it already has is scaled to
+//! zero.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -25,6 +30,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::runtime::events::{Event as K8sEvent, EventType};
 use kube::{Resource, ResourceExt};
 use pawfect_api::conditions::{self, ConditionStatus, reasons};
 use pawfect_api::{InpaintPool, InpaintPoolStatus, QueueDepth};
@@ -46,6 +52,144 @@ pub const DO_NOT_DISRUPT: &str = "karpenter.sh/do-not-disrupt";
 pub const BUSY_COST: &str = "1000";
 /// Deletion cost of an idle worker.
 pub const IDLE_COST: &str = "0";
+
+/// Pool condition reason: the pool's model volume is a `hostPath` and the operator does not run
+/// with `--allow-host-path-models`.
+pub const HOST_PATH_NOT_ALLOWED: &str = "HostPathNotAllowed";
+
+/// Why the operator will not run a pool's workers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// Condition and Event reason.
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// Whether the operator refuses to run this pool's workers, and why (pure). A `hostPath` model
+/// volume mounts a directory of whichever node the worker lands on: only with
+/// `--allow-host-path-models`.
+pub fn refusal(pool: &InpaintPool, allow_host_path_models: bool) -> Option<Refusal> {
+    let path = pool
+        .spec
+        .worker
+        .model_volume
+        .as_ref()
+        .and_then(|v| v.host_path.as_deref())?;
+    (!allow_host_path_models).then(|| Refusal {
+        reason: HOST_PATH_NOT_ALLOWED,
+        message: format!(
+            "spec.worker.modelVolume.hostPath ({path}) mounts a directory of the node: the \
+             operator runs without --allow-host-path-models, so this pool gets no workers; use \
+             modelVolume.claimName (a PersistentVolumeClaim), or ask the cluster admin to allow \
+             hostPath model volumes"
+        ),
+    })
+}
+
+/// The status of a refused pool (pure): Ready `False` with the refusal, no workers wanted.
+pub fn refused_status(
+    pool: &InpaintPool,
+    r: &Refusal,
+    observed: u32,
+    ready: u32,
+    now: Timestamp,
+) -> InpaintPoolStatus {
+    let mut s = pool.status.clone().unwrap_or_default();
+    let g = pool.metadata.generation;
+    s.observed_generation = g;
+    s.replicas = observed;
+    s.ready_replicas = ready;
+    s.desired_replicas = 0;
+    s.busy_workers = 0;
+    s.set_condition(
+        conditions::READY,
+        ConditionStatus::False,
+        r.reason,
+        r.message.clone(),
+        g,
+        Time(now),
+    );
+    s.set_condition(
+        conditions::SCALING,
+        ConditionStatus::False,
+        r.reason,
+        "no workers: the pool is refused".to_string(),
+        g,
+        Time(now),
+    );
+    s
+}
+
+/// Scales an existing Deployment of a refused pool to zero, writes its status and, when the
+/// refusal is new, publishes a Warning Event on the pool.
+async fn refuse(
+    pool: &InpaintPool,
+    ctx: &Context,
+    existing: Option<&Deployment>,
+    r: &Refusal,
+    now: Timestamp,
+) -> Result<Action> {
+    let ns = namespace(pool)?;
+    let name = pool.name_any();
+    warn!(pool = %name, namespace = %ns, reason = r.reason, "{}", r.message);
+    let dstatus = existing.and_then(|d| d.status.as_ref());
+    if existing.is_some_and(|d| d.spec.replicas != Some(0)) {
+        let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+        let mut deploy = deployment::build(pool, &ctx.worker, 0);
+        if let Some(f) = ctx.worker_log_format {
+            deployment::with_log_format(&mut deploy, f);
+        }
+        deployments
+            .patch(
+                &pool.deployment_name(),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&deploy),
+            )
+            .await?;
+    }
+    let was_refused = pool
+        .status
+        .as_ref()
+        .and_then(|s| s.condition(conditions::READY))
+        .is_some_and(|c| c.status == "False" && c.reason == r.reason);
+    let new = refused_status(
+        pool,
+        r,
+        to_u32(dstatus.and_then(|s| s.replicas)),
+        to_u32(dstatus.and_then(|s| s.ready_replicas)),
+        now,
+    );
+    if pool.status.as_ref() != Some(&new) {
+        let pools: Api<InpaintPool> = Api::namespaced(ctx.client.clone(), &ns);
+        let patch = json!({
+            "apiVersion": InpaintPool::api_version(&()),
+            "kind": InpaintPool::kind(&()),
+            "status": new,
+        });
+        pools
+            .patch_status(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(patch),
+            )
+            .await?;
+    }
+    if !was_refused {
+        let event = K8sEvent {
+            type_: EventType::Warning,
+            reason: r.reason.into(),
+            note: Some(r.message.clone()),
+            action: "Refuse".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &pool.object_ref(&())).await {
+            warn!(pool = %name, %e, "cannot publish the refusal event");
+        }
+    }
+    // The flag only changes with a restart, which reconciles every pool again; a changed pool
+    // is a change.
+    Ok(Action::await_change())
+}
 
 /// The annotations a worker pod should carry.
 pub fn pod_annotations(busy: bool) -> [(&'static str, &'static str); 3] {
@@ -93,6 +237,9 @@ pub async fn reconcile(pool: Arc<InpaintPool>, ctx: Arc<Context>) -> Result<Acti
     let deploy_name = pool.deployment_name();
 
     let existing = deployments.get_opt(&deploy_name).await?;
+    if let Some(r) = refusal(&pool, ctx.allow_host_path_models) {
+        return refuse(&pool, &ctx, existing.as_ref(), &r, now).await;
+    }
     let current = existing
         .as_ref()
         .map_or(0, |d| to_u32(Some(d.spec.replicas.unwrap_or(1))));
@@ -166,7 +313,10 @@ pub async fn reconcile(pool: Arc<InpaintPool>, ctx: Arc<Context>) -> Result<Acti
         mark_pods(&ctx, &ns, &pods, busy_names).await?;
     }
 
-    let deploy = deployment::build(&pool, &ctx.worker, desired);
+    let mut deploy = deployment::build(&pool, &ctx.worker, desired);
+    if let Some(f) = ctx.worker_log_format {
+        deployment::with_log_format(&mut deploy, f);
+    }
     deployments
         .patch(
             &deploy_name,
@@ -436,6 +586,57 @@ mod tests {
             ("False", reasons::QUEUE_UNAVAILABLE)
         );
         assert!(!is_true(&s2.conditions, SCALING));
+    }
+
+    #[test]
+    fn host_path_pools_need_the_flag() {
+        let with = |volume: serde_json::Value| {
+            InpaintPool::new(
+                "t4",
+                serde_json::from_value(json!({"worker": {"image": "w:1", "modelVolume": volume}}))
+                    .unwrap(),
+            )
+        };
+        let no_volume = pool();
+        let claim = with(json!({"claimName": "models"}));
+        let host = with(json!({"hostPath": "/srv/models"}));
+        // (pool, --allow-host-path-models, refused)
+        let cases = [
+            (&no_volume, false, false),
+            (&no_volume, true, false),
+            (&claim, false, false),
+            (&claim, true, false),
+            (&host, false, true),
+            (&host, true, false),
+        ];
+        for (i, (p, allow, refused)) in cases.into_iter().enumerate() {
+            let r = refusal(p, allow);
+            assert_eq!(r.is_some(), refused, "case {i}: {r:?}");
+            if let Some(r) = r {
+                assert_eq!(r.reason, HOST_PATH_NOT_ALLOWED);
+                assert!(r.message.contains("/srv/models"), "{}", r.message);
+                assert!(
+                    r.message.contains("--allow-host-path-models"),
+                    "{}",
+                    r.message
+                );
+            }
+        }
+
+        let now = Timestamp::from_second(1_700_000_000).unwrap();
+        let r = refusal(&host, false).unwrap();
+        let s = refused_status(&host, &r, 2, 1, now);
+        let ready = s.condition(READY).unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", HOST_PATH_NOT_ALLOWED)
+        );
+        assert_eq!(ready.message, r.message);
+        assert_eq!(
+            (s.desired_replicas, s.replicas, s.ready_replicas),
+            (0, 2, 1)
+        );
+        assert!(!is_true(&s.conditions, SCALING));
     }
 
     #[test]

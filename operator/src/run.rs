@@ -25,7 +25,8 @@ use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
 use crate::{Context, default_pool, job, pool};
 
-/// Name of the Lease used for leader election.
+/// Default name of the Lease used for leader election (`--lease-name`; the Helm chart names it
+/// after the release, so that two releases in one namespace elect their leaders apart).
 pub const LEASE_NAME: &str = "pawfect-operator";
 
 /// The `pawfect-operator` command line.
@@ -37,10 +38,36 @@ pub struct Cli {
 }
 
 #[derive(Debug, clap::Subcommand)]
+// Parsed once at start-up: the size of the larger variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Command {
     /// Run the controllers (InpaintJob, InpaintPool), the queue events reader and the HTTP
     /// endpoints (/metrics, /healthz, /readyz).
     Run(RunArgs),
+    /// Check an installation (the Helm chart's `helm test`): Redis answers PING with the
+    /// password, and the pool is Ready.
+    Check(CheckArgs),
+}
+
+/// Flags of `pawfect-operator check`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CheckArgs {
+    /// Redis URL of the queue (PAWFECT_REDIS_PASSWORD, when set, overrides or adds the password).
+    #[arg(long, env = "PAWFECT_REDIS_URL", hide_env_values = true)]
+    pub redis_url: String,
+    /// InpaintPool that must be Ready, as `namespace/name` (no pool check when unset).
+    #[arg(long)]
+    pub pool: Option<String>,
+    /// How long to wait for the pool to become Ready.
+    #[arg(long, default_value = "60s", value_parser = parse_seconds)]
+    pub timeout: Duration,
+}
+
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let n = s.strip_suffix('s').unwrap_or(s);
+    n.parse::<u64>()
+        .map(Duration::from_secs)
+        .map_err(|_| format!("{s:?} is not a number of seconds (e.g. 60s)"))
 }
 
 /// Log output format.
@@ -48,6 +75,16 @@ pub enum Command {
 pub enum LogFormat {
     Text,
     Json,
+}
+
+impl LogFormat {
+    /// The flag value (`text`, `json`), as the worker's `--log-format`/`PAWFECT_LOG_FORMAT` takes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
 }
 
 /// Flags of `pawfect-operator run` (each also read from the environment variable named).
@@ -74,12 +111,21 @@ pub struct RunArgs {
     /// Log filter (tracing EnvFilter syntax, e.g. `info` or `info,pawfect_operator=debug`).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_level: String,
-    /// Log format.
+    /// Log format; the worker pods get the same (PAWFECT_LOG_FORMAT, unless the pool's env sets it).
     #[arg(long, env = "PAWFECT_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
-    /// Elect a leader through the Lease `pawfect-operator` (for more than one replica).
+    /// Elect a leader through the Lease --lease-name (for more than one replica).
     #[arg(long, env = "PAWFECT_LEADER_ELECTION")]
     pub leader_election: bool,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "PAWFECT_LEASE_NAME", default_value = LEASE_NAME)]
+    pub lease_name: String,
+    /// Let pools mount their models from a hostPath (`spec.worker.modelVolume.hostPath`). Off:
+    /// such a pool gets no workers, its Ready condition says why (HostPathNotAllowed) and a
+    /// Warning Event is published on it. A hostPath volume reads the node's files, so only a
+    /// cluster whose pool authors may do that should turn this on.
+    #[arg(long, env = "PAWFECT_ALLOW_HOST_PATH_MODELS")]
+    pub allow_host_path_models: bool,
     /// Namespace of the Lease (default: POD_NAMESPACE, else --namespace, else the client's namespace).
     #[arg(long, env = "PAWFECT_LEASE_NAMESPACE")]
     pub lease_namespace: Option<String>,
@@ -257,17 +303,18 @@ fn identity() -> String {
 /// Waits until this replica holds the Lease; the returned future resolves when it loses it.
 async fn acquire_leadership(
     client: &Client,
+    lease: &str,
     namespace: &str,
     identity: &str,
 ) -> anyhow::Result<impl Future<Output = ()> + use<>> {
-    let manager = LeaseManagerBuilder::new(client.clone(), LEASE_NAME)
+    let manager = LeaseManagerBuilder::new(client.clone(), lease)
         .with_namespace(namespace)
         .with_identity(identity)
         .build()
         .await
         .context("cannot set up leader election")?;
     let (mut rx, _task) = manager.watch().await;
-    info!(lease = LEASE_NAME, %namespace, %identity, "waiting for leadership");
+    info!(%lease, %namespace, %identity, "waiting for leadership");
     while !*rx.borrow_and_update() {
         rx.changed()
             .await
@@ -306,6 +353,72 @@ async fn apply_default_pool(ctx: &Context, namespace: &str, configmap: &str) {
             if let Err(e) = ctx.recorder.publish(&event, &cm).await {
                 warn!(%e, "cannot publish the default pool's event");
             }
+        }
+    }
+}
+
+/// What a pool's Ready condition says: `Ok` when it is `True`, else why not.
+pub fn pool_ready(pool: Option<&InpaintPool>) -> Result<String, String> {
+    let pool = pool.ok_or("the pool does not exist")?;
+    let ready = pool
+        .status
+        .as_ref()
+        .and_then(|s| s.condition(pawfect_api::conditions::READY))
+        .ok_or("the pool has no Ready condition yet (is the operator running?)")?;
+    let text = format!(
+        "Ready={} ({}): {}",
+        ready.status, ready.reason, ready.message
+    );
+    if ready.status == "True" {
+        Ok(text)
+    } else {
+        Err(text)
+    }
+}
+
+/// `pawfect-operator check`: PING through the queue's own client, then the pool's Ready
+/// condition until it is `True` or `--timeout` passes. Prints what it saw.
+pub async fn check(args: CheckArgs) -> anyhow::Result<()> {
+    let password = std::env::var("PAWFECT_REDIS_PASSWORD").ok();
+    let urls = redis_urls(&args.redis_url, password.as_deref(), None)?;
+    let queue = Queue::connect(QueueConfig {
+        url: urls.operator,
+        ..QueueConfig::default()
+    })
+    .await
+    .with_context(|| format!("cannot connect to Redis at {}", urls.worker))?;
+    queue
+        .ping()
+        .await
+        .with_context(|| format!("Redis at {} does not answer PING", urls.worker))?;
+    println!("redis {}: PONG", urls.worker);
+    let Some(pool) = &args.pool else {
+        return Ok(());
+    };
+    let (ns, name) = crate::split_queue_pool(pool)
+        .with_context(|| format!("--pool {pool:?} is not namespace/name"))?;
+    let client = Client::try_default()
+        .await
+        .context("cannot build a Kubernetes client (in-cluster config or KUBECONFIG)")?;
+    let api: Api<InpaintPool> = Api::namespaced(client, ns);
+    let deadline = tokio::time::Instant::now() + args.timeout;
+    loop {
+        let seen = api
+            .get_opt(name)
+            .await
+            .with_context(|| format!("cannot read InpaintPool {pool}"))?;
+        match pool_ready(seen.as_ref()) {
+            Ok(text) => {
+                println!("InpaintPool {pool}: {text}");
+                return Ok(());
+            }
+            Err(why) if tokio::time::Instant::now() >= deadline => {
+                bail!(
+                    "InpaintPool {pool} is not Ready after {:?}: {why}",
+                    args.timeout
+                )
+            }
+            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
         }
     }
 }
@@ -379,7 +492,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             .lease_namespace
             .clone()
             .unwrap_or_else(|| own_namespace.clone());
-        Box::pin(acquire_leadership(&client, &lease_ns, &me).await?)
+        Box::pin(acquire_leadership(&client, &args.lease_name, &lease_ns, &me).await?)
     } else {
         Box::pin(futures::future::pending())
     };
@@ -394,6 +507,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(me.clone()),
     );
     ctx.pool_wake = Some(pool_tx.clone());
+    ctx.worker_log_format = Some(args.log_format.as_str());
+    ctx.allow_host_path_models = args.allow_host_path_models;
+    if args.allow_host_path_models {
+        warn!("--allow-host-path-models: pools may mount node directories into their workers");
+    }
     let ctx = Arc::new(ctx);
     if let Some(cm) = &args.default_pool_configmap {
         apply_default_pool(&ctx, &own_namespace, cm).await;
@@ -526,9 +644,14 @@ mod tests {
             "password",
             "--default-pool-configmap",
             "pi-default-pool",
+            "--lease-name",
+            "pi-operator",
+            "--allow-host-path-models",
         ])
         .unwrap();
-        let Command::Run(a) = cli.command;
+        let Command::Run(a) = cli.command else {
+            panic!("not run")
+        };
         assert_eq!(a.redis_url, "redis://r:6379");
         assert_eq!(a.queue_prefix, "pi");
         assert_eq!(a.namespace.as_deref(), Some("media"));
@@ -540,5 +663,87 @@ mod tests {
         assert_eq!(a.worker_redis_secret.as_deref(), Some("redis-auth"));
         assert_eq!(a.worker_redis_secret_key, "password");
         assert_eq!(a.default_pool_configmap.as_deref(), Some("pi-default-pool"));
+        assert_eq!(a.lease_name, "pi-operator");
+        assert!(a.allow_host_path_models);
+        assert_eq!(a.log_format.as_str(), "json");
+    }
+
+    #[test]
+    fn defaults_keep_the_lease_name_and_refuse_host_paths() {
+        let Command::Run(a) = Cli::try_parse_from(["pawfect-operator", "run"])
+            .unwrap()
+            .command
+        else {
+            panic!("not run")
+        };
+        assert_eq!(a.lease_name, LEASE_NAME);
+        assert!(!a.allow_host_path_models);
+        assert_eq!(a.log_format, LogFormat::Text);
+        assert_eq!(LogFormat::Text.as_str(), "text");
+    }
+
+    #[test]
+    fn check_reads_the_pool_ready_condition() {
+        let cli = Cli::try_parse_from([
+            "pawfect-operator",
+            "check",
+            "--redis-url",
+            "redis://r:6379/0",
+            "--pool",
+            "pawfect/default",
+            "--timeout",
+            "90s",
+        ])
+        .unwrap();
+        let Command::Check(a) = cli.command else {
+            panic!("not check")
+        };
+        assert_eq!(a.pool.as_deref(), Some("pawfect/default"));
+        assert_eq!(a.timeout, Duration::from_secs(90));
+        assert!(
+            Cli::try_parse_from([
+                "pawfect-operator",
+                "check",
+                "--redis-url",
+                "redis://r",
+                "--timeout",
+                "soon"
+            ])
+            .is_err()
+        );
+
+        let mut pool = InpaintPool::new(
+            "default",
+            serde_json::from_value(serde_json::json!({"worker": {"image": "w:1"}})).unwrap(),
+        );
+        assert_eq!(pool_ready(None).unwrap_err(), "the pool does not exist");
+        assert!(
+            pool_ready(Some(&pool))
+                .unwrap_err()
+                .contains("no Ready condition")
+        );
+        let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH);
+        let mut status = pawfect_api::InpaintPoolStatus::default();
+        status.set_condition(
+            pawfect_api::conditions::READY,
+            pawfect_api::conditions::ConditionStatus::False,
+            "QueueUnavailable",
+            "cannot read the queue",
+            None,
+            now.clone(),
+        );
+        pool.status = Some(status.clone());
+        let err = pool_ready(Some(&pool)).unwrap_err();
+        assert!(err.contains("Ready=False (QueueUnavailable)"), "{err}");
+        status.set_condition(
+            pawfect_api::conditions::READY,
+            pawfect_api::conditions::ConditionStatus::True,
+            "DeploymentApplied",
+            "applied",
+            None,
+            now,
+        );
+        pool.status = Some(status);
+        assert!(pool_ready(Some(&pool)).unwrap().starts_with("Ready=True"));
     }
 }

@@ -116,12 +116,67 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- include "pawfect.componentName" (list . "default-pool") }}
 {{- end }}
 
+{{/* An image reference: repository:tag, or repository:tag@digest when a digest is given (the
+kubelet then pulls by digest). Call with (list $image $defaultTag). */}}
+{{- define "pawfect.image" -}}
+{{- $image := index . 0 }}
+{{- $ref := printf "%s:%s" $image.repository (default (index . 1) $image.tag) }}
+{{- if $image.digest }}
+{{- $ref = printf "%s@%s" $ref $image.digest }}
+{{- end }}
+{{- $ref }}
+{{- end }}
+
 {{- define "pawfect.worker.image" -}}
-{{- printf "%s:%s" .Values.pool.worker.image.repository (default .Chart.AppVersion .Values.pool.worker.image.tag) }}
+{{- include "pawfect.image" (list .Values.pool.worker.image .Chart.AppVersion) }}
 {{- end }}
 
 {{- define "pawfect.operator.image" -}}
-{{- printf "%s:%s" .Values.operator.image.repository (default .Chart.AppVersion .Values.operator.image.tag) }}
+{{- include "pawfect.image" (list .Values.operator.image .Chart.AppVersion) }}
+{{- end }}
+
+{{- define "pawfect.redis.image" -}}
+{{- include "pawfect.image" (list .Values.redis.image .Values.redis.image.tag) }}
+{{- end }}
+
+{{/* Name of the leader-election Lease: one per release. */}}
+{{- define "pawfect.leaseName" -}}
+{{- include "pawfect.operator.fullname" . }}
+{{- end }}
+
+{{/* Whether the chart creates the Redis password Secret itself. */}}
+{{- define "pawfect.redis.chartSecret" -}}
+{{- if and .Values.redis.enabled (not .Values.redis.auth.existingSecret) }}true{{- end }}
+{{- end }}
+
+{{/*
+The password of the chart's own Redis Secret: redis.auth.password, else the one an earlier install
+stored, else a new random one. Remembered for the rest of the render, so that the Secret and the
+checksum annotations of the pods that read it agree.
+*/}}
+{{- define "pawfect.redis.password" -}}
+{{- if not (hasKey .Values.redis.auth "__resolvedPassword") }}
+{{- $password := .Values.redis.auth.password }}
+{{- if not $password }}
+{{- /* Keep the password of an earlier install across upgrades. */}}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "pawfect.redis.fullname" .) }}
+{{- if and $existing $existing.data (index $existing.data "redis-password") }}
+{{- $password = index $existing.data "redis-password" | b64dec }}
+{{- else }}
+{{- $password = randAlphaNum 32 }}
+{{- end }}
+{{- end }}
+{{- $_ := set .Values.redis.auth "__resolvedPassword" $password }}
+{{- end }}
+{{- index .Values.redis.auth "__resolvedPassword" }}
+{{- end }}
+
+{{/* Pod annotation that changes when the chart's Redis password changes (a restart then reads
+the new one); empty for an existing Secret, whose content the chart does not know. */}}
+{{- define "pawfect.redis.secretChecksum" -}}
+{{- if include "pawfect.redis.chartSecret" . }}
+checksum/redis-secret: {{ printf "%s/%s/%s" .Release.Namespace (include "pawfect.redis.fullname" .) (include "pawfect.redis.password" .) | sha256sum }}
+{{- end }}
 {{- end }}
 
 {{/* Checks that values which depend on each other agree (the schema checks each on its own). */}}
@@ -140,6 +195,12 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- end }}
 {{- if and .Values.pool.create (not (include "pawfect.models.claimName" .)) }}
 {{- fail "the default pool needs a model volume: set models.persistence.enabled or models.persistence.existingClaim (or pool.create=false)" }}
+{{- end }}
+{{- if and .Values.operator.podDisruptionBudget.enabled (le (int .Values.operator.replicas) 1) }}
+{{- fail "operator.podDisruptionBudget needs operator.replicas > 1 (with one replica it would block every node drain)" }}
+{{- end }}
+{{- if and .Values.operator.podDisruptionBudget.enabled (ge (int .Values.operator.podDisruptionBudget.minAvailable) (int .Values.operator.replicas)) }}
+{{- fail "operator.podDisruptionBudget.minAvailable must be less than operator.replicas (else no operator pod may ever be evicted)" }}
 {{- end }}
 {{- if and .Values.pool.create .Values.operator.watchNamespace (ne .Values.operator.watchNamespace .Release.Namespace) }}
 {{- fail (printf "the default pool lives in the release namespace %s, which the operator does not watch (operator.watchNamespace=%s): set pool.create=false or watch the release namespace" .Release.Namespace .Values.operator.watchNamespace) }}

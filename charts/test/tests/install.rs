@@ -22,9 +22,10 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret};
+use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{ListParams, Patch, PatchParams};
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
 use pawfect_api::InpaintPool;
 use pawfect_chart_tests::{
     Manifest, ValueSet, chart_dir, committed_crd_files, helm_cluster, split_manifests,
@@ -56,11 +57,11 @@ fn unexpected_warnings(helm_output: &str) -> Vec<&str> {
         .collect()
 }
 
-/// Stand-ins for the Prometheus Operator's CRDs (any spec accepted), so that the ServiceMonitor
-/// and PodMonitor of `metrics-netpol` have an API to go to. Their schema is the Prometheus
-/// Operator's business, not checked here.
+/// Stand-ins for the Prometheus Operator's CRDs (any spec accepted), so that the ServiceMonitor,
+/// PodMonitor and PrometheusRule of `metrics-netpol` have an API to go to. Their schema is the
+/// Prometheus Operator's business, not checked here.
 fn prometheus_operator_stub_crds() -> Vec<Value> {
-    ["ServiceMonitor", "PodMonitor"]
+    ["ServiceMonitor", "PodMonitor", "PrometheusRule"]
         .into_iter()
         .map(|kind| {
             let plural = format!("{}s", kind.to_lowercase());
@@ -108,11 +109,14 @@ async fn release_objects(
     out
 }
 
+/// The kinds of the release's objects as rendered offline (hooks, which `helm install` does not
+/// create, left out).
 fn rendered_kinds(v: &ValueSet, namespace: &str) -> Vec<String> {
     let rendered = v.render_in(namespace).unwrap_or_else(|e| panic!("{e}"));
     let mut k: Vec<String> = split_manifests(&rendered)
         .unwrap()
         .iter()
+        .filter(|m| !m.value["metadata"]["annotations"]["helm.sh/hook"].is_string())
         .map(|m| m.kind().to_string())
         .collect();
     k.sort();
@@ -489,6 +493,550 @@ async fn default_pool_is_up(client: &Client, ns: &str, op: &Operator) -> Value {
     serde_json::to_value(pools.get("default").await.unwrap()).unwrap()
 }
 
+/// `helm test`'s check as its pod would run it (no kubelet here): the hook objects helm stored
+/// for the release (`helm get hooks`) applied, the pod's own args with the local Redis, and a token
+/// of the hook's ServiceAccount, so that its Role is all it has.
+async fn helm_test_check(
+    cp: &ControlPlane,
+    client: &Client,
+    release: &str,
+    ns: &str,
+    redis: &RedisServer,
+) {
+    let hooks = helm_cluster(cp, &["get", "hooks", release, "--namespace", ns])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let hooks = split_manifests(&hooks).unwrap();
+    let pod = hooks
+        .iter()
+        .find(|m| m.kind() == "Pod")
+        .expect("the helm test pod among the hooks");
+    for m in hooks.iter().filter(|m| m.kind() != "Pod") {
+        apply(client, Some(ns), &m.value, MANAGER)
+            .await
+            .unwrap_or_else(|e| panic!("hook {} {}: {}", m.kind(), m.name(), api_message(&e)));
+    }
+    // The pod itself, as the server takes it (it stays Pending: no kubelet).
+    apply(client, Some(ns), &pod.value, MANAGER)
+        .await
+        .unwrap_or_else(|e| panic!("the helm test pod: {}", api_message(&e)));
+    let sa = pod.value["spec"]["serviceAccountName"]
+        .as_str()
+        .expect("the test pod's ServiceAccount");
+    let kubeconfig = cp.service_account_kubeconfig(client, ns, sa).await;
+    let args: Vec<String> = pod.value["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let a = a.as_str().unwrap();
+            if a.starts_with("--redis-url=") {
+                format!("--redis-url={}", redis.url())
+            } else {
+                a.to_string()
+            }
+        })
+        .collect();
+    let check = |args: &[String], password: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pawfect-operator-chart-tests"));
+        cmd.args(args)
+            .env("KUBECONFIG", &kubeconfig)
+            .env_remove("PAWFECT_REDIS_PASSWORD")
+            .stdin(Stdio::null());
+        if let Some(p) = password {
+            cmd.env("PAWFECT_REDIS_PASSWORD", p);
+        }
+        let out = cmd.output().expect("run pawfect-operator check");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, out) = check(&args, None);
+    assert!(ok, "helm test's check failed: {args:?}\n{out}");
+    assert!(out.contains(": PONG"), "{out}");
+    assert!(
+        out.contains(&format!("InpaintPool {ns}/default: Ready=True")),
+        "{out}"
+    );
+    // Its account reads that one pool only.
+    let other: Vec<String> = args
+        .iter()
+        .map(|a| {
+            if a.starts_with("--pool=") {
+                format!("--pool={ns}/other")
+            } else if a.starts_with("--timeout=") {
+                "--timeout=1s".to_string()
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
+    let (ok, out) = check(&other, None);
+    assert!(!ok && out.contains("forbidden"), "{out}");
+    // A password Redis does not take fails the check (this Redis has none).
+    let (ok, out) = check(&args, Some("not-the-password"));
+    assert!(!ok && out.contains("Redis"), "{out}");
+    // A passed test deletes its hook objects (hook-delete-policy hook-succeeded).
+    for m in &hooks {
+        let (api, name, _) = dynamic_api(client, Some(ns), &m.value).await.unwrap();
+        api.delete(&name, &Default::default())
+            .await
+            .unwrap_or_else(|e| panic!("delete hook {}: {}", m.name(), api_message(&e)));
+    }
+}
+
+/// The chart runs the operator without `--allow-host-path-models`: a pool whose models come from
+/// a hostPath gets no Deployment, `Ready=False/HostPathNotAllowed` and a Warning Event.
+async fn host_path_pool_is_refused(client: &Client, ns: &str, op: &Operator) {
+    let pool = json!({
+        "apiVersion": "inpaint.pawfect.dev/v1alpha1", "kind": "InpaintPool",
+        "metadata": {"name": "node-models", "namespace": ns},
+        "spec": {"worker": {"image": "w:1", "modelVolume": {"hostPath": "/srv/models"}}},
+    });
+    apply(client, Some(ns), &pool, MANAGER)
+        .await
+        .unwrap_or_else(|e| panic!("{}", api_message(&e)));
+    let pools = Api::<InpaintPool>::namespaced(client.clone(), ns);
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), ns);
+    eventually_with(
+        "the hostPath pool refused",
+        Duration::from_secs(60),
+        || async {
+            let p = pools.get("node-models").await.map_err(|e| e.to_string())?;
+            let ready = p
+                .status
+                .as_ref()
+                .and_then(|s| s.condition(pawfect_api::conditions::READY))
+                .ok_or("no Ready condition yet")?;
+            if ready.status != "False" || ready.reason != "HostPathNotAllowed" {
+                return Err(format!("Ready {} {}", ready.status, ready.reason));
+            }
+            if !(ready.message.contains("/srv/models")
+                && ready.message.contains("--allow-host-path-models"))
+            {
+                return Err(format!("message: {}", ready.message));
+            }
+            let warned = events
+                .list(&ListParams::default())
+                .await
+                .map_err(|e| e.to_string())?
+                .items
+                .iter()
+                .any(|e| {
+                    e.reason.as_deref() == Some("HostPathNotAllowed")
+                        && e.type_.as_deref() == Some("Warning")
+                        && e.regarding.as_ref().and_then(|r| r.name.as_deref())
+                            == Some("node-models")
+                });
+            warned
+                .then_some(())
+                .ok_or("no Warning Event yet".to_string())
+        },
+        || op.log(),
+    )
+    .await;
+    assert!(
+        Api::<Deployment>::namespaced(client.clone(), ns)
+            .get_opt("node-models-worker")
+            .await
+            .unwrap()
+            .is_none(),
+        "a refused pool got a worker Deployment"
+    );
+    pools
+        .delete("node-models", &Default::default())
+        .await
+        .unwrap();
+}
+
+/// A kubeconfig of the admin that acts as `user` (impersonation: `as` in the kubeconfig), so
+/// that only the RBAC bound to `user` applies.
+fn impersonating_kubeconfig(cp: &ControlPlane, user: &str) -> PathBuf {
+    let mut kc: Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(cp.kubeconfig()).unwrap()).unwrap();
+    for u in kc["users"].as_array_mut().unwrap() {
+        u["user"]["as"] = user.into();
+    }
+    let path = cp
+        .dir()
+        .join(format!("as-{user}-{}.kubeconfig", std::process::id()));
+    std::fs::write(&path, kc.to_string()).unwrap();
+    path
+}
+
+/// The control plane's own controller-manager runs only the controllers the other tests need;
+/// the ClusterRole aggregation controller (which fills `edit`, `view`, `admin` from the labelled
+/// ClusterRoles) runs here, the same binary with the same credentials, for the test that needs it.
+struct AggregationController(Child);
+
+impl AggregationController {
+    fn start(cp: &ControlPlane) -> Self {
+        let env = std::fs::read_to_string(cp.dir().join("env")).unwrap();
+        let bin = env
+            .lines()
+            .find_map(|l| l.strip_prefix("PAWFECT_K8S_BIN="))
+            .expect("PAWFECT_K8S_BIN in the control plane's env");
+        let pki = cp.dir().join("pki");
+        let kubeconfig = pki.join("controller-manager.kubeconfig");
+        let log = std::fs::File::create(
+            cp.dir()
+                .join(format!("aggregation-controller-{}.log", std::process::id())),
+        )
+        .unwrap();
+        let child = Command::new(Path::new(bin).join("kube-controller-manager"))
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .arg("--authentication-kubeconfig")
+            .arg(&kubeconfig)
+            .arg("--authorization-kubeconfig")
+            .arg(&kubeconfig)
+            .args([
+                "--bind-address",
+                "127.0.0.1",
+                "--secure-port",
+                "0",
+                "--leader-elect=false",
+                "--controllers",
+                "clusterrole-aggregation-controller",
+                "--use-service-account-credentials",
+            ])
+            .arg("--service-account-private-key-file")
+            .arg(pki.join("sa.key"))
+            .arg("--root-ca-file")
+            .arg(pki.join("ca.crt"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start kube-controller-manager (clusterrole-aggregation)");
+        AggregationController(child)
+    }
+}
+
+impl Drop for AggregationController {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Whether `client` may create `manifest` (a server-side dry run: nothing is stored).
+async fn may_create(client: &Client, ns: &str, manifest: &Value) -> Result<(), String> {
+    let (api, _, manifest) = dynamic_api(client, Some(ns), manifest)
+        .await
+        .map_err(|e| api_message(&e))?;
+    let obj: kube::api::DynamicObject = serde_json::from_value(manifest).unwrap();
+    api.create(
+        &kube::api::PostParams {
+            dry_run: true,
+            ..Default::default()
+        },
+        &obj,
+    )
+    .await
+    .map(|_| ())
+    .map_err(|e| api_message(&e))
+}
+
+fn is_forbidden(r: &Result<(), String>) -> bool {
+    r.as_ref().is_err_and(|e| e.contains("forbidden"))
+}
+
+#[tokio::test]
+async fn edit_may_submit_jobs_view_may_read_and_only_pool_admins_create_pools() {
+    let cp = ControlPlane::shared();
+    let client = cp.client().await;
+    apply_crds(&client, &committed_crd_files().unwrap())
+        .await
+        .unwrap();
+    let _aggregation = AggregationController::start(cp);
+    let ns = cp.namespace(&client, "roles").await;
+    let release = "roles";
+    ValueSet::defaults()
+        .set("crds.install=false")
+        .set("pool.create=false")
+        .helm_on(cp, "install", release, &ns, &[])
+        .unwrap_or_else(|e| panic!("helm install: {e}"));
+    // The built-in roles pick the chart's rules up.
+    let roles = Api::<ClusterRole>::all(client.clone());
+    eventually_with(
+        "edit and view aggregate the chart's roles",
+        Duration::from_secs(90),
+        || async {
+            let has = |r: ClusterRole, verb: &str, resource: &str| {
+                r.rules.unwrap_or_default().iter().any(|rule| {
+                    rule.resources
+                        .as_ref()
+                        .is_some_and(|rs| rs.iter().any(|x| x == resource))
+                        && rule.verbs.iter().any(|v| v == verb)
+                        && rule
+                            .api_groups
+                            .as_ref()
+                            .is_some_and(|g| g.iter().any(|g| g == "inpaint.pawfect.dev"))
+                })
+            };
+            let edit = roles.get("edit").await.map_err(|e| e.to_string())?;
+            let view = roles.get("view").await.map_err(|e| e.to_string())?;
+            let admin = roles.get("admin").await.map_err(|e| e.to_string())?;
+            (has(edit, "create", "inpaintjobs")
+                && has(view, "list", "inpaintpools")
+                && has(admin, "delete", "inpaintjobs"))
+            .then_some(())
+            .ok_or("not yet".to_string())
+        },
+        || cp.log_tail("kube-apiserver", 20),
+    )
+    .await;
+    for (user, role) in [
+        ("alice", "edit"),
+        ("bob", "view"),
+        ("carol", "roles-pawfect-inpaint-pool-admin"),
+    ] {
+        let rb = json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": user, "namespace": ns},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}],
+        });
+        apply(&client, Some(&ns), &rb, MANAGER).await.unwrap();
+    }
+    let as_user = |u: &'static str| async move {
+        let kubeconfig = impersonating_kubeconfig(cp, u);
+        cp.client_for(&kubeconfig).await
+    };
+    let (alice, bob, carol) = (
+        as_user("alice").await,
+        as_user("bob").await,
+        as_user("carol").await,
+    );
+    let job: Value = serde_saphyr::from_str(
+        &std::fs::read_to_string(workspace_root().join("examples/jobs/minimal.yaml")).unwrap(),
+    )
+    .unwrap();
+    let pool = json!({
+        "apiVersion": "inpaint.pawfect.dev/v1alpha1", "kind": "InpaintPool",
+        "metadata": {"name": "gpu"},
+        "spec": {"worker": {"image": "w:1", "modelVolume": {"claimName": "models"}}},
+    });
+    // RoleBindings take effect at once, but the aggregated rules may reach the authorizer's
+    // cache a moment after the ClusterRole changed: wait for the first grant.
+    eventually("edit may create an InpaintJob", || async {
+        may_create(&alice, &ns, &job).await
+    })
+    .await;
+    assert!(
+        is_forbidden(&may_create(&alice, &ns, &pool).await),
+        "edit may create a pool"
+    );
+    assert!(
+        is_forbidden(&may_create(&bob, &ns, &job).await),
+        "view may create a job"
+    );
+    assert!(
+        is_forbidden(&may_create(&bob, &ns, &pool).await),
+        "view may create a pool"
+    );
+    may_create(&carol, &ns, &pool)
+        .await
+        .unwrap_or_else(|e| panic!("pool-admin may not create a pool: {e}"));
+    // Reading: view (and edit) list jobs and pools; the status subresource is the operator's.
+    apply(&client, Some(&ns), &job, MANAGER).await.unwrap();
+    for (who, c) in [("view", &bob), ("edit", &alice)] {
+        let jobs = Api::<pawfect_api::InpaintJob>::namespaced(c.clone(), &ns);
+        assert_eq!(
+            jobs.list(&ListParams::default())
+                .await
+                .unwrap_or_else(|e| panic!("{who}: {e}"))
+                .items
+                .len(),
+            1
+        );
+        Api::<InpaintPool>::namespaced(c.clone(), &ns)
+            .list(&ListParams::default())
+            .await
+            .unwrap_or_else(|e| panic!("{who} may not list pools: {e}"));
+    }
+    let err = Api::<pawfect_api::InpaintJob>::namespaced(alice.clone(), &ns)
+        .patch_status(
+            "biscuit-no-leash",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Succeeded"}})),
+        )
+        .await
+        .expect_err("edit may write a job's status");
+    assert!(
+        api_message(&err).contains("forbidden"),
+        "{}",
+        api_message(&err)
+    );
+}
+
+#[tokio::test]
+async fn the_operator_may_patch_only_the_scale_down_annotations_of_its_pods() {
+    use pawfect_operator::pool::pod_annotations;
+    let cp = ControlPlane::shared();
+    let client = cp.client().await;
+    apply_crds(&client, &committed_crd_files().unwrap())
+        .await
+        .unwrap();
+    let ns = cp.namespace(&client, "pod-policy").await;
+    let release = "pod-policy";
+    ValueSet::defaults()
+        .set("crds.install=false")
+        .set("pool.create=false")
+        .helm_on(cp, "install", release, &ns, &[])
+        .unwrap_or_else(|e| panic!("helm install: {e}"));
+    let operator = cp
+        .client_for(
+            &cp.service_account_kubeconfig(&client, &ns, "pod-policy-pawfect-inpaint-operator")
+                .await,
+        )
+        .await;
+    let pods_admin = Api::<Pod>::namespaced(client.clone(), &ns);
+    let pods = Api::<Pod>::namespaced(operator, &ns);
+    let pod = |name: &str, managed: bool| {
+        let mut labels =
+            json!({"app.kubernetes.io/name": "pawfect-worker", "inpaint.pawfect.dev/pool": "gpu"});
+        if managed {
+            labels["app.kubernetes.io/managed-by"] = "pawfect-operator".into();
+        }
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "labels": labels,
+                         "annotations": {"team": "a"}},
+            "spec": {"automountServiceAccountToken": false,
+                     "containers": [{"name": "worker", "image": "w:1"}]},
+        })
+    };
+    // The namespace's default ServiceAccount comes from the controller-manager a moment after
+    // the namespace.
+    for (name, managed) in [("worker", true), ("other", false)] {
+        let p = pod(name, managed);
+        eventually(&format!("pod {name} created"), || async {
+            apply(&client, Some(&ns), &p, MANAGER)
+                .await
+                .map(|_| ())
+                .map_err(|e| api_message(&e))
+        })
+        .await;
+    }
+    let merge = |patch: Value| {
+        let pods = pods.clone();
+        async move {
+            pods.patch("worker", &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .map(|_| ())
+                .map_err(|e| api_message(&e))
+        }
+    };
+    let annotations = |busy: bool| -> Value {
+        let m: serde_json::Map<String, Value> = pod_annotations(busy)
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), json!(v)))
+            .collect();
+        json!({"metadata": {"annotations": m}})
+    };
+    // The policy reaches the API server's admission a moment after it is created: wait until
+    // it refuses what it must refuse (a new value each try, so that a try the policy let through
+    // leaves the next one a change).
+    let tries = std::sync::atomic::AtomicU32::new(0);
+    eventually("the policy refuses a label change", || async {
+        let n = tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match merge(json!({"metadata": {"labels": {"try": n.to_string()}}})).await {
+            Err(e) if e.contains("the operator may not change the labels of a pod") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    // What the operator does (operator/src/pool.rs mark_pods) passes, busy and idle.
+    merge(annotations(true))
+        .await
+        .unwrap_or_else(|e| panic!("busy marking refused: {e}"));
+    merge(annotations(false))
+        .await
+        .unwrap_or_else(|e| panic!("idle marking refused: {e}"));
+    let stored = pods_admin.get("worker").await.unwrap();
+    for (k, v) in pod_annotations(false) {
+        assert_eq!(
+            stored.annotations().get(k).map(String::as_str),
+            Some(v),
+            "{k}"
+        );
+    }
+    // Anything else is refused with the policy's message.
+    let refused: [(&str, Value, &str); 5] = [
+        (
+            "another annotation",
+            json!({"metadata": {"annotations": {"team": "b"}}}),
+            "may change only the pod-deletion-cost, safe-to-evict and do-not-disrupt annotations",
+        ),
+        (
+            "removing another annotation",
+            json!({"metadata": {"annotations": {"team": null}}}),
+            "may change only the pod-deletion-cost",
+        ),
+        (
+            "a new label",
+            json!({"metadata": {"labels": {"inpaint.pawfect.dev/pool": "elsewhere"}}}),
+            "may not change the labels",
+        ),
+        (
+            "the spec",
+            json!({"spec": {"containers": [{"name": "worker", "image": "evil:1"}]}}),
+            "may not change the spec",
+        ),
+        (
+            "the owner references",
+            json!({"metadata": {"ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "x", "uid": "00000000-0000-0000-0000-000000000001"}]}}),
+            "may not change the owner references",
+        ),
+    ];
+    for (what, patch, message) in refused {
+        let err = merge(patch).await.expect_err(what);
+        assert!(
+            err.contains(message) && err.contains("ValidatingAdmissionPolicy"),
+            "{what}: {err}"
+        );
+    }
+    // A pod the operator does not manage: not even the annotations.
+    let err = pods
+        .patch(
+            "other",
+            &PatchParams::default(),
+            &Patch::Merge(&annotations(true)),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| api_message(&e))
+        .expect_err("a pod the operator does not manage");
+    assert!(
+        err.contains("only patch the worker pods it manages"),
+        "{err}"
+    );
+    // Nothing refused was written; other users are not held by the policy.
+    let stored = pods_admin.get("worker").await.unwrap();
+    assert_eq!(
+        stored.annotations().get("team").map(String::as_str),
+        Some("a")
+    );
+    assert_eq!(
+        stored.spec.as_ref().unwrap().containers[0].image.as_deref(),
+        Some("w:1")
+    );
+    pods_admin
+        .patch(
+            "worker",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"team": "b"}}})),
+        )
+        .await
+        .expect("the admin may still label the pod");
+}
+
 #[tokio::test]
 async fn install_upgrade_and_uninstall_behave_as_the_chart_readme_says() {
     // CRDs are cluster-wide: this release gets a cluster of its own.
@@ -546,6 +1094,8 @@ async fn install_upgrade_and_uninstall_behave_as_the_chart_readme_says() {
     let mut op = Operator::start(&cp, &client, ns, &redis).await;
     let pool = default_pool_is_up(&client, ns, &op).await;
     check_default_pool("defaults", ns, &pool);
+    helm_test_check(&cp, &client, release, ns, &redis).await;
+    host_path_pool_is_refused(&client, ns, &op).await;
 
     // An upgrade with the same values keeps the generated Redis password (looked up) and the
     // operator's pod template (no restart).
