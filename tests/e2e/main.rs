@@ -505,6 +505,8 @@ fn record_phases(client: Client, ns: &str, log: PhaseLog) -> tokio::task::JoinHa
 async fn install_chart_rbac(client: &Client) -> Vec<String> {
     let rendered = ValueSet::defaults()
         .set("operator.replicas=2")
+        // The pool's models are a hostPath (the fixture directory): the platform team's opt-in.
+        .set("operator.allowHostPathModels=true")
         .set("crds.install=false")
         .render_in(SYSTEM_NS)
         .unwrap_or_else(|e| panic!("helm template: {e}"));
