@@ -159,21 +159,7 @@ async fn refuse(
         to_u32(dstatus.and_then(|s| s.ready_replicas)),
         now,
     );
-    if pool.status.as_ref() != Some(&new) {
-        let pools: Api<InpaintPool> = Api::namespaced(ctx.client.clone(), &ns);
-        let patch = json!({
-            "apiVersion": InpaintPool::api_version(&()),
-            "kind": InpaintPool::kind(&()),
-            "status": new,
-        });
-        pools
-            .patch_status(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(patch),
-            )
-            .await?;
-    }
+    write_status(pool, ctx, &ns, &name, new).await?;
     if !was_refused {
         let event = K8sEvent {
             type_: EventType::Warning,
@@ -213,6 +199,34 @@ fn needs_marking(pod: &Pod, busy: bool) -> bool {
     pod_annotations(busy)
         .iter()
         .any(|(k, v)| a.get(*k).map(String::as_str) != Some(*v))
+}
+
+/// Writes `new` as the pool's status (server-side apply of the status subresource) if it differs
+/// from the current one.
+async fn write_status(
+    pool: &InpaintPool,
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    new: InpaintPoolStatus,
+) -> Result<()> {
+    if pool.status.as_ref() == Some(&new) {
+        return Ok(());
+    }
+    let pools: Api<InpaintPool> = Api::namespaced(ctx.client.clone(), ns);
+    let patch = json!({
+        "apiVersion": InpaintPool::api_version(&()),
+        "kind": InpaintPool::kind(&()),
+        "status": new,
+    });
+    pools
+        .patch_status(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(patch),
+        )
+        .await?;
+    Ok(())
 }
 
 fn namespace(pool: &InpaintPool) -> Result<String> {
@@ -354,21 +368,7 @@ pub async fn reconcile(pool: Arc<InpaintPool>, ctx: Arc<Context>) -> Result<Acti
         },
         now,
     );
-    if pool.status.as_ref() != Some(&new) {
-        let pools: Api<InpaintPool> = Api::namespaced(ctx.client.clone(), &ns);
-        let patch = json!({
-            "apiVersion": InpaintPool::api_version(&()),
-            "kind": InpaintPool::kind(&()),
-            "status": new,
-        });
-        pools
-            .patch_status(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(patch),
-            )
-            .await?;
-    }
+    write_status(&pool, &ctx, &ns, &name, new).await?;
     if let Some(e) = queue_error {
         return Err(Error::Queue(e));
     }

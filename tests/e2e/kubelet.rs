@@ -141,6 +141,11 @@ fn expand(s: &str, env: &BTreeMap<String, String>) -> String {
     out
 }
 
+/// The pod's (only) container.
+fn container_of(pod: &Pod) -> Option<Container> {
+    pod.spec.as_ref()?.containers.first().cloned()
+}
+
 fn now() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
     k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now())
 }
@@ -451,12 +456,7 @@ impl Kubelet {
             eprintln!("kubelet: bind {name} to {node}: {e}");
             return;
         }
-        let Some(c) = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.containers.first())
-            .cloned()
-        else {
+        let Some(c) = container_of(pod) else {
             self.problem(format!("pod {name} has no container"));
             return;
         };
@@ -490,12 +490,7 @@ impl Kubelet {
             }
         };
         // The pod's own spec (as the kubelet has it), not the Deployment's current template.
-        let Some(c) = pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.containers.first())
-            .cloned()
-        else {
+        let Some(c) = container_of(&pod) else {
             return;
         };
         let node = pod

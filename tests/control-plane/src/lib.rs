@@ -197,26 +197,10 @@ impl ControlPlane {
 
     /// `scripts/local-k8s.sh restart`: SIGKILLs `component` (`etcd`, `kube-apiserver`,
     /// `kube-controller-manager`) and starts it again with the same flags and data, returning once
-    /// the API server is ready again. Blocking: call it from `spawn_blocking` in async code.
+    /// the API server is ready again. Blocking: in async code, call it from `spawn_blocking` or
+    /// `block_in_place`.
     pub fn restart(&self, component: &str) -> Result<(), String> {
-        let out = Command::new("bash")
-            .arg(script())
-            .arg("restart")
-            .arg(&self.dir)
-            .arg(component)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("cannot run {}: {e}", script().display()))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "`{} restart {} {component}` failed: {}",
-                script().display(),
-                self.dir.display(),
-                String::from_utf8_lossy(&out.stderr)
-            ))
-        }
+        run_script("restart", &self.dir, &[component])
     }
 
     /// Creates a namespace `<prefix>-<n>` unique to this process and returns its name.
@@ -313,10 +297,16 @@ impl Drop for ControlPlane {
 }
 
 fn down(dir: &Path) -> Result<(), String> {
+    run_script("down", dir, &[])
+}
+
+/// `scripts/local-k8s.sh COMMAND DIR ARGS...`, its stderr in the error.
+fn run_script(command: &str, dir: &Path, args: &[&str]) -> Result<(), String> {
     let out = Command::new("bash")
         .arg(script())
-        .arg("down")
+        .arg(command)
         .arg(dir)
+        .args(args)
         .stdin(Stdio::null())
         .output()
         .map_err(|e| format!("cannot run {}: {e}", script().display()))?;
@@ -324,9 +314,10 @@ fn down(dir: &Path) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "`{} down {}` failed: {}",
+            "`{} {command} {} {}` failed: {}",
             script().display(),
             dir.display(),
+            args.join(" "),
             String::from_utf8_lossy(&out.stderr)
         ))
     }
