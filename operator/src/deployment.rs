@@ -13,9 +13,10 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    HTTPGetAction, HostPathVolumeSource, ObjectFieldSelector, PersistentVolumeClaimVolumeSource,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
-    SecretKeySelector, SecurityContext, Volume, VolumeMount,
+    ConfigMapVolumeSource, HTTPGetAction, HostPathVolumeSource, KeyToPath, ObjectFieldSelector,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext,
+    Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -44,6 +45,54 @@ pub struct WorkerConnection {
     pub password_secret: Option<SecretKeyRef>,
     /// `PAWFECT_QUEUE_PREFIX`.
     pub queue_prefix: String,
+    /// The CA of the Redis server's certificate (`rediss://` with a private CA), mounted into
+    /// the workers and named by `PAWFECT_REDIS_CA_FILE`.
+    pub ca: Option<CaSource>,
+}
+
+/// Where the worker pods find the Redis CA: a ConfigMap or Secret of that name in the pool's
+/// namespace, and the key holding the PEM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CaSource {
+    ConfigMap { name: String, key: String },
+    Secret { name: String, key: String },
+}
+
+/// Directory the Redis CA is mounted at in worker pods.
+pub const REDIS_CA_DIR: &str = "/etc/pawfect/redis-ca";
+/// The file `PAWFECT_REDIS_CA_FILE` names (the source's key is mounted under this name).
+pub const REDIS_CA_FILE: &str = "ca.crt";
+
+fn ca_volume(ca: &CaSource) -> Volume {
+    let item = |key: &str| {
+        Some(vec![KeyToPath {
+            key: key.to_string(),
+            path: REDIS_CA_FILE.to_string(),
+            mode: None,
+        }])
+    };
+    match ca {
+        CaSource::ConfigMap { name, key } => Volume {
+            name: "redis-ca".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: name.clone(),
+                items: item(key),
+                optional: Some(false),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        CaSource::Secret { name, key } => Volume {
+            name: "redis-ca".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(name.clone()),
+                items: item(key),
+                optional: Some(false),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    }
 }
 
 /// A key of a Secret in the pool's namespace.
@@ -192,6 +241,12 @@ pub fn build(pool: &InpaintPool, conn: &WorkerConnection, replicas: u32) -> Depl
             }),
         });
     }
+    if conn.ca.is_some() {
+        envs.push(env(
+            "PAWFECT_REDIS_CA_FILE",
+            format!("{REDIS_CA_DIR}/{REDIS_CA_FILE}"),
+        ));
+    }
     envs.push(env("PAWFECT_QUEUE_PREFIX", conn.queue_prefix.clone()));
     envs.push(env("PAWFECT_MODEL_VARIANT", w.model_variant.as_str()));
     envs.push(env(
@@ -215,6 +270,15 @@ pub fn build(pool: &InpaintPool, conn: &WorkerConnection, replicas: u32) -> Depl
         mount_path: "/tmp".into(),
         ..Default::default()
     }];
+    if let Some(ca) = &conn.ca {
+        volumes.push(ca_volume(ca));
+        mounts.push(VolumeMount {
+            name: "redis-ca".into(),
+            mount_path: REDIS_CA_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
     if let Some(mv) = &w.model_volume {
         volumes.push(Volume {
             name: "models".into(),
@@ -375,7 +439,65 @@ mod tests {
                 key: "redis-password".into(),
             }),
             queue_prefix: "pawfect".into(),
+            ca: None,
         }
+    }
+
+    #[test]
+    fn a_private_redis_ca_is_mounted_and_named() {
+        let p = pool(json!({"worker": {"image": "w:1"}}));
+        for (ca, source) in [
+            (
+                CaSource::ConfigMap {
+                    name: "redis-ca".into(),
+                    key: "ca.pem".into(),
+                },
+                json!({"configMap": {"name": "redis-ca", "optional": false,
+                    "items": [{"key": "ca.pem", "path": "ca.crt"}]}}),
+            ),
+            (
+                CaSource::Secret {
+                    name: "redis-tls".into(),
+                    key: "ca.crt".into(),
+                },
+                json!({"secret": {"secretName": "redis-tls", "optional": false,
+                    "items": [{"key": "ca.crt", "path": "ca.crt"}]}}),
+            ),
+        ] {
+            let c = WorkerConnection {
+                ca: Some(ca),
+                ..conn(false)
+            };
+            let v = serde_json::to_value(build(&p, &c, 1)).unwrap();
+            let pod = &v["spec"]["template"]["spec"];
+            let vol = pod["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["name"] == "redis-ca")
+                .expect("CA volume");
+            let mut want = source.clone();
+            want["name"] = json!("redis-ca");
+            assert_eq!(vol, &want);
+            let c0 = &pod["containers"][0];
+            assert!(
+                c0["volumeMounts"].as_array().unwrap().contains(
+                    &json!({"name": "redis-ca", "mountPath": REDIS_CA_DIR, "readOnly": true})
+                ),
+                "{c0}"
+            );
+            let env = c0["env"].as_array().unwrap();
+            assert!(
+                env.contains(&json!({"name": "PAWFECT_REDIS_CA_FILE",
+                    "value": "/etc/pawfect/redis-ca/ca.crt"})),
+                "{env:?}"
+            );
+        }
+        // No CA: neither volume nor variable.
+        let v = serde_json::to_value(build(&p, &conn(false), 1)).unwrap();
+        let text = v.to_string();
+        assert!(!text.contains("redis-ca"), "{text}");
+        assert!(!text.contains("PAWFECT_REDIS_CA_FILE"), "{text}");
     }
 
     #[test]

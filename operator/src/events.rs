@@ -97,8 +97,7 @@ pub async fn run(
                         return;
                     }
                 }
-                let ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
-                if let Err(e) = reader.ack(&ids).await {
+                if let Err(e) = reader.ack(&events).await {
                     warn!(%e, "cannot acknowledge queue events (they will be read again)");
                 }
             }

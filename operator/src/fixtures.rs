@@ -165,6 +165,7 @@ impl TestEnv {
         let worker = WorkerConnection {
             redis_url: "redis://redis:6379/".into(),
             password_secret: None,
+            ca: None,
             queue_prefix: "pawfect".into(),
         };
         let ctx = Context::new(

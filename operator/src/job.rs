@@ -65,6 +65,11 @@ fn namespace(job: &InpaintJob) -> Result<String> {
     })
 }
 
+/// The queue pool of a job: `<namespace>/<spec.pool>`, whose keys hold its hash.
+fn job_pool(job: &InpaintJob) -> Result<String> {
+    Ok(queue_pool(&namespace(job)?, &job.spec.pool))
+}
+
 fn uid(job: &InpaintJob) -> Result<String> {
     job.uid().ok_or(Error::MissingField {
         kind: "InpaintJob",
@@ -134,7 +139,8 @@ async fn apply(job: &InpaintJob, ctx: &Context) -> Result<Action> {
         return timed_out(job, ctx, &uid, now).await;
     }
 
-    let record = match ctx.queue.get_job(&uid).await {
+    let pool = job_pool(job)?;
+    let record = match ctx.queue.get_job(&pool, &uid).await {
         Ok(r) => r,
         Err(e) => return queue_down(job, ctx, e, now).await,
     };
@@ -199,15 +205,16 @@ async fn queue_down(
 
 async fn timed_out(job: &InpaintJob, ctx: &Context, uid: &str, now: Timestamp) -> Result<Action> {
     let old = job.status.as_ref();
-    let record = ctx.queue.get_job(uid).await?;
+    let pool = job_pool(job)?;
+    let record = ctx.queue.get_job(&pool, uid).await?;
     let new = match record {
         // It finished just before the deadline: keep the real outcome.
         Some(r) if r.state.is_terminal() => status::from_queue(job, old, &queue_view(&r), now),
         Some(_) => {
-            let outcome = ctx.queue.cancel(uid).await?;
+            let outcome = ctx.queue.cancel(&pool, uid).await?;
             debug!(job = %job.name_any(), ?outcome, "deadline: cancel");
             match outcome {
-                CancelOutcome::AlreadyFinished(_) => match ctx.queue.get_job(uid).await? {
+                CancelOutcome::AlreadyFinished(_) => match ctx.queue.get_job(&pool, uid).await? {
                     Some(r) => status::from_queue(job, old, &queue_view(&r), now),
                     None => status::deadline_exceeded(job, old, now),
                 },
@@ -245,14 +252,15 @@ async fn expire(job: &InpaintJob, ctx: &Context, now: Timestamp) -> Result<Actio
 /// The job is being deleted: cancel its queue work, then the finalizer goes.
 async fn cleanup(job: &InpaintJob, ctx: &Context) -> Result<Action> {
     let uid = uid(job)?;
+    let pool = job_pool(job)?;
     if job.is_finished() {
         // Its hash would expire anyway; drop it now.
-        if let Err(e) = ctx.queue.forget(&uid).await {
+        if let Err(e) = ctx.queue.forget(&pool, &uid).await {
             debug!(job = %job.name_any(), %e, "forget failed (the hash expires on its own)");
         }
         return Ok(Action::await_change());
     }
-    let outcome = ctx.queue.cancel(&uid).await?;
+    let outcome = ctx.queue.cancel(&pool, &uid).await?;
     info!(job = %job.name_any(), namespace = ?job.namespace(), ?outcome, "deleted: cancelled in the queue");
     let note = match outcome {
         CancelOutcome::Cancelled => "deleted while waiting: removed from the queue",

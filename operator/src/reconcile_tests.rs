@@ -125,7 +125,7 @@ async fn new_job_gets_the_finalizer_first() {
     );
     assert_eq!(done(h).await, Action::await_change());
     // Nothing was queued before the finalizer was in place.
-    assert_eq!(env.queue.get_job(JOB_UID).await.unwrap(), None);
+    assert_eq!(env.queue.get_job(&qpool(), JOB_UID).await.unwrap(), None);
 }
 
 #[tokio::test]
@@ -136,7 +136,7 @@ async fn new_job_is_enqueued_exactly_once() {
 
     let rec = env
         .queue
-        .get_job(JOB_UID)
+        .get_job(&qpool(), JOB_UID)
         .await
         .unwrap()
         .expect("in the queue");
@@ -184,7 +184,7 @@ async fn job_waits_for_a_missing_pool() {
     assert!(c["message"].as_str().unwrap().contains("\"t4\""), "{c}");
     expect_event(&mut env, reasons::POOL_NOT_FOUND, "Warning").await;
     assert_eq!(done(h).await, Action::requeue(Duration::from_secs(30)));
-    assert_eq!(env.queue.get_job(JOB_UID).await.unwrap(), None);
+    assert_eq!(env.queue.get_job(&qpool(), JOB_UID).await.unwrap(), None);
 }
 
 #[tokio::test]
@@ -330,7 +330,7 @@ async fn deleting_a_waiting_job_cancels_it_and_removes_the_finalizer() {
         ])
     );
     assert_eq!(done(h).await, Action::await_change());
-    let rec = env.queue.get_job(JOB_UID).await.unwrap().unwrap();
+    let rec = env.queue.get_job(&qpool(), JOB_UID).await.unwrap().unwrap();
     assert_eq!(rec.state, JobState::Cancelled);
     let d = env.queue.depth(&qpool()).await.unwrap();
     assert_eq!((d.waiting, d.running), (0, 0));

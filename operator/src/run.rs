@@ -19,7 +19,7 @@ use pawfect_api::{InpaintJob, InpaintPool};
 use pawfect_queue::{Queue, QueueConfig};
 use tracing::{error, info, warn};
 
-use crate::deployment::{SecretKeyRef, WorkerConnection};
+use crate::deployment::{CaSource, SecretKeyRef, WorkerConnection};
 use crate::events::{self, Triggers};
 use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
@@ -55,6 +55,9 @@ pub struct CheckArgs {
     /// Redis URL of the queue (PAWFECT_REDIS_PASSWORD, when set, overrides or adds the password).
     #[arg(long, env = "PAWFECT_REDIS_URL", hide_env_values = true)]
     pub redis_url: String,
+    /// PEM file of the CA that signed the Redis server's certificate (rediss://).
+    #[arg(long, env = "PAWFECT_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<std::path::PathBuf>,
     /// InpaintPool that must be Ready, as `namespace/name` (no pool check when unset).
     #[arg(long)]
     pub pool: Option<String>,
@@ -99,6 +102,10 @@ pub struct RunArgs {
         hide_env_values = true
     )]
     pub redis_url: String,
+    /// PEM file of the CA that signed the Redis server's certificate, for rediss:// URLs
+    /// (default: the public web roots).
+    #[arg(long, env = "PAWFECT_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<std::path::PathBuf>,
     /// Prefix of every queue key (operator and workers must agree).
     #[arg(long, env = "PAWFECT_QUEUE_PREFIX", default_value = "pawfect")]
     pub queue_prefix: String,
@@ -143,6 +150,16 @@ pub struct RunArgs {
         default_value = "redis-password"
     )]
     pub worker_redis_secret_key: String,
+    /// ConfigMap (in each pool's namespace) holding the Redis CA the workers trust, mounted into
+    /// them as PAWFECT_REDIS_CA_FILE (key --worker-redis-ca-key).
+    #[arg(long, env = "PAWFECT_WORKER_REDIS_CA_CONFIGMAP", conflicts_with = "worker_redis_ca_secret")]
+    pub worker_redis_ca_configmap: Option<String>,
+    /// Secret (in each pool's namespace) holding the Redis CA, instead of a ConfigMap.
+    #[arg(long, env = "PAWFECT_WORKER_REDIS_CA_SECRET")]
+    pub worker_redis_ca_secret: Option<String>,
+    /// Key of the CA's PEM in --worker-redis-ca-configmap / --worker-redis-ca-secret.
+    #[arg(long, env = "PAWFECT_WORKER_REDIS_CA_KEY", default_value = "ca.crt")]
+    pub worker_redis_ca_key: String,
     /// ConfigMap (in the operator's namespace) whose `pool.json` holds an InpaintPool manifest to
     /// apply once this replica leads: the Helm chart's default pool (see `default_pool`).
     #[arg(long, env = "PAWFECT_DEFAULT_POOL_CONFIGMAP")]
@@ -195,6 +212,36 @@ pub fn redis_urls(
         worker,
         has_password,
     })
+}
+
+/// The operator's queue client settings (`run` and `check` alike).
+pub fn queue_config(
+    url: String,
+    ca_file: Option<std::path::PathBuf>,
+    prefix: String,
+) -> QueueConfig {
+    QueueConfig {
+        url,
+        ca_file,
+        prefix,
+        ..QueueConfig::default()
+    }
+}
+
+/// Where the workers find the Redis CA (the `--worker-redis-ca-*` flags).
+pub fn worker_ca(args: &RunArgs) -> Option<CaSource> {
+    let key = args.worker_redis_ca_key.clone();
+    match (&args.worker_redis_ca_configmap, &args.worker_redis_ca_secret) {
+        (Some(name), _) => Some(CaSource::ConfigMap {
+            name: name.clone(),
+            key,
+        }),
+        (None, Some(name)) => Some(CaSource::Secret {
+            name: name.clone(),
+            key,
+        }),
+        (None, None) => None,
+    }
 }
 
 /// Sets up logging.
@@ -381,10 +428,11 @@ pub fn pool_ready(pool: Option<&InpaintPool>) -> Result<String, String> {
 pub async fn check(args: CheckArgs) -> anyhow::Result<()> {
     let password = std::env::var("PAWFECT_REDIS_PASSWORD").ok();
     let urls = redis_urls(&args.redis_url, password.as_deref(), None)?;
-    let queue = Queue::connect(QueueConfig {
-        url: urls.operator,
-        ..QueueConfig::default()
-    })
+    let queue = Queue::connect(queue_config(
+        urls.operator,
+        args.redis_ca_file.clone(),
+        QueueConfig::default().prefix,
+    ))
     .await
     .with_context(|| format!("cannot connect to Redis at {}", urls.worker))?;
     queue
@@ -444,6 +492,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
             key: args.worker_redis_secret_key.clone(),
         }),
         queue_prefix: args.queue_prefix.clone(),
+        ca: worker_ca(&args),
     };
 
     let metrics = Arc::new(Metrics::default());
@@ -469,11 +518,11 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         "CRDs installed"
     );
 
-    let queue = Queue::connect(QueueConfig {
-        url: urls.operator.clone(),
-        prefix: args.queue_prefix.clone(),
-        ..QueueConfig::default()
-    })
+    let queue = Queue::connect(queue_config(
+        urls.operator.clone(),
+        args.redis_ca_file.clone(),
+        args.queue_prefix.clone(),
+    ))
     .await
     .context("cannot connect to Redis (--redis-url)")?;
     queue.ping().await.context("Redis does not answer PING")?;

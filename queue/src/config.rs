@@ -1,5 +1,6 @@
 //! Queue configuration shared by the operator and the workers.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::error::QueueError;
@@ -11,8 +12,11 @@ use crate::keys::{DEFAULT_PREFIX, Keys};
 #[derive(Clone, Debug, PartialEq)]
 pub struct QueueConfig {
     /// A redis-rs URL: `redis://[user][:password@]host[:port][/db]`, `rediss://…` for TLS
-    /// (needs this crate's `tls` feature), `redis+unix:///path` for a socket.
+    /// (rustls), `redis+unix:///path` for a socket.
     pub url: String,
+    /// PEM file of the CA(s) that signed the server's certificate, for `rediss://` URLs: when
+    /// set, only these are trusted; when unset, the public web roots (webpki-roots).
+    pub ca_file: Option<PathBuf>,
     /// Prefix of every key (default `pawfect`).
     pub prefix: String,
     /// An entry whose worker has not heartbeated for this long is taken over by another
@@ -42,6 +46,7 @@ impl Default for QueueConfig {
     fn default() -> Self {
         QueueConfig {
             url: "redis://127.0.0.1:6379/".to_string(),
+            ca_file: None,
             prefix: DEFAULT_PREFIX.to_string(),
             lease: Duration::from_secs(60),
             heartbeat_interval: None,

@@ -13,6 +13,19 @@ pub enum QueueError {
         value: String,
         reason: &'static str,
     },
+    /// The first connection failed. For `rediss://` the message says which CA was trusted:
+    /// an unknown issuer is the usual cause (a private CA not given as the CA file).
+    #[error("cannot connect to Redis at {url}{hint}: {source}")]
+    Connect {
+        /// The URL without its password.
+        url: String,
+        hint: String,
+        #[source]
+        source: redis::RedisError,
+    },
+    /// The CA file could not be read or holds no certificate.
+    #[error("Redis CA file {path}: {reason}")]
+    CaFile { path: String, reason: String },
     /// A configuration value out of range.
     #[error("invalid queue config: {0}")]
     Config(String),
@@ -40,7 +53,7 @@ impl QueueError {
     /// the call may succeed when retried later.
     pub fn is_transient(&self) -> bool {
         match self {
-            QueueError::Redis(e) => {
+            QueueError::Redis(e) | QueueError::Connect { source: e, .. } => {
                 e.is_io_error()
                     || e.is_connection_dropped()
                     || e.is_connection_refusal()

@@ -84,15 +84,17 @@ pub enum EventPayload {
     Error(ErrorInfo),
 }
 
-/// One entry of the events stream.
+/// One entry of a pool's events stream.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Event {
-    /// Stream entry id: pass it to [`EventsReader::ack`] once processed.
+    /// Stream entry id (in the pool's stream): pass the event to [`EventsReader::ack`] once
+    /// processed.
     pub id: String,
     pub kind: EventKind,
     pub uid: String,
     pub namespace: String,
     pub name: String,
+    /// The pool whose stream the event came from (set by the reader).
     pub pool: String,
     pub attempt: u32,
     /// Worker that caused the event (none for a cancel of a waiting job).
@@ -168,24 +170,34 @@ fn decode_payload(kind: EventKind, json: &str) -> Result<EventPayload> {
 }
 
 impl Queue {
-    /// A reader of the events stream for the operator (consumer group `operator`).
+    /// A reader of every pool's events stream for the operator (consumer group `operator`).
     pub async fn events(&self, consumer: &str) -> Result<EventsReader> {
         EventsReader::new(self.clone(), consumer).await
     }
 }
 
-/// Reads the events stream through the consumer group `operator`.
+/// Reads the events streams of all pools (one per pool, `Keys::events`) through the consumer
+/// group `operator`. The pools are those listed in `{p}:pools` (the operator lists a pool when
+/// it enqueues a job or sets up the pool's user); a pool listed later is read from the next
+/// call on.
+///
+/// A pool's stream is written by that pool's workers, who may write anything into it: an
+/// event's `pool` is the pool of the stream it came from (not what the entry says), and in a
+/// pool named `<namespace>/<name>` (the operator's) an entry about a job of another namespace
+/// is dropped. The operator only takes events
+/// as a sign that a job changed and reads the job hash of the job's own pool itself.
 ///
 /// Delivery is at least once: call [`ack`](Self::ack) after an event is processed. Events not
 /// acknowledged for `events_redeliver_after` (also those a previous operator pod read under
 /// another consumer name and never acknowledged) are delivered again, and after a restart the
 /// consumer's own pending events come first. Use a stable consumer name where possible.
-/// Malformed entries are acknowledged and skipped with a warning. The stream is capped
+/// Malformed entries are acknowledged and skipped with a warning. The streams are capped
 /// (MAXLEN ~), so an operator that was away for long resyncs from [`Queue::get_job`].
 pub struct EventsReader {
     queue: Queue,
     consumer: String,
-    key: String,
+    /// Events stream keys (and their pools) that have the operator group.
+    streams: Vec<(String, String)>,
     conn: Option<(MultiplexedConnection, Duration)>,
     own_pending_done: bool,
     last_redeliver: Option<Instant>,
@@ -195,7 +207,7 @@ impl fmt::Debug for EventsReader {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EventsReader")
             .field("consumer", &self.consumer)
-            .field("key", &self.key)
+            .field("streams", &self.streams.len())
             .finish_non_exhaustive()
     }
 }
@@ -203,16 +215,15 @@ impl fmt::Debug for EventsReader {
 impl EventsReader {
     pub(crate) async fn new(queue: Queue, consumer: &str) -> Result<Self> {
         crate::keys::validate_name("consumer name", consumer)?;
-        let key = queue.keys().events();
-        let reader = EventsReader {
+        let mut reader = EventsReader {
             queue,
             consumer: consumer.to_string(),
-            key,
+            streams: Vec::new(),
             conn: None,
             own_pending_done: false,
             last_redeliver: None,
         };
-        reader.ensure_group().await?;
+        reader.refresh().await?;
         Ok(reader)
     }
 
@@ -220,58 +231,88 @@ impl EventsReader {
         &self.consumer
     }
 
-    async fn ensure_group(&self) -> Result<()> {
-        let mut c = self.queue.conn();
-        let r: redis::RedisResult<()> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(&self.key)
-            .arg(OPERATOR_GROUP)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut c)
-            .await;
-        match r {
-            Ok(()) => Ok(()),
-            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
-            Err(e) => Err(e.into()),
+    /// Picks up pools listed since the last call: their streams get the operator group.
+    async fn refresh(&mut self) -> Result<()> {
+        let mut pools = self.queue.pools().await?;
+        pools.retain(|p| crate::keys::validate_name("pool", p).is_ok());
+        let mut added = false;
+        for pool in pools {
+            let key = self.queue.keys().events(&pool);
+            if self.streams.iter().any(|(k, _)| *k == key) {
+                continue;
+            }
+            let r: redis::RedisResult<()> = redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(&key)
+                .arg(OPERATOR_GROUP)
+                .arg("0")
+                .arg("MKSTREAM")
+                .query_async(&mut self.queue.conn())
+                .await;
+            match r {
+                Ok(()) => {}
+                Err(e) if e.code() == Some("BUSYGROUP") => {}
+                Err(e) => return Err(e.into()),
+            }
+            self.streams.push((key, pool));
+            added = true;
         }
+        if added {
+            // A new stream may hold events this consumer read before a restart.
+            self.own_pending_done = false;
+        }
+        Ok(())
     }
 
     /// Up to `count` events: first this consumer's unacknowledged ones (after a restart), then
     /// events idle past the redelivery time, then new ones, waiting up to `block` for them.
     /// An empty vector means nothing arrived in time.
     pub async fn next(&mut self, count: usize, block: Duration) -> Result<Vec<Event>> {
+        self.refresh().await?;
         match self.next_inner(count.max(1), block).await {
             Err(e) if e.is_nogroup() => {
-                self.ensure_group().await?;
-                self.own_pending_done = false;
+                // A stream (or its group) was lost, e.g. with Redis' data: set them up again.
+                self.streams.clear();
+                self.refresh().await?;
                 self.next_inner(count.max(1), block).await
             }
             other => other,
         }
     }
 
+    fn pool_of(&self, key: &str) -> Option<&str> {
+        self.streams
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, p)| p.as_str())
+    }
+
     async fn next_inner(&mut self, count: usize, block: Duration) -> Result<Vec<Event>> {
+        if self.streams.is_empty() {
+            // No pool yet: nothing to read, wait as a blocking read would.
+            tokio::time::sleep(block).await;
+            return Ok(Vec::new());
+        }
         if !self.own_pending_done {
-            let v: redis::Value = redis::cmd("XREADGROUP")
-                .arg("GROUP")
+            let mut cmd = redis::cmd("XREADGROUP");
+            cmd.arg("GROUP")
                 .arg(OPERATOR_GROUP)
                 .arg(&self.consumer)
                 .arg("COUNT")
                 .arg(count)
-                .arg("STREAMS")
-                .arg(&self.key)
-                .arg("0")
-                .query_async(&mut self.queue.conn())
-                .await?;
-            let entries: Vec<reply::Entry> = reply::read_reply("XREADGROUP events", v)?
-                .into_iter()
-                .flat_map(|(_, e)| e)
-                .collect();
-            if entries.is_empty() {
+                .arg("STREAMS");
+            for (k, _) in &self.streams {
+                cmd.arg(k);
+            }
+            for _ in &self.streams {
+                cmd.arg("0");
+            }
+            let v: redis::Value = cmd.query_async(&mut self.queue.conn()).await?;
+            let read = reply::read_reply("XREADGROUP events", v)?;
+            if read.iter().all(|(_, e)| e.is_empty()) {
                 self.own_pending_done = true;
             } else {
-                return self.decode_batch(entries).await;
+                return self.decode_read(read).await;
             }
         }
         let redeliver = self.queue.config().events_redeliver_after;
@@ -280,23 +321,29 @@ impl EventsReader {
             .is_none_or(|t| t.elapsed() >= redeliver / 2)
         {
             self.last_redeliver = Some(Instant::now());
-            let v: redis::Value = redis::cmd("XAUTOCLAIM")
-                .arg(&self.key)
-                .arg(OPERATOR_GROUP)
-                .arg(&self.consumer)
-                .arg(redeliver.as_millis() as u64)
-                .arg("0-0")
-                .arg("COUNT")
-                .arg(count)
-                .query_async(&mut self.queue.conn())
-                .await?;
-            let mut parts = reply::array("XAUTOCLAIM events", v)?.into_iter();
-            let _cursor = parts.next();
-            if let Some(claimed) = parts.next() {
-                let entries = reply::entries("XAUTOCLAIM events", claimed)?;
-                if !entries.is_empty() {
-                    return self.decode_batch(entries).await;
+            let mut read = Vec::new();
+            for (key, _) in &self.streams {
+                let v: redis::Value = redis::cmd("XAUTOCLAIM")
+                    .arg(key)
+                    .arg(OPERATOR_GROUP)
+                    .arg(&self.consumer)
+                    .arg(redeliver.as_millis() as u64)
+                    .arg("0-0")
+                    .arg("COUNT")
+                    .arg(count)
+                    .query_async(&mut self.queue.conn())
+                    .await?;
+                let mut parts = reply::array("XAUTOCLAIM events", v)?.into_iter();
+                let _cursor = parts.next();
+                if let Some(claimed) = parts.next() {
+                    let entries = reply::entries("XAUTOCLAIM events", claimed)?;
+                    if !entries.is_empty() {
+                        read.push((key.clone(), entries));
+                    }
                 }
+            }
+            if !read.is_empty() {
+                return self.decode_read(read).await;
             }
         }
         let block_ms = block.as_millis().max(1) as u64;
@@ -308,9 +355,13 @@ impl EventsReader {
             .arg(count)
             .arg("BLOCK")
             .arg(block_ms)
-            .arg("STREAMS")
-            .arg(&self.key)
-            .arg(">");
+            .arg("STREAMS");
+        for (k, _) in &self.streams {
+            cmd.arg(k);
+        }
+        for _ in &self.streams {
+            cmd.arg(">");
+        }
         let conn = self.blocking_conn(block).await?;
         let r: redis::RedisResult<redis::Value> = cmd.query_async(conn).await;
         let v = match r {
@@ -320,11 +371,8 @@ impl EventsReader {
                 return Err(e.into());
             }
         };
-        let entries: Vec<reply::Entry> = reply::read_reply("XREADGROUP events", v)?
-            .into_iter()
-            .flat_map(|(_, e)| e)
-            .collect();
-        self.decode_batch(entries).await
+        let read = reply::read_reply("XREADGROUP events", v)?;
+        self.decode_read(read).await
     }
 
     async fn blocking_conn(&mut self, block: Duration) -> Result<&mut MultiplexedConnection> {
@@ -342,38 +390,73 @@ impl EventsReader {
         }
     }
 
-    async fn decode_batch(&mut self, entries: Vec<reply::Entry>) -> Result<Vec<Event>> {
-        let mut out = Vec::with_capacity(entries.len());
-        let mut junk = Vec::new();
-        for (id, fields) in entries {
-            match fields.map(|f| Event::decode(id.clone(), f)) {
-                Some(Ok(e)) => out.push(e),
-                Some(Err(err)) => {
-                    tracing::warn!(id, error = %err, "skipping malformed event");
-                    junk.push(id);
+    async fn decode_read(&mut self, read: Vec<(String, Vec<reply::Entry>)>) -> Result<Vec<Event>> {
+        let mut out = Vec::new();
+        let mut junk: Vec<(String, Vec<String>)> = Vec::new();
+        for (key, entries) in read {
+            let Some(pool) = self.pool_of(&key).map(str::to_string) else {
+                continue;
+            };
+            // An operator pool is `<namespace>/<name>` and holds jobs of that namespace only.
+            let namespace = pool.split_once('/').map(|(ns, _)| ns.to_string());
+            let mut bad = Vec::new();
+            for (id, fields) in entries {
+                match fields.map(|f| Event::decode(id.clone(), f)) {
+                    Some(Ok(mut e))
+                        if namespace.as_ref().is_none_or(|ns| *ns == e.namespace) =>
+                    {
+                        e.pool = pool.clone();
+                        out.push(e);
+                    }
+                    Some(Ok(e)) => {
+                        tracing::warn!(
+                            id,
+                            pool = %pool,
+                            namespace = %e.namespace,
+                            "skipping an event about a job outside its pool's namespace"
+                        );
+                        bad.push(id);
+                    }
+                    Some(Err(err)) => {
+                        tracing::warn!(id, pool = %pool, error = %err, "skipping malformed event");
+                        bad.push(id);
+                    }
+                    // Trimmed away while pending: nothing to process.
+                    None => bad.push(id),
                 }
-                // Trimmed away while pending: nothing to process.
-                None => junk.push(id),
+            }
+            if !bad.is_empty() {
+                junk.push((key, bad));
             }
         }
-        if !junk.is_empty() {
-            let ids: Vec<&str> = junk.iter().map(String::as_str).collect();
-            self.ack(&ids).await?;
+        for (key, ids) in junk {
+            self.ack_ids(&key, &ids).await?;
         }
         Ok(out)
     }
 
-    /// Acknowledges processed events (by [`Event::id`]).
-    pub async fn ack(&self, ids: &[&str]) -> Result<()> {
+    async fn ack_ids(&self, key: &str, ids: &[String]) -> Result<()> {
         if ids.is_empty() {
             return Ok(());
         }
         let _: i64 = redis::cmd("XACK")
-            .arg(&self.key)
+            .arg(key)
             .arg(OPERATOR_GROUP)
             .arg(ids)
             .query_async(&mut self.queue.conn())
             .await?;
+        Ok(())
+    }
+
+    /// Acknowledges processed events (each in its pool's stream).
+    pub async fn ack(&self, events: &[Event]) -> Result<()> {
+        let mut by_pool: HashMap<&str, Vec<String>> = HashMap::new();
+        for e in events {
+            by_pool.entry(e.pool.as_str()).or_default().push(e.id.clone());
+        }
+        for (pool, ids) in by_pool {
+            self.ack_ids(&self.queue.keys().events(pool), &ids).await?;
+        }
         Ok(())
     }
 }

@@ -1,20 +1,24 @@
 //! The one place that names every Redis key, consumer group and hash field of the protocol.
 //!
-//! With the default prefix `pawfect`:
+//! Every key a worker touches lies under its pool's own prefix `{prefix}:p:{pool}:`, so one
+//! Redis ACL key pattern per pool (`~{prefix}:p:{pool}:*`, [`Keys::pool_pattern`]) gives a
+//! pool's workers their jobs and nothing of any other pool. With the default prefix `pawfect`
+//! and the queue pool `media/t4` (`<namespace>/<InpaintPool>`):
 //!
 //! | key | type | content |
 //! |---|---|---|
-//! | `pawfect:jobs:{pool}` | stream, group `workers` | normal-priority entries of the pool |
-//! | `pawfect:jobs:{pool}:high` | stream, group `workers` | high-priority entries of the pool |
-//! | `pawfect:job:{uid}` | hash | state of one job (fields in [`field`]) |
-//! | `pawfect:events` | stream, group `operator` | what happened to jobs (claimed, progress, …) |
-//! | `pawfect:dead:{pool}` | stream | jobs that used up their attempts |
-//! | `pawfect:workers:{pool}` | hash | worker name → `{"seen": ms, "job": uid or null}` |
-//! | `pawfect:pools` | set | every pool that ever had a job or a worker |
-//! | `pawfect:server` | hash | `run_id` of the Redis server and `since` (ms) a claim first saw it |
+//! | `pawfect:p:media/t4:jobs` | stream, group `workers` | normal-priority entries of the pool |
+//! | `pawfect:p:media/t4:jobs:high` | stream, group `workers` | high-priority entries of the pool |
+//! | `pawfect:p:media/t4:job:{uid}` | hash | state of one job of the pool (fields in [`field`]) |
+//! | `pawfect:p:media/t4:events` | stream, group `operator` | what happened to the pool's jobs (claimed, progress, …) |
+//! | `pawfect:p:media/t4:dead` | stream | the pool's jobs that used up their attempts |
+//! | `pawfect:p:media/t4:workers` | hash | worker name → `{"seen": ms, "job": uid or null}` |
+//! | `pawfect:p:media/t4:server` | hash | `run_id` of the Redis server and `since` (ms) a claim of the pool first saw it |
+//! | `pawfect:pools` | set | every pool the operator queued a job for or made a user for (operator only) |
 //!
-//! Pool names and uids must not contain `:` or whitespace (Kubernetes names and uids never do),
-//! so `{pool}:high` of one pool can never be the stream of another pool.
+//! Pool names and uids must not contain `:`, whitespace or the glob characters `*?[]\`
+//! (Kubernetes names and uids never do), so `{pool}:` of one pool is never a prefix of another
+//! pool's keys and a pool's pattern matches its own keys only.
 
 use pawfect_api::Priority;
 
@@ -102,14 +106,24 @@ impl Keys {
         &self.prefix
     }
 
+    /// The prefix every key of a pool starts with: `{prefix}:p:{pool}:`.
+    pub fn pool_base(&self, pool: &str) -> String {
+        format!("{}:p:{pool}:", self.prefix)
+    }
+
+    /// The ACL key pattern that covers every key of a pool and of no other pool.
+    pub fn pool_pattern(&self, pool: &str) -> String {
+        format!("{}*", self.pool_base(pool))
+    }
+
     /// Normal-priority stream of a pool.
     pub fn jobs(&self, pool: &str) -> String {
-        format!("{}:jobs:{pool}", self.prefix)
+        format!("{}jobs", self.pool_base(pool))
     }
 
     /// High-priority stream of a pool.
     pub fn jobs_high(&self, pool: &str) -> String {
-        format!("{}:jobs:{pool}:high", self.prefix)
+        format!("{}jobs:high", self.pool_base(pool))
     }
 
     /// The stream a job of this priority goes to.
@@ -120,35 +134,66 @@ impl Keys {
         }
     }
 
-    /// Hash of one job.
-    pub fn job(&self, uid: &str) -> String {
-        format!("{}:job:{uid}", self.prefix)
+    /// What job hash keys of a pool start with (the scripts append the uid they read from an
+    /// entry): `job(pool, uid) == job_prefix(pool) + uid`.
+    pub fn job_prefix(&self, pool: &str) -> String {
+        format!("{}job:", self.pool_base(pool))
     }
 
-    /// Events stream (one for all pools).
-    pub fn events(&self) -> String {
-        format!("{}:events", self.prefix)
+    /// Hash of one job.
+    pub fn job(&self, pool: &str, uid: &str) -> String {
+        format!("{}{uid}", self.job_prefix(pool))
+    }
+
+    /// Events stream of a pool (the operator reads every pool's through one group).
+    pub fn events(&self, pool: &str) -> String {
+        format!("{}events", self.pool_base(pool))
     }
 
     /// Dead-letter stream of a pool.
     pub fn dead(&self, pool: &str) -> String {
-        format!("{}:dead:{pool}", self.prefix)
+        format!("{}dead", self.pool_base(pool))
     }
 
     /// Worker registry hash of a pool.
     pub fn workers(&self, pool: &str) -> String {
-        format!("{}:workers:{pool}", self.prefix)
+        format!("{}workers", self.pool_base(pool))
     }
 
-    /// Set of pool names.
+    /// Hash of the Redis server's `run_id` and `since` (ms): when a claim of the pool first saw
+    /// this server run, so reclaims wait a lease after a restart.
+    pub fn server(&self, pool: &str) -> String {
+        format!("{}server", self.pool_base(pool))
+    }
+
+    /// Set of pool names (written and read by the operator only).
     pub fn pools(&self) -> String {
         format!("{}:pools", self.prefix)
     }
 
-    /// Hash of the Redis server's `run_id` and `since` (ms): when a claim first saw this
-    /// server run, so reclaims wait a lease after a restart.
-    pub fn server(&self) -> String {
-        format!("{}:server", self.prefix)
+    /// Key patterns of the layout before pools had their own prefix (`{prefix}:jobs:*`,
+    /// `{prefix}:job:*`, `{prefix}:events`, …), for the operator's upgrade check.
+    pub fn legacy_patterns(&self) -> [String; 5] {
+        let p = &self.prefix;
+        [
+            format!("{p}:jobs:*"),
+            format!("{p}:job:*"),
+            format!("{p}:events"),
+            format!("{p}:dead:*"),
+            format!("{p}:workers:*"),
+        ]
+    }
+
+    /// Name of the Redis ACL user of a pool's workers: `{prefix}:{pool}`.
+    pub fn pool_user(&self, pool: &str) -> String {
+        format!("{}:{pool}", self.prefix)
+    }
+
+    /// The pool of an events stream key of [`events`](Self::events) (None for other keys).
+    pub fn pool_of_events(&self, key: &str) -> Option<String> {
+        let rest = key.strip_prefix(&format!("{}:p:", self.prefix))?;
+        let pool = rest.strip_suffix(":events")?;
+        (!pool.contains(':')).then(|| pool.to_string())
     }
 }
 
@@ -160,6 +205,8 @@ pub(crate) fn validate_name(what: &'static str, value: &str) -> Result<(), Queue
         Some("must be at most 253 bytes")
     } else if value.contains(':') {
         Some("must not contain ':'")
+    } else if value.contains(['*', '?', '[', ']', '\\']) {
+        Some("must not contain the glob characters * ? [ ] \\")
     } else if value.chars().any(|c| c.is_whitespace() || c.is_control()) {
         Some("must not contain whitespace or control characters")
     } else {
@@ -182,16 +229,55 @@ mod tests {
     #[test]
     fn key_names() {
         let k = Keys::new("pawfect").unwrap();
-        assert_eq!(k.jobs("default"), "pawfect:jobs:default");
-        assert_eq!(k.jobs_high("default"), "pawfect:jobs:default:high");
-        assert_eq!(k.stream("t4", Priority::High), "pawfect:jobs:t4:high");
-        assert_eq!(k.stream("t4", Priority::Normal), "pawfect:jobs:t4");
-        assert_eq!(k.job("1234"), "pawfect:job:1234");
-        assert_eq!(k.events(), "pawfect:events");
-        assert_eq!(k.dead("t4"), "pawfect:dead:t4");
-        assert_eq!(k.workers("t4"), "pawfect:workers:t4");
+        let p = "media/t4";
+        assert_eq!(k.jobs(p), "pawfect:p:media/t4:jobs");
+        assert_eq!(k.jobs_high(p), "pawfect:p:media/t4:jobs:high");
+        assert_eq!(k.stream(p, Priority::High), "pawfect:p:media/t4:jobs:high");
+        assert_eq!(k.stream(p, Priority::Normal), "pawfect:p:media/t4:jobs");
+        assert_eq!(k.job(p, "1234"), "pawfect:p:media/t4:job:1234");
+        assert_eq!(k.job(p, "1234"), format!("{}1234", k.job_prefix(p)));
+        assert_eq!(k.events(p), "pawfect:p:media/t4:events");
+        assert_eq!(k.dead(p), "pawfect:p:media/t4:dead");
+        assert_eq!(k.workers(p), "pawfect:p:media/t4:workers");
+        assert_eq!(k.server(p), "pawfect:p:media/t4:server");
         assert_eq!(k.pools(), "pawfect:pools");
-        assert_eq!(k.server(), "pawfect:server");
+        assert_eq!(k.pool_user(p), "pawfect:media/t4");
+        assert_eq!(k.pool_of_events(&k.events(p)).as_deref(), Some(p));
+        assert_eq!(k.pool_of_events(&k.jobs(p)), None);
+        assert_eq!(k.pool_of_events("other:p:media/t4:events"), None);
+    }
+
+    /// Every key of a pool matches its pattern; no key of another pool does, also where one
+    /// pool's name starts with another's or two namespaces have a pool of the same name.
+    #[test]
+    fn a_pool_pattern_covers_its_own_keys_only() {
+        fn glob(pattern: &str, key: &str) -> bool {
+            // The patterns are `literal*` (names hold no other glob character).
+            let lit = pattern.strip_suffix('*').unwrap();
+            assert!(!lit.contains(['*', '?', '[', ']', '\\']));
+            key.starts_with(lit)
+        }
+        let k = Keys::new("pawfect").unwrap();
+        let pools = ["media/t4", "media/t4-big", "other/t4", "media/t", "media.x/t4"];
+        let keys_of = |p: &str| {
+            vec![
+                k.jobs(p),
+                k.jobs_high(p),
+                k.job(p, "u-1"),
+                k.events(p),
+                k.dead(p),
+                k.workers(p),
+                k.server(p),
+            ]
+        };
+        for a in pools {
+            for b in pools {
+                for key in keys_of(b) {
+                    assert_eq!(glob(&k.pool_pattern(a), &key), a == b, "{a} vs {key}");
+                }
+            }
+            assert!(!glob(&k.pool_pattern(a), &k.pools()));
+        }
     }
 
     #[test]
@@ -200,7 +286,7 @@ mod tests {
         assert!(Keys::new("a b").is_err());
         assert!(validate_name("pool", "default").is_ok());
         assert!(validate_name("pool", "t4-pool.x_1").is_ok());
-        for bad in ["", "a:high", "a b", "tab\t", &"x".repeat(254)] {
+        for bad in ["", "a:high", "a b", "tab\t", "a*", "a?", "a[1]", &"x".repeat(254)] {
             let err = validate_name("pool", bad).unwrap_err();
             assert!(err.to_string().contains("pool"), "{err}");
         }

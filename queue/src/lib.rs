@@ -147,6 +147,7 @@
 //! `cancelled` | `hand_back`) → [`WorkerSession::leave`] on shutdown.
 //! Tests: feature `test-util` gives [`testing::RedisServer`].
 
+pub mod acl;
 pub mod config;
 pub mod error;
 pub mod events;

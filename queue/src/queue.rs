@@ -43,13 +43,96 @@ impl fmt::Debug for Queue {
     }
 }
 
+/// The redis-rs client of a config: with the CA file as the only trust anchor when one is
+/// given (a `rediss://` URL is then required: a CA for a plain connection is a mistake).
+fn client(config: &QueueConfig) -> Result<redis::Client> {
+    if is_tls(&config.url) {
+        // rustls needs a process-wide crypto provider: ring, as kube and object_store use. Err
+        // only when one is installed already (e.g. by the worker at start-up): kept.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    let Some(path) = &config.ca_file else {
+        return Ok(redis::Client::open(config.url.as_str())?);
+    };
+    let ca_err = |reason: String| QueueError::CaFile {
+        path: path.display().to_string(),
+        reason,
+    };
+    if !is_tls(&config.url) {
+        return Err(ca_err(format!(
+            "given, but {} is not a rediss:// URL (TLS)",
+            redacted_url(&config.url)
+        )));
+    }
+    let pem = std::fs::read(path).map_err(|e| ca_err(e.to_string()))?;
+    if !pem
+        .windows(b"-----BEGIN CERTIFICATE-----".len())
+        .any(|w| w == b"-----BEGIN CERTIFICATE-----")
+    {
+        return Err(ca_err("holds no PEM certificate".into()));
+    }
+    redis::Client::build_with_tls(
+        config.url.as_str(),
+        redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem),
+        },
+    )
+    .map_err(|e| ca_err(e.to_string()))
+}
+
+fn is_tls(url: &str) -> bool {
+    url.starts_with("rediss://") || url.starts_with("valkeys://")
+}
+
+/// The URL with its password (if any) replaced by `***`, for messages.
+pub(crate) fn redacted_url(url: &str) -> String {
+    // `scheme://[user][:password@]host…`: the password sits between the first ':' after
+    // "//" and the last '@' before the host.
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (auth, host) = match rest.find('/') {
+        Some(slash) => match rest[..slash].rfind('@') {
+            Some(at) => (&rest[..at], &rest[at + 1..]),
+            None => return url.to_string(),
+        },
+        None => match rest.rfind('@') {
+            Some(at) => (&rest[..at], &rest[at + 1..]),
+            None => return url.to_string(),
+        },
+    };
+    match auth.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => format!("{scheme}://{auth}@{host}"),
+    }
+}
+
+fn connect_error(config: &QueueConfig, source: redis::RedisError) -> QueueError {
+    let hint = if !is_tls(&config.url) {
+        String::new()
+    } else if let Some(ca) = &config.ca_file {
+        format!(" (TLS, trusting only the CA in {})", ca.display())
+    } else {
+        " (TLS, trusting the public web roots: a server certificate from a private CA needs \
+         that CA as the Redis CA file)"
+            .to_string()
+    };
+    QueueError::Connect {
+        url: redacted_url(&config.url),
+        hint,
+        source,
+    }
+}
+
 impl Queue {
     /// Connects to Redis (fails if it cannot be reached now; later outages are retried by
     /// the connection manager, and calls made during one fail with a transient error).
+    /// `rediss://` URLs connect over TLS, trusting [`QueueConfig::ca_file`] when set.
     pub async fn connect(config: QueueConfig) -> Result<Queue> {
         config.validate()?;
         let keys = Keys::new(&config.prefix)?;
-        let client = redis::Client::open(config.url.as_str())?;
+        let client = client(&config)?;
         // Reconnect attempts at least every heartbeat interval: after an outage a worker must
         // reach Redis again well within the lease the queue then leaves it (the default
         // backoff grows to seconds).
@@ -57,7 +140,10 @@ impl Queue {
             .set_response_timeout(Some(config.response_timeout))
             .set_connection_timeout(Some(config.connect_timeout))
             .set_max_delay(config.heartbeat_interval());
-        let conn = client.get_connection_manager_with_config(cm).await?;
+        let conn = client
+            .get_connection_manager_with_config(cm)
+            .await
+            .map_err(|source| connect_error(&config, source))?;
         Ok(Queue {
             inner: Arc::new(Inner {
                 config,
@@ -111,16 +197,27 @@ impl Queue {
         Ok(())
     }
 
-    /// Creates the pool's streams and consumer groups and lists the pool (idempotent; enqueue
-    /// and worker sessions do it themselves).
+    /// Creates the pool's streams and consumer groups and lists the pool in `{p}:pools`, where
+    /// the operator's events reader finds it (idempotent; enqueue lists the pool itself). The
+    /// operator's call: a pool's own user may not write the list.
     pub async fn ensure_pool(&self, pool: &str) -> Result<()> {
+        self.ensure_streams(pool).await?;
+        let _: i64 = redis::cmd("SADD")
+            .arg(self.keys().pools())
+            .arg(pool)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    /// Creates the pool's streams and consumer groups (a worker session's start: only keys of
+    /// its own pool).
+    pub(crate) async fn ensure_streams(&self, pool: &str) -> Result<()> {
         validate_name("pool", pool)?;
         let k = self.keys();
-        let _: redis::Value = scripts::ENSURE_POOL
+        let _: redis::Value = scripts::ENSURE_STREAMS
             .key(k.jobs_high(pool))
             .key(k.jobs(pool))
-            .key(k.pools())
-            .arg(pool)
             .invoke_async(&mut self.conn())
             .await?;
         Ok(())
@@ -142,7 +239,7 @@ impl Queue {
             .invoke(
                 "enqueue",
                 scripts::ENQUEUE
-                    .key(k.job(&job.uid))
+                    .key(k.job(&spec.pool, &job.uid))
                     .key(k.stream(&spec.pool, spec.priority))
                     .key(k.pools())
                     .arg(&job.uid)
@@ -169,7 +266,8 @@ impl Queue {
 
     /// Cancels a job: a waiting one at once (entry removed, `cancelled` event), a running one
     /// by setting its cancel flag (its worker stops at the next check and confirms).
-    pub async fn cancel(&self, uid: &str) -> Result<CancelOutcome> {
+    pub async fn cancel(&self, pool: &str, uid: &str) -> Result<CancelOutcome> {
+        validate_name("pool", pool)?;
         validate_name("job uid", uid)?;
         let k = self.keys();
         let cfg = self.config();
@@ -177,8 +275,10 @@ impl Queue {
             .invoke(
                 "cancel",
                 scripts::CANCEL
-                    .key(k.job(uid))
-                    .key(k.events())
+                    .key(k.job(pool, uid))
+                    .key(k.events(pool))
+                    .key(k.jobs_high(pool))
+                    .key(k.jobs(pool))
                     .arg(uid)
                     .arg(cfg.events_maxlen)
                     .arg(cfg.finished_ttl.as_millis() as u64)
@@ -194,11 +294,12 @@ impl Queue {
         })
     }
 
-    /// Everything the queue knows about a job (None once forgotten or expired).
-    pub async fn get_job(&self, uid: &str) -> Result<Option<JobRecord>> {
+    /// Everything the queue knows about a job of a pool (None once forgotten or expired).
+    pub async fn get_job(&self, pool: &str, uid: &str) -> Result<Option<JobRecord>> {
+        validate_name("pool", pool)?;
         validate_name("job uid", uid)?;
         let h: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(self.keys().job(uid))
+            .arg(self.keys().job(pool, uid))
             .query_async(&mut self.conn())
             .await?;
         if h.is_empty() {
@@ -329,10 +430,18 @@ impl Queue {
     /// Drops everything the queue holds about a job (its hash, and its entry if it is not
     /// finished: a worker running it sees the claim as lost). Finished jobs also expire on their
     /// own after `finished_ttl`. Returns whether the job was known.
-    pub async fn forget(&self, uid: &str) -> Result<bool> {
+    pub async fn forget(&self, pool: &str, uid: &str) -> Result<bool> {
+        validate_name("pool", pool)?;
         validate_name("job uid", uid)?;
+        let k = self.keys();
         let r = self
-            .invoke("forget", &scripts::FORGET.key(self.keys().job(uid)))
+            .invoke(
+                "forget",
+                scripts::FORGET
+                    .key(k.job(pool, uid))
+                    .key(k.jobs_high(pool))
+                    .key(k.jobs(pool)),
+            )
             .await?;
         match r.status() {
             "forgotten" => Ok(true),
@@ -382,13 +491,33 @@ impl Queue {
     }
 
     /// State of a job, if known (a cheaper [`get_job`](Self::get_job)).
-    pub async fn job_state(&self, uid: &str) -> Result<Option<JobState>> {
+    pub async fn job_state(&self, pool: &str, uid: &str) -> Result<Option<JobState>> {
+        validate_name("pool", pool)?;
         validate_name("job uid", uid)?;
         let s: Option<String> = redis::cmd("HGET")
-            .arg(self.keys().job(uid))
+            .arg(self.keys().job(pool, uid))
             .arg(crate::keys::field::STATE)
             .query_async(&mut self.conn())
             .await?;
         s.map(|s| s.parse()).transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redacted_url;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redacted_url("rediss://pool-a:s3cr%40t@redis:6380/0"),
+            "rediss://pool-a:***@redis:6380/0"
+        );
+        assert_eq!(
+            redacted_url("redis://:pw@127.0.0.1:1/"),
+            "redis://:***@127.0.0.1:1/"
+        );
+        assert_eq!(redacted_url("redis://redis:6379"), "redis://redis:6379");
+        assert_eq!(redacted_url("redis://u@h"), "redis://u@h");
     }
 }

@@ -2,9 +2,13 @@
 //! it is atomic. Times come from the Redis server clock (`TIME`), so workers and operator
 //! never compare clocks of different machines.
 //!
-//! Scripts read the job hash to find the job's current stream entry, so they touch keys that
-//! are not all declared in `KEYS`: the protocol needs a single Redis (primary + replicas),
-//! not Redis Cluster.
+//! Every key a script is given is declared in `KEYS`, except the job hashes that the claim,
+//! leave and take-over paths reach through the uid of a stream entry they have just read (the
+//! entry is not known before the script runs). Those keys are built from the pool's job-key
+//! prefix (`Keys::job_prefix`, an `ARGV`) and so lie under the pool's own prefix too; Redis
+//! checks ACL key permissions on every `redis.call`, so a pool's user can reach no other key
+//! through a script either. The protocol needs a single Redis (primary + replicas), not Redis
+//! Cluster.
 
 use std::sync::LazyLock;
 
@@ -106,7 +110,7 @@ end
 -- with its event).
 local function take(ctx, stream, id, uid)
   if not uid or uid == '' then ackdel(stream, id); return nil end
-  local jobkey = ctx.prefix .. ':job:' .. uid
+  local jobkey = ctx.job_prefix .. uid
   local job = load_job(jobkey)
   if not job or TERMINAL[job.state] or job.entry ~= id or job.stream ~= stream then
     ackdel(stream, id)
@@ -189,20 +193,19 @@ return {'created', 'queued', id}
     )
 });
 
-/// KEYS: high stream, normal stream, pools. ARGV: pool. Creates both consumer groups.
-pub(crate) static ENSURE_POOL: LazyLock<Script> = LazyLock::new(|| {
+/// KEYS: high stream, normal stream. Creates both consumer groups (a worker's session start).
+pub(crate) static ENSURE_STREAMS: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
 redis.pcall('XGROUP', 'CREATE', KEYS[1], GROUP, '0', 'MKSTREAM')
 redis.pcall('XGROUP', 'CREATE', KEYS[2], GROUP, '0', 'MKSTREAM')
-redis.call('SADD', KEYS[3], ARGV[1])
 return 1
 "#,
     )
 });
 
 const CLAIM_CTX: &str = r#"
-local ctx = {prefix = ARGV[1], worker = ARGV[2], events = KEYS[3], dead = KEYS[4],
+local ctx = {job_prefix = ARGV[1], worker = ARGV[2], events = KEYS[3], dead = KEYS[4],
   registry = KEYS[5], events_maxlen = ARGV[3], dead_maxlen = ARGV[4], ttl = ARGV[5]}
 "#;
 
@@ -210,7 +213,7 @@ local ctx = {prefix = ARGV[1], worker = ARGV[2], events = KEYS[3], dead = KEYS[4
 /// per stream (high first) entries idle longer than the lease (XAUTOCLAIM; only once the server
 /// has been up for a lease), then new entries.
 /// KEYS: high, normal, events, dead, registry, server.
-/// ARGV: prefix, worker, events maxlen, dead maxlen, ttl ms, lease ms, own-first ('1'|'0').
+/// ARGV: job-key prefix, worker, events maxlen, dead maxlen, ttl ms, lease ms, own-first ('1'|'0').
 /// Reply: the claim array of `take`, or {'none'}.
 pub(crate) static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     script(&format!(
@@ -273,7 +276,7 @@ return {{'none'}}
 
 /// Bookkeeping for an entry delivered by the worker's blocking read.
 /// KEYS: high, normal, events, dead, registry, server (unused).
-/// ARGV: prefix, worker, events maxlen, dead maxlen, ttl ms, stream index (1|2), entry id, uid.
+/// ARGV: job-key prefix, worker, events maxlen, dead maxlen, ttl ms, stream index (1|2), entry id, uid.
 pub(crate) static CLAIM_DELIVERED: LazyLock<Script> = LazyLock::new(|| {
     script(&format!(
         r#"{CLAIM_CTX}
@@ -290,14 +293,14 @@ return {{'none'}}
 
 /// Gives back an entry the blocking read delivered but the worker will not run (it got two
 /// entries at once): a fresh entry at the end of the same stream, attempt unchanged.
-/// KEYS: stream. ARGV: prefix, worker, entry id, uid.
+/// KEYS: stream, job. ARGV: (unused), worker, entry id, uid.
 pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
 local id = ARGV[3]
 local p = redis.call('XPENDING', KEYS[1], GROUP, id, id, 1, ARGV[2])
 if #p == 0 then return {'none'} end
-local jobkey = ARGV[1] .. ':job:' .. ARGV[4]
+local jobkey = KEYS[2]
 local job = load_job(jobkey)
 if not job or TERMINAL[job.state] or job.entry ~= id then
   ackdel(KEYS[1], id)
@@ -468,8 +471,10 @@ return {{'requeued', tostring(attempt)}}
     ))
 });
 
-/// Operator cancel. KEYS: job, events. ARGV: uid, events maxlen, ttl ms, message.
+/// Operator cancel. KEYS: job, events, high, normal. ARGV: uid, events maxlen, ttl ms, message.
 /// Reply: {'cancelled'} | {'requested'} | {'finished', state} | {'notfound'}.
+/// The hash's `stream` is written by the pool's workers: the operator only touches it when it
+/// is one of the pool's own streams (it runs with every key in reach).
 pub(crate) static CANCEL: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
@@ -478,7 +483,9 @@ if not job then return {'notfound'} end
 if TERMINAL[job.state] then return {'finished', job.state} end
 if job.state == 'queued' then
   local ctx = {events = KEYS[2], events_maxlen = ARGV[2], ttl = ARGV[3]}
-  finish_cancelled(ctx, KEYS[1], ARGV[1], job, job.stream, job.entry, job.attempt or '0', ARGV[4], now_ms())
+  local stream = job.stream
+  if stream ~= KEYS[3] and stream ~= KEYS[4] then stream = nil end
+  finish_cancelled(ctx, KEYS[1], ARGV[1], job, stream, job.entry, job.attempt or '0', ARGV[4], now_ms())
   return {'cancelled'}
 end
 redis.call('HSET', KEYS[1], 'cancel', '1')
@@ -535,13 +542,16 @@ return out
     )
 });
 
-/// KEYS: job. Reply: {'notfound'} | {'forgotten', state}.
+/// KEYS: job, high, normal. Reply: {'notfound'} | {'forgotten', state}.
+/// Like cancel, only the pool's own streams are touched.
 pub(crate) static FORGET: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
 local job = load_job(KEYS[1])
 if not job then return {'notfound'} end
-if not TERMINAL[job.state] then ackdel(job.stream, job.entry) end
+if not TERMINAL[job.state] and (job.stream == KEYS[2] or job.stream == KEYS[3]) then
+  ackdel(job.stream, job.entry)
+end
 redis.call('DEL', KEYS[1])
 return {'forgotten', job.state}
 "#,
@@ -591,12 +601,12 @@ return removed
 /// claimed job gives its attempt back and sends `retrying`/`HandedBack`; a job with a cancel
 /// request is cancelled; stale entries are dropped), its consumers are deleted and its
 /// registry entry removed.
-/// KEYS: registry, high, normal, events. ARGV: worker, prefix, events maxlen, ttl ms, message.
+/// KEYS: registry, high, normal, events. ARGV: worker, job-key prefix, events maxlen, ttl ms, message.
 /// Reply: number of jobs handed back.
 pub(crate) static LEAVE: LazyLock<Script> = LazyLock::new(|| {
     script(
         r#"
-local worker, prefix = ARGV[1], ARGV[2]
+local worker, job_prefix = ARGV[1], ARGV[2]
 local ctx = {events = KEYS[4], events_maxlen = ARGV[3], ttl = ARGV[4]}
 local handed = 0
 for i = 2, 3 do
@@ -608,7 +618,7 @@ for i = 2, 3 do
       local r = redis.call('XRANGE', s, id, id)
       local uid = nil
       if r[1] then uid = pairs_to_table(r[1][2]).uid end
-      local jobkey = prefix .. ':job:' .. (uid or '')
+      local jobkey = job_prefix .. (uid or '')
       local job = nil
       if uid then job = load_job(jobkey) end
       local ts = now_ms()

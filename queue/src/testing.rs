@@ -12,6 +12,10 @@
 //!
 //! The binary is `$REDIS_SERVER` or `redis-server` on the `PATH`. The server is killed when the
 //! value is dropped (also on a panicking test).
+//!
+//! TLS: [`TestCa::generate`] makes a private CA and a server certificate for `127.0.0.1` and
+//! `localhost`; [`RedisServer::start_tls`] serves TLS only (the plaintext port is off) with
+//! it, and [`RedisServer::url`] is then `rediss://127.0.0.1:PORT/`.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -45,9 +49,87 @@ pub enum AofFsync {
     EverySec,
 }
 
+/// A private CA and a server certificate it signed, as PEM files in a temporary directory.
+#[derive(Debug)]
+pub struct TestCa {
+    dir: tempfile::TempDir,
+}
+
+impl TestCa {
+    /// A new CA (its own key) and a server certificate for `127.0.0.1` and `localhost`.
+    pub fn generate() -> Result<Self, TestServerError> {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair,
+            KeyUsagePurpose, SanType,
+        };
+        let err = |e: rcgen::Error| TestServerError::Io(std::io::Error::other(e.to_string()));
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).map_err(err)?;
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // A name of its own: two test CAs of one name would look like one CA to a verifier.
+        static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ca_params.distinguished_name.push(
+            DnType::CommonName,
+            format!("pawfect test CA {}-{n}", std::process::id()),
+        );
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().map_err(err)?)
+            .map_err(err)?;
+        let mut params = CertificateParams::new(vec!["localhost".to_string()]).map_err(err)?;
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "pawfect test redis");
+        let key = KeyPair::generate().map_err(err)?;
+        let cert = params.signed_by(&key, &ca).map_err(err)?;
+        let dir = tempfile::Builder::new().prefix("pawfect-ca-").tempdir()?;
+        std::fs::write(dir.path().join("ca.crt"), ca.pem())?;
+        std::fs::write(dir.path().join("tls.crt"), cert.pem())?;
+        std::fs::write(dir.path().join("tls.key"), key.serialize_pem())?;
+        Ok(TestCa { dir })
+    }
+
+    /// The CA certificate (what clients trust).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+
+    /// The server certificate.
+    pub fn cert_file(&self) -> PathBuf {
+        self.dir.path().join("tls.crt")
+    }
+
+    /// The server certificate's key.
+    pub fn key_file(&self) -> PathBuf {
+        self.dir.path().join("tls.key")
+    }
+}
+
+/// Certificate files of a TLS server.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+impl From<&TestCa> for TlsFiles {
+    fn from(ca: &TestCa) -> Self {
+        TlsFiles {
+            cert: ca.cert_file(),
+            key: ca.key_file(),
+            ca: ca.ca_file(),
+        }
+    }
+}
+
 /// Options of a [`RedisServer`].
 #[derive(Clone, Debug, Default)]
 pub struct RedisServerOptions {
+    /// Serve TLS only (`--tls-port`, plaintext `--port 0`), clients not asked for certificates.
+    pub tls: Option<TlsFiles>,
     /// Turn on the append-only file.
     pub aof: bool,
     /// Its fsync policy (default `always`).
@@ -65,6 +147,8 @@ pub struct RedisServer {
     port: u16,
     dir: tempfile::TempDir,
     opts: RedisServerOptions,
+    /// Starts seen in the log so far (a restart appends to the same log).
+    ready_lines: usize,
 }
 
 impl RedisServer {
@@ -81,6 +165,14 @@ impl RedisServer {
         })
     }
 
+    /// Starts a TLS-only server with the CA's server certificate.
+    pub fn start_tls(ca: &TestCa) -> Result<Self, TestServerError> {
+        Self::start_with(RedisServerOptions {
+            tls: Some(ca.into()),
+            ..Default::default()
+        })
+    }
+
     pub fn start_with(opts: RedisServerOptions) -> Result<Self, TestServerError> {
         let mut last_err = None;
         // A port picked free may be taken before redis binds it: try a few.
@@ -92,6 +184,7 @@ impl RedisServer {
                     .prefix("pawfect-redis-")
                     .tempdir()?,
                 opts: opts.clone(),
+                ready_lines: 0,
             };
             match s.spawn() {
                 Ok(()) => return Ok(s),
@@ -104,9 +197,14 @@ impl RedisServer {
         }))
     }
 
-    /// `redis://127.0.0.1:PORT/`.
+    /// `redis://127.0.0.1:PORT/` (`rediss://` with TLS).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        let scheme = if self.opts.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}/", self.port)
     }
 
     pub fn port(&self) -> u16 {
@@ -200,9 +298,23 @@ impl RedisServer {
     fn spawn(&mut self) -> Result<(), TestServerError> {
         let bin = self.binary();
         let mut cmd = Command::new(&bin);
-        cmd.arg("--port")
-            .arg(self.port.to_string())
-            .arg("--bind")
+        match &self.opts.tls {
+            None => {
+                cmd.arg("--port").arg(self.port.to_string());
+            }
+            Some(tls) => {
+                cmd.args(["--port", "0", "--tls-port"])
+                    .arg(self.port.to_string())
+                    .arg("--tls-cert-file")
+                    .arg(&tls.cert)
+                    .arg("--tls-key-file")
+                    .arg(&tls.key)
+                    .arg("--tls-ca-cert-file")
+                    .arg(&tls.ca)
+                    .args(["--tls-auth-clients", "no"]);
+            }
+        }
+        cmd.arg("--bind")
             .arg("127.0.0.1")
             .arg("--dir")
             .arg(self.dir.path())
@@ -246,7 +358,18 @@ impl RedisServer {
                     log: self.log_tail(),
                 });
             }
-            if ping(addr) {
+            // A TLS port cannot be pinged in plain text: its log line says when it listens.
+            let ready = match self.opts.tls {
+                None => ping(addr),
+                Some(_) => std::fs::read_to_string(self.log_path()).is_ok_and(|log| {
+                    log.lines()
+                        .filter(|l| l.contains("Ready to accept connections"))
+                        .count()
+                        > self.ready_lines
+                }),
+            };
+            if ready {
+                self.ready_lines += 1;
                 self.child = Some(child);
                 return Ok(());
             }

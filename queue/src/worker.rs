@@ -65,7 +65,7 @@ impl WorkerSession {
         let s = WorkerSession {
             high: k.jobs_high(pool),
             normal: k.jobs(pool),
-            events: k.events(),
+            events: k.events(pool),
             dead: k.dead(pool),
             registry: k.workers(pool),
             queue,
@@ -74,7 +74,7 @@ impl WorkerSession {
             blocking: None,
             own_checked: false,
         };
-        s.queue.ensure_pool(pool).await?;
+        s.queue.ensure_streams(pool).await?;
         Ok(s)
     }
 
@@ -103,7 +103,7 @@ impl WorkerSession {
         loop {
             let claimed = match self.try_claim().await {
                 Err(e) if e.is_nogroup() => {
-                    self.queue.ensure_pool(&self.pool).await?;
+                    self.queue.ensure_streams(&self.pool).await?;
                     self.try_claim().await?
                 }
                 r => r?,
@@ -118,7 +118,7 @@ impl WorkerSession {
             let block = (deadline - now).min(self.queue.config().effective_block());
             let delivered = match self.blocking_read(block).await {
                 Err(e) if e.is_nogroup() => {
-                    self.queue.ensure_pool(&self.pool).await?;
+                    self.queue.ensure_streams(&self.pool).await?;
                     self.blocking_read(block).await?
                 }
                 r => r?,
@@ -146,9 +146,9 @@ impl WorkerSession {
             .key(&self.events)
             .key(&self.dead)
             .key(&self.registry)
-            .key(self.queue.keys().server());
+            .key(self.queue.keys().server(&self.pool));
         let cfg = self.queue.config();
-        inv.arg(self.queue.keys().prefix())
+        inv.arg(self.queue.keys().job_prefix(&self.pool))
             .arg(&self.name)
             .arg(cfg.events_maxlen)
             .arg(cfg.dead_maxlen)
@@ -254,7 +254,12 @@ impl WorkerSession {
                 "release",
                 scripts::RELEASE
                     .key(stream)
-                    .arg(self.queue.keys().prefix())
+                    .key(
+                        self.queue
+                            .keys()
+                            .job(&self.pool, d.uid.as_deref().unwrap_or("")),
+                    )
+                    .arg("")
                     .arg(&self.name)
                     .arg(&d.id)
                     .arg(d.uid.as_deref().unwrap_or("")),
@@ -321,7 +326,7 @@ impl WorkerSession {
             .key(&self.normal)
             .key(&self.events)
             .arg(&self.name)
-            .arg(self.queue.keys().prefix())
+            .arg(self.queue.keys().job_prefix(&self.pool))
             .arg(cfg.events_maxlen)
             .arg(cfg.finished_ttl.as_millis() as u64)
             .arg("worker left the pool")
@@ -397,9 +402,9 @@ impl Holder {
         let k = self.queue.keys();
         let cfg = self.queue.config();
         let mut inv = script.prepare_invoke();
-        inv.key(k.job(&self.job.uid))
+        inv.key(k.job(&self.pool, &self.job.uid))
             .key(&self.stream)
-            .key(k.events())
+            .key(k.events(&self.pool))
             .key(k.dead(&self.pool))
             .key(k.workers(&self.pool))
             .arg(&self.job.uid)
@@ -535,7 +540,7 @@ impl Claim {
             .invoke(
                 "heartbeat",
                 scripts::HEARTBEAT
-                    .key(k.job(&h.job.uid))
+                    .key(k.job(&h.pool, &h.job.uid))
                     .key(&h.stream)
                     .key(k.workers(&h.pool))
                     .arg(&h.job.uid)
@@ -557,8 +562,8 @@ impl Claim {
             .invoke(
                 "progress",
                 scripts::PROGRESS
-                    .key(k.job(&h.job.uid))
-                    .key(k.events())
+                    .key(k.job(&h.pool, &h.job.uid))
+                    .key(k.events(&h.pool))
                     .arg(&h.job.uid)
                     .arg(&h.worker)
                     .arg(&h.entry_id)
@@ -604,7 +609,7 @@ impl Claim {
             Option<String>,
         );
         let (state, worker, entry, cancel, attempt): Fields = redis::cmd("HMGET")
-            .arg(h.queue.keys().job(&h.job.uid))
+            .arg(h.queue.keys().job(&h.pool, &h.job.uid))
             .arg(field::STATE)
             .arg(field::WORKER)
             .arg(field::ENTRY)
@@ -793,7 +798,7 @@ mod tests {
             .iter()
             .map(|(uid, prio)| {
                 let mut inv = scripts::ENQUEUE.prepare_invoke();
-                inv.key(k.job(uid))
+                inv.key(k.job("p", uid))
                     .key(if *prio == "high" {
                         k.jobs_high("p")
                     } else {
@@ -867,7 +872,7 @@ mod tests {
         let q = Queue::connect(QueueConfig::new(redis.url())).await.unwrap();
         let mut session = q.worker("p", "w").await.unwrap();
         enqueue_in_one_transaction(&q, &redis.url(), &[("n", "normal")]).await;
-        let before = q.get_job("n").await.unwrap().unwrap().entry_id.unwrap();
+        let before = q.get_job("p", "n").await.unwrap().unwrap().entry_id.unwrap();
 
         // Deliver it to `w` without claim bookkeeping, as a blocking read does.
         let mut d = session
@@ -895,7 +900,7 @@ mod tests {
                 running: 0
             }
         );
-        let rec = q.get_job("n").await.unwrap().unwrap();
+        let rec = q.get_job("p", "n").await.unwrap().unwrap();
         assert_ne!(rec.entry_id.as_deref(), Some(before.as_str()));
         assert_eq!(
             (rec.attempt, rec.worker, rec.state),

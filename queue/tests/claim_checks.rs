@@ -30,7 +30,7 @@ async fn reason(
     uid: &str,
 ) -> (Option<String>, Option<String>, Option<String>) {
     redis::cmd("HMGET")
-        .arg(q.keys().job(uid))
+        .arg(q.keys().job("p", uid))
         .arg("state")
         .arg("reason")
         .arg("message")
@@ -105,7 +105,7 @@ async fn jobs_a_worker_cannot_run_fail_at_the_first_claim() {
     for (uid, field, value, _) in &cases {
         q.enqueue(&job(uid), &spec("p", "normal", 3)).await.unwrap();
         let _: () = redis::cmd("HSET")
-            .arg(q.keys().job(uid))
+            .arg(q.keys().job("p", uid))
             .arg(*field)
             .arg(value)
             .query_async(&mut conn)
@@ -116,7 +116,7 @@ async fn jobs_a_worker_cannot_run_fail_at_the_first_claim() {
         .await
         .unwrap();
     let _: () = redis::cmd("HDEL")
-        .arg(q.keys().job("stateless"))
+        .arg(q.keys().job("p", "stateless"))
         .arg("state")
         .query_async(&mut conn)
         .await
@@ -178,7 +178,7 @@ async fn jobs_a_worker_cannot_run_fail_at_the_first_claim() {
         assert_eq!(count(&events, uid, EventKind::Claimed), 0, "{uid}");
     }
     assert!(q.dead_letters("p", 10).await.unwrap().is_empty());
-    assert_eq!(q.job_state("good").await.unwrap(), Some(JobState::Running));
+    assert_eq!(q.job_state("p", "good").await.unwrap(), Some(JobState::Running));
     assert_eq!(
         q.depth("p").await.unwrap(),
         pawfect_api::QueueDepth {

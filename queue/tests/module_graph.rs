@@ -17,6 +17,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("config", 2),
     ("types", 2),
     ("queue", 3),
+    ("acl", 4),
     ("worker", 4),
     ("events", 5),
     ("testing", 6),

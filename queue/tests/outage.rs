@@ -77,7 +77,7 @@ async fn an_outage_longer_than_the_lease_costs_a_live_worker_nothing() {
         answered!(done.complete(&result("file:///out/done.png"))),
         Outcome::Finished(JobState::Succeeded)
     );
-    let rec = q.get_job("done").await.unwrap().unwrap();
+    let rec = q.get_job("p", "done").await.unwrap().unwrap();
     assert_eq!(
         (rec.state, rec.attempt, rec.worker.as_deref()),
         (JobState::Succeeded, 1, Some("live"))

@@ -62,7 +62,7 @@ async fn enqueue_twice_gives_one_entry() {
     c.complete(&result("file:///o.png")).await.unwrap();
     assert!(w.claim(Duration::from_millis(300)).await.unwrap().is_none());
 
-    let rec = q.get_job("u1").await.unwrap().unwrap();
+    let rec = q.get_job("default", "u1").await.unwrap().unwrap();
     assert_eq!(rec.namespace, "pets");
     assert_eq!(rec.name, "job-u1");
     assert_eq!(rec.pool, "default");
@@ -151,14 +151,14 @@ async fn depth_stays_right_through_the_lifecycle() {
     assert_eq!(q.depth("p").await.unwrap(), depth(4, 0));
 
     // Cancel a waiting job in the middle of the undelivered range.
-    assert_eq!(q.cancel("c").await.unwrap(), CancelOutcome::Cancelled);
+    assert_eq!(q.cancel("p", "c").await.unwrap(), CancelOutcome::Cancelled);
     assert_eq!(q.depth("p").await.unwrap(), depth(3, 0));
 
     let a = w.claim(WAIT).await.unwrap().unwrap();
     assert_eq!(a.uid(), "a");
     assert_eq!(q.depth("p").await.unwrap(), depth(2, 1));
     // Cancel a running job: still running until the worker stops.
-    assert_eq!(q.cancel("a").await.unwrap(), CancelOutcome::Requested);
+    assert_eq!(q.cancel("p", "a").await.unwrap(), CancelOutcome::Requested);
     assert_eq!(q.depth("p").await.unwrap(), depth(2, 1));
     assert_eq!(
         a.cancelled("stopped").await.unwrap(),
@@ -190,7 +190,7 @@ async fn depth_stays_right_through_the_lifecycle() {
     b2.complete(&result("file:///b")).await.unwrap();
     assert_eq!(q.depth("p").await.unwrap(), depth(0, 0));
 
-    let d = q.get_job("d").await.unwrap().unwrap();
+    let d = q.get_job("p", "d").await.unwrap().unwrap();
     assert_eq!(d.state, JobState::Failed);
     assert_eq!(d.reason.as_deref(), Some("InvalidInput"));
     assert_eq!(d.message.as_deref(), Some("empty mask"));
@@ -219,7 +219,7 @@ async fn dead_consumer_is_reclaimed_after_the_lease() {
     assert_eq!(second.attempt(), 2);
     assert_eq!(second.reclaimed_from(), Some("dead-worker"));
     assert_eq!(second.entry_id(), first.entry_id());
-    let rec = q.get_job("j").await.unwrap().unwrap();
+    let rec = q.get_job("p", "j").await.unwrap().unwrap();
     assert_eq!(
         (rec.state, rec.attempt, rec.worker.as_deref()),
         (JobState::Running, 2, Some("alive-worker"))
@@ -300,7 +300,7 @@ async fn a_heartbeating_job_is_never_stolen() {
     }
     assert!(tries > 5);
     assert_eq!(hb.standing(), Standing::Active);
-    let rec = q.get_job("long").await.unwrap().unwrap();
+    let rec = q.get_job("p", "long").await.unwrap().unwrap();
     assert_eq!((rec.attempt, rec.worker.as_deref()), (1, Some("holder")));
     let busy = q.busy_workers("p").await.unwrap();
     assert_eq!(
@@ -353,7 +353,7 @@ async fn dead_letter_after_max_attempts_keeps_the_reason() {
             .unwrap(),
         Outcome::AlreadyFinished(JobState::Failed)
     );
-    let rec = q.get_job("flaky").await.unwrap().unwrap();
+    let rec = q.get_job("p", "flaky").await.unwrap().unwrap();
     assert_eq!(rec.state, JobState::Failed);
     assert_eq!(rec.reason.as_deref(), Some("AttemptsExhausted"));
     let msg = rec.message.unwrap();
@@ -374,7 +374,7 @@ async fn dead_letter_after_max_attempts_keeps_the_reason() {
     let mut c = q.worker("p", "c").await.unwrap();
     assert!(c.claim(Duration::from_secs(1)).await.unwrap().is_none());
     assert_eq!(q.depth("p").await.unwrap(), depth(0, 0));
-    let rec = q.get_job("poison").await.unwrap().unwrap();
+    let rec = q.get_job("p", "poison").await.unwrap().unwrap();
     assert_eq!(
         (rec.state, rec.reason.as_deref()),
         (JobState::Failed, Some("AttemptsExhausted"))
@@ -430,7 +430,7 @@ async fn a_reclaimed_job_completed_twice_shows_one_success() {
         c_fast.complete(&result("file:///fast")).await.unwrap(),
         Outcome::AlreadyFinished(JobState::Succeeded)
     );
-    let rec = q.get_job("j1").await.unwrap().unwrap();
+    let rec = q.get_job("p", "j1").await.unwrap().unwrap();
     assert_eq!(rec.output.as_deref(), Some("file:///fast"));
     assert_eq!(rec.worker.as_deref(), Some("fast"));
 
@@ -481,12 +481,12 @@ async fn cancel_a_waiting_and_a_running_job() {
     let hb = running.start_heartbeat();
 
     // Waiting: gone at once, never claimed.
-    assert_eq!(q.cancel("wait").await.unwrap(), CancelOutcome::Cancelled);
+    assert_eq!(q.cancel("p", "wait").await.unwrap(), CancelOutcome::Cancelled);
     assert_eq!(
-        q.cancel("wait").await.unwrap(),
+        q.cancel("p", "wait").await.unwrap(),
         CancelOutcome::AlreadyFinished(JobState::Cancelled)
     );
-    let rec = q.get_job("wait").await.unwrap().unwrap();
+    let rec = q.get_job("p", "wait").await.unwrap().unwrap();
     assert_eq!(
         (rec.state, rec.reason.as_deref()),
         (JobState::Cancelled, Some("Cancelled"))
@@ -510,7 +510,7 @@ async fn cancel_a_waiting_and_a_running_job() {
             .unwrap(),
         Standing::Active
     );
-    assert_eq!(q.cancel("run").await.unwrap(), CancelOutcome::Requested);
+    assert_eq!(q.cancel("p", "run").await.unwrap(), CancelOutcome::Requested);
     assert!(running.is_cancelled().await.unwrap());
     assert_eq!(
         running
@@ -535,10 +535,10 @@ async fn cancel_a_waiting_and_a_running_job() {
         Outcome::AlreadyFinished(JobState::Cancelled)
     );
     assert_eq!(
-        q.cancel("run").await.unwrap(),
+        q.cancel("p", "run").await.unwrap(),
         CancelOutcome::AlreadyFinished(JobState::Cancelled)
     );
-    assert_eq!(q.cancel("nope").await.unwrap(), CancelOutcome::NotFound);
+    assert_eq!(q.cancel("p", "nope").await.unwrap(), CancelOutcome::NotFound);
     assert_eq!(q.depth("p").await.unwrap(), depth(0, 0));
 
     let ev = all_events(&q).await;
@@ -565,10 +565,10 @@ async fn a_cancelled_job_of_a_dead_worker_is_cancelled_on_reclaim() {
     q.enqueue(&job("j"), &spec("p", "normal", 3)).await.unwrap();
     let mut dead = q.worker("p", "dead").await.unwrap();
     let _c = dead.claim(WAIT).await.unwrap().unwrap();
-    assert_eq!(q.cancel("j").await.unwrap(), CancelOutcome::Requested);
+    assert_eq!(q.cancel("p", "j").await.unwrap(), CancelOutcome::Requested);
     let mut w = q.worker("p", "w").await.unwrap();
     assert!(w.claim(Duration::from_secs(1)).await.unwrap().is_none());
-    assert_eq!(q.job_state("j").await.unwrap(), Some(JobState::Cancelled));
+    assert_eq!(q.job_state("p", "j").await.unwrap(), Some(JobState::Cancelled));
     assert_eq!(q.depth("p").await.unwrap(), depth(0, 0));
 }
 
@@ -590,7 +590,7 @@ async fn hand_back_requeues_without_using_an_attempt() {
         Outcome::Lost
     );
     assert_eq!(q.depth("p").await.unwrap(), depth(1, 0));
-    let rec = q.get_job("j").await.unwrap().unwrap();
+    let rec = q.get_job("p", "j").await.unwrap().unwrap();
     assert_eq!(
         (rec.state, rec.attempt, rec.worker),
         (JobState::Queued, 0, None)
@@ -650,16 +650,16 @@ async fn forget_and_prune() {
     q.enqueue(&job("b"), &spec("p", "normal", 3)).await.unwrap();
     let mut w = q.worker("p", "w").await.unwrap();
     let a = w.claim(WAIT).await.unwrap().unwrap();
-    assert!(q.forget("a").await.unwrap());
-    assert!(!q.forget("a").await.unwrap());
+    assert!(q.forget("p", "a").await.unwrap());
+    assert!(!q.forget("p", "a").await.unwrap());
     assert_eq!(a.heartbeat().await.unwrap(), Standing::Lost);
     assert_eq!(
         a.complete(&result("file:///a")).await.unwrap(),
         Outcome::NotFound
     );
-    assert!(q.forget("b").await.unwrap());
+    assert!(q.forget("p", "b").await.unwrap());
     assert_eq!(q.depth("p").await.unwrap(), depth(0, 0));
-    assert_eq!(q.get_job("b").await.unwrap(), None);
+    assert_eq!(q.get_job("p", "b").await.unwrap(), None);
     assert!(w.claim(Duration::from_millis(300)).await.unwrap().is_none());
 
     assert_eq!(q.workers("p").await.unwrap().len(), 1);
@@ -691,9 +691,9 @@ async fn finished_jobs_expire() {
     let mut w = q.worker("p", "w").await.unwrap();
     let c = w.claim(WAIT).await.unwrap().unwrap();
     c.complete(&result("file:///j")).await.unwrap();
-    assert!(q.get_job("j").await.unwrap().is_some());
+    assert!(q.get_job("p", "j").await.unwrap().is_some());
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while q.get_job("j").await.unwrap().is_some() {
+    while q.get_job("p", "j").await.unwrap().is_some() {
         assert!(
             std::time::Instant::now() < deadline,
             "finished job never expired"
@@ -718,7 +718,7 @@ async fn events_reader_redelivers_unacked_events_after_a_restart() {
         batch.iter().map(|e| e.kind).collect::<Vec<_>>(),
         vec![EventKind::Claimed, EventKind::Progress]
     );
-    r1.ack(&[batch[0].id.as_str()]).await.unwrap();
+    r1.ack(&batch[..1]).await.unwrap();
     drop(r1);
 
     // Same consumer name after a restart: its unacked event comes first.
@@ -727,7 +727,7 @@ async fn events_reader_redelivers_unacked_events_after_a_restart() {
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].id, batch[1].id);
     assert_eq!(again[0].progress().unwrap().stage, "fetch");
-    r2.ack(&[again[0].id.as_str()]).await.unwrap();
+    r2.ack(&again[..1]).await.unwrap();
     assert!(
         r2.next(10, Duration::from_millis(100))
             .await
@@ -796,17 +796,17 @@ async fn leave_hands_back_what_the_worker_still_holds() {
     assert_eq!(flagged.uid(), "flagged");
     let held = a.claim(WAIT).await.unwrap().unwrap();
     assert_eq!(held.uid(), "held");
-    assert_eq!(q.cancel("flagged").await.unwrap(), CancelOutcome::Requested);
+    assert_eq!(q.cancel("p", "flagged").await.unwrap(), CancelOutcome::Requested);
     assert_eq!(q.depth("p").await.unwrap(), depth(0, 2));
 
     // Shut down without finishing either claim.
     assert_eq!(a.leave().await.unwrap(), 1);
     assert_eq!(q.depth("p").await.unwrap(), depth(1, 0));
     assert_eq!(
-        q.job_state("flagged").await.unwrap(),
+        q.job_state("p", "flagged").await.unwrap(),
         Some(JobState::Cancelled)
     );
-    let rec = q.get_job("held").await.unwrap().unwrap();
+    let rec = q.get_job("p", "held").await.unwrap().unwrap();
     assert_eq!(
         (rec.state, rec.attempt, rec.worker),
         (JobState::Queued, 0, None)

@@ -151,7 +151,7 @@ async fn four_consumers_complete_every_job_exactly_once() {
         assert_eq!(runs.len(), 1, "{uid} completed {runs:?}");
         assert_eq!(runs[0].1, 1, "{uid} needed a second attempt: {runs:?}");
         assert_eq!(runs[0].2, Outcome::Finished(JobState::Succeeded));
-        assert_eq!(q.job_state(uid).await.unwrap(), Some(JobState::Succeeded));
+        assert_eq!(q.job_state("p", uid).await.unwrap(), Some(JobState::Succeeded));
     }
     assert_eq!(
         q.depth("p").await.unwrap(),
@@ -225,7 +225,7 @@ async fn redis_crash_with_aof_loses_nothing() {
     assert_eq!(distinct.len(), TOTAL, "every job completed");
     for i in 0..TOTAL {
         let uid = format!("job-{i:03}");
-        let rec = retry(async || q.get_job(&uid).await)
+        let rec = retry(async || q.get_job("p", &uid).await)
             .await
             .expect("job kept");
         assert_eq!(rec.state, JobState::Succeeded, "{uid}");

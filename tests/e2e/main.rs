@@ -358,7 +358,7 @@ impl Env {
         // worker reported.
         let rec = self
             .queue
-            .get_job(&uid)
+            .get_job(&format!("{}/{POOL}", self.ns), &uid)
             .await
             .unwrap()
             .expect("the job hash");
@@ -449,12 +449,12 @@ fn tail(text: &str, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// Every entry of the queue's events stream, as its fields.
-async fn queue_events(url: &str, queue: &Queue) -> Vec<HashMap<String, String>> {
+/// Every entry of a pool's events stream, as its fields.
+async fn queue_events(url: &str, queue: &Queue, pool: &str) -> Vec<HashMap<String, String>> {
     let client = redis::Client::open(url).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
-        .arg(queue.keys().events())
+        .arg(queue.keys().events(pool))
         .arg("-")
         .arg("+")
         .query_async(&mut conn)
@@ -800,7 +800,7 @@ async fn operator_and_workers_on_a_real_control_plane() {
     env.wait_phase("kill", JobPhase::Succeeded).await;
     let killed = env.check_succeeded("kill", 2).await;
     let uid = env.job("kill").await.unwrap().uid().unwrap();
-    let events = queue_events(&env.redis_url, &env.queue).await;
+    let events = queue_events(&env.redis_url, &env.queue, &format!("{ns}/{POOL}")).await;
     let of = |kind: &str| {
         events
             .iter()
@@ -930,7 +930,12 @@ async fn operator_and_workers_on_a_real_control_plane() {
         .wait_for(
             "the deleted job cancelled in the queue",
             move || async move {
-                let rec = env.queue.get_job(gone_uid_ref).await.ok().flatten()?;
+                let rec = env
+                    .queue
+                    .get_job(&format!("{}/{POOL}", env.ns), gone_uid_ref)
+                    .await
+                    .ok()
+                    .flatten()?;
                 matches!(rec.state, JobState::Cancelled).then_some(rec.state)
             },
         )

@@ -356,7 +356,7 @@ async fn sigkill_mid_job_then_reclaimed_and_sigterm_drains() {
     );
     let _ = gates[1].send(true);
     assert_eq!(exit_code(&mut b, Duration::from_secs(60)).await, 0);
-    let rec = queue.get_job("drained").await.unwrap().unwrap();
+    let rec = queue.get_job(POOL, "drained").await.unwrap().unwrap();
     assert_eq!(rec.state, JobState::Succeeded, "{rec:?}");
     assert_eq!(rec.worker.as_deref(), Some("b"));
 
@@ -368,7 +368,7 @@ async fn sigkill_mid_job_then_reclaimed_and_sigterm_drains() {
     wait_state(&queue, "handed", JobState::Running, Duration::from_secs(20)).await;
     signal(&c, "-TERM");
     assert_eq!(exit_code(&mut c, Duration::from_secs(20)).await, 0);
-    let rec = queue.get_job("handed").await.unwrap().unwrap();
+    let rec = queue.get_job(POOL, "handed").await.unwrap().unwrap();
     assert_eq!(rec.state, JobState::Queued, "{rec:?}");
     assert_eq!(rec.attempt, 0);
     let events = all_events(&queue).await;

@@ -224,7 +224,7 @@ async fn a_frozen_stale_attempt_cannot_replace_the_output() {
         !output.exists(),
         "the output was put in place before the freeze"
     );
-    let rec = queue.get_job("frozen").await.unwrap().unwrap();
+    let rec = queue.get_job(POOL, "frozen").await.unwrap().unwrap();
     assert_eq!(
         (rec.state, rec.attempt, rec.worker.as_deref()),
         (JobState::Running, 1, Some("a"))
@@ -274,7 +274,7 @@ async fn a_frozen_stale_attempt_cannot_replace_the_output() {
         vec!["frozen.png".to_string()],
         "temporary files left"
     );
-    let rec = queue.get_job("frozen").await.unwrap().unwrap();
+    let rec = queue.get_job(POOL, "frozen").await.unwrap().unwrap();
     assert_eq!(
         (rec.state, rec.worker.as_deref()),
         (JobState::Succeeded, Some("b"))

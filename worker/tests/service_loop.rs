@@ -371,7 +371,7 @@ async fn cancel_mid_denoise_and_prompt_sources() {
     enqueue(&queue, "slow", &slow).await;
     wait_denoising(&queue, "slow", Duration::from_secs(20)).await;
     assert_eq!(
-        queue.cancel("slow").await.unwrap(),
+        queue.cancel(POOL, "slow").await.unwrap(),
         pawfect_queue::CancelOutcome::Requested
     );
     let rec = wait_finished(&queue, "slow", Duration::from_secs(10)).await;
@@ -425,7 +425,7 @@ async fn drain_finishes_or_hands_back_and_a_dead_worker_is_replaced() {
     wait_denoising(&queue, "drained", Duration::from_secs(20)).await;
     a.shutdown.send(true).unwrap();
     a.handle.await.unwrap().unwrap();
-    let rec = queue.get_job("drained").await.unwrap().unwrap();
+    let rec = queue.get_job(POOL, "drained").await.unwrap().unwrap();
     assert_eq!(
         rec.state,
         JobState::Succeeded,
@@ -452,7 +452,7 @@ async fn drain_finishes_or_hands_back_and_a_dead_worker_is_replaced() {
     wait_denoising(&queue, "handed", Duration::from_secs(20)).await;
     b.shutdown.send(true).unwrap();
     b.handle.await.unwrap().unwrap();
-    let rec = queue.get_job("handed").await.unwrap().unwrap();
+    let rec = queue.get_job(POOL, "handed").await.unwrap().unwrap();
     assert_eq!(rec.state, JobState::Queued, "{rec:?}");
     assert_eq!(rec.attempt, 0, "a hand-back gives the attempt back");
     let events = all_events(&queue).await;
@@ -553,7 +553,7 @@ async fn a_redis_outage_longer_than_the_lease_costs_no_attempt() {
             Ok(None) => {}
             Err(e) => assert!(e.is_transient(), "{e}"),
         }
-        match queue.get_job("outage").await {
+        match queue.get_job(POOL, "outage").await {
             Ok(Some(rec)) if rec.state.is_terminal() => break rec,
             Ok(_) => {}
             Err(e) => assert!(e.is_transient(), "{e}"),

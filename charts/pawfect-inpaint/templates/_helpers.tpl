@@ -187,6 +187,14 @@ checksum/redis-secret: {{ printf "%s/%s/%s" .Release.Namespace (include "pawfect
 {{- if and (not .Values.redis.enabled) (not .Values.externalRedis.url) }}
 {{- fail "externalRedis.url is required when redis.enabled is false" }}
 {{- end }}
+{{- with .Values.externalRedis.ca }}
+{{- if and .configMap .secret }}
+{{- fail "externalRedis.ca: name a configMap or a secret, not both" }}
+{{- end }}
+{{- if and (or .configMap .secret) (not (hasPrefix "rediss://" $.Values.externalRedis.url)) }}
+{{- fail "externalRedis.ca is for a rediss:// (TLS) externalRedis.url" }}
+{{- end }}
+{{- end }}
 {{- if and .Values.pool.create (lt (int .Values.pool.maxReplicas) (int .Values.pool.minReplicas)) }}
 {{- fail "pool.minReplicas must not exceed pool.maxReplicas" }}
 {{- end }}
@@ -205,4 +213,32 @@ checksum/redis-secret: {{ printf "%s/%s/%s" .Release.Namespace (include "pawfect
 {{- if and .Values.pool.create .Values.operator.watchNamespace (ne .Values.operator.watchNamespace .Release.Namespace) }}
 {{- fail (printf "the default pool lives in the release namespace %s, which the operator does not watch (operator.watchNamespace=%s): set pool.create=false or watch the release namespace" .Release.Namespace .Values.operator.watchNamespace) }}
 {{- end }}
+{{- end }}
+
+{{/* Whether a Redis CA is mounted (externalRedis.ca names a ConfigMap or Secret). */}}
+{{- define "pawfect.redis.ca" -}}
+{{- if and (not .Values.redis.enabled) (or .Values.externalRedis.ca.configMap .Values.externalRedis.ca.secret) }}true{{- end }}
+{{- end }}
+
+{{/* The pod volume of the Redis CA (its key mounted as ca.crt). */}}
+{{- define "pawfect.redis.caVolume" -}}
+{{- $ca := .Values.externalRedis.ca -}}
+- name: redis-ca
+  {{- if $ca.configMap }}
+  configMap:
+    name: {{ $ca.configMap }}
+  {{- else }}
+  secret:
+    secretName: {{ $ca.secret }}
+  {{- end }}
+    items:
+      - key: {{ $ca.key }}
+        path: ca.crt
+{{- end }}
+
+{{/* The container's mount of the Redis CA volume. */}}
+{{- define "pawfect.redis.caMount" -}}
+- name: redis-ca
+  mountPath: /etc/pawfect/redis-ca
+  readOnly: true
 {{- end }}

@@ -1201,6 +1201,7 @@ fn the_pod_patch_policy_binds_the_operator_to_its_three_annotations() {
     let conn = pawfect_operator::deployment::WorkerConnection {
         redis_url: "redis://r".into(),
         password_secret: None,
+        ca: None,
         queue_prefix: "pawfect".into(),
     };
     let deploy =

@@ -53,8 +53,7 @@ pub async fn all_events(queue: &Queue) -> Vec<Event> {
         if batch.is_empty() {
             break;
         }
-        let ids: Vec<&str> = batch.iter().map(|e| e.id.as_str()).collect();
-        reader.ack(&ids).await.expect("ack");
+        reader.ack(&batch).await.expect("ack");
         out.extend(batch);
     }
     out

@@ -3,7 +3,8 @@
 //! ```text
 //! pawfect-worker serve --models DIR --pool NAME --worker-name NAME --http-addr 0.0.0.0:8080
 //!     [--allow-root DIR]... [--device cpu|cuda] [--dtype f16|bf16|f32] [--drain-timeout 120s]
-//! env: PAWFECT_REDIS_URL, PAWFECT_REDIS_PASSWORD, PAWFECT_QUEUE_PREFIX (default pawfect),
+//! env: PAWFECT_REDIS_URL (rediss:// for TLS), PAWFECT_REDIS_USERNAME, PAWFECT_REDIS_PASSWORD,
+//!      PAWFECT_REDIS_CA_FILE (PEM of a private CA), PAWFECT_QUEUE_PREFIX (default pawfect),
 //!      PAWFECT_MODEL_VARIANT (q4_0|q4_k_m|q5_k_m|q8_0|bf16), POD_NAME (worker name),
 //!      RUST_LOG (default info)
 //! ```
@@ -168,9 +169,16 @@ pub struct ServeArgs {
         default_value = "redis://127.0.0.1:6379/"
     )]
     pub redis_url: String,
+    /// Redis ACL user (the pool's own user; default: the URL's, else `default`).
+    #[arg(long, env = "PAWFECT_REDIS_USERNAME")]
+    pub redis_username: Option<String>,
     /// Redis password (kept out of the URL and the logs).
     #[arg(long, env = "PAWFECT_REDIS_PASSWORD", hide_env_values = true)]
     pub redis_password: Option<String>,
+    /// PEM file of the CA that signed the Redis server's certificate (`rediss://` URLs; default:
+    /// the public web roots).
+    #[arg(long, env = "PAWFECT_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
     #[arg(long, env = "PAWFECT_QUEUE_PREFIX", default_value = "pawfect")]
     pub queue_prefix: String,
     /// A job whose worker stopped heartbeating this long is taken over by another worker.
@@ -211,14 +219,28 @@ pub struct ServeArgs {
     pub log_format: LogFormat,
 }
 
-fn redis_url(url: &str, password: Option<&str>) -> anyhow::Result<String> {
-    let Some(password) = password.filter(|p| !p.is_empty()) else {
+/// The URL with the username and password of the flags (each only where the URL has none).
+fn redis_url(
+    url: &str,
+    username: Option<&str>,
+    password: Option<&str>,
+) -> anyhow::Result<String> {
+    let username = username.filter(|u| !u.is_empty());
+    let password = password.filter(|p| !p.is_empty());
+    if username.is_none() && password.is_none() {
         return Ok(url.to_string());
-    };
+    }
     let mut u = url::Url::parse(url).context("PAWFECT_REDIS_URL is not a URL")?;
-    if u.password().is_none() && u.host_str().is_some() {
+    if u.host_str().is_none() {
+        anyhow::bail!("PAWFECT_REDIS_URL has no host to put a username or password into");
+    }
+    if let Some(user) = username.filter(|_| u.username().is_empty()) {
+        u.set_username(user)
+            .map_err(|()| anyhow::anyhow!("can't put the username into PAWFECT_REDIS_URL"))?;
+    }
+    if let Some(password) = password.filter(|_| u.password().is_none()) {
         u.set_password(Some(password))
-            .map_err(|()| anyhow::anyhow!("can't put the password into {url}"))?;
+            .map_err(|()| anyhow::anyhow!("can't put the password into PAWFECT_REDIS_URL"))?;
     }
     Ok(u.to_string())
 }
@@ -244,7 +266,12 @@ pub fn main(args: ServeArgs) -> anyhow::Result<()> {
 
 async fn run(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     let queue = QueueConfig {
-        url: redis_url(&args.redis_url, args.redis_password.as_deref())?,
+        url: redis_url(
+            &args.redis_url,
+            args.redis_username.as_deref(),
+            args.redis_password.as_deref(),
+        )?,
+        ca_file: args.redis_ca_file.clone(),
         prefix: args.queue_prefix.clone(),
         lease: args.lease,
         ..QueueConfig::default()
@@ -329,19 +356,28 @@ mod tests {
     use super::*;
 
     #[test]
-    fn password_goes_into_the_url() {
+    fn credentials_go_into_the_url() {
         assert_eq!(
-            redis_url("redis://redis:6379/0", Some("s3cret")).unwrap(),
+            redis_url("redis://redis:6379/0", None, Some("s3cret")).unwrap(),
             "redis://:s3cret@redis:6379/0"
         );
         assert_eq!(
-            redis_url("redis://redis:6379/", None).unwrap(),
+            redis_url("redis://redis:6379/", None, None).unwrap(),
             "redis://redis:6379/"
         );
         assert_eq!(
-            redis_url("redis://:old@redis:6379/", Some("new")).unwrap(),
+            redis_url("redis://:old@redis:6379/", None, Some("new")).unwrap(),
             "redis://:old@redis:6379/"
         );
+        assert_eq!(
+            redis_url("rediss://redis:6380/", Some("media.t4"), Some("p@ss/w")).unwrap(),
+            "rediss://media.t4:p%40ss%2Fw@redis:6380/"
+        );
+        assert_eq!(
+            redis_url("redis://other@redis:6379/", Some("media.t4"), None).unwrap(),
+            "redis://other@redis:6379/"
+        );
+        assert!(redis_url("redis+unix:///run/redis.sock", Some("u"), None).is_err());
     }
 
     #[test]

@@ -150,7 +150,7 @@ async fn run(
         max_attempts = claim.max_attempts(),
         "claimed"
     );
-    match queue.get_job(claim.uid()).await {
+    match queue.get_job(claim.pool(), claim.uid()).await {
         Ok(Some(rec)) => {
             if let (Some(enq), Some(cl)) = (rec.enqueued_at, rec.claimed_at) {
                 let wait = cl.duration_since(enq).as_secs_f64().max(0.0);

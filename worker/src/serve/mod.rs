@@ -344,7 +344,11 @@ async fn join_pool(
                 tracing::info!("joined the pool");
                 return Ok(Some(session));
             }
-            Err(e @ (QueueError::InvalidName { .. } | QueueError::Config(_))) => {
+            Err(
+                e @ (QueueError::InvalidName { .. }
+                | QueueError::Config(_)
+                | QueueError::CaFile { .. }),
+            ) => {
                 return Err(e.into());
             }
             Err(e) => {

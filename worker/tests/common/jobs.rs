@@ -9,6 +9,9 @@ use pawfect_queue::{Event, EventKind, JobRecord, JobRef, JobState, Queue, QueueC
 
 use super::http::{Route, Server};
 
+/// The queue pool of the test workers and jobs.
+pub const POOL: &str = "test";
+
 /// Queue settings for tests: short lease, fast heartbeat and blocking reads.
 pub fn queue_config(url: &str, lease: Duration) -> QueueConfig {
     QueueConfig {
@@ -150,7 +153,7 @@ impl Inputs {
             "image": image,
             "mask": mask,
             "output": output,
-            "pool": "test",
+            "pool": POOL,
             "steps": 4,
             "maxAttempts": 1,
         }))
@@ -322,7 +325,7 @@ pub async fn enqueue(queue: &Queue, uid: &str, spec: &InpaintJobSpec) {
 pub async fn wait_finished(queue: &Queue, uid: &str, timeout: Duration) -> JobRecord {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        if let Some(rec) = queue.get_job(uid).await.unwrap()
+        if let Some(rec) = queue.get_job(POOL, uid).await.unwrap()
             && rec.state.is_terminal()
         {
             return rec;
@@ -330,7 +333,7 @@ pub async fn wait_finished(queue: &Queue, uid: &str, timeout: Duration) -> JobRe
         assert!(
             tokio::time::Instant::now() < deadline,
             "job {uid} did not finish in {timeout:?}: {:?}",
-            queue.get_job(uid).await.unwrap()
+            queue.get_job(POOL, uid).await.unwrap()
         );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
@@ -340,7 +343,7 @@ pub async fn wait_finished(queue: &Queue, uid: &str, timeout: Duration) -> JobRe
 pub async fn wait_state(queue: &Queue, uid: &str, state: JobState, timeout: Duration) -> JobRecord {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        if let Some(rec) = queue.get_job(uid).await.unwrap()
+        if let Some(rec) = queue.get_job(POOL, uid).await.unwrap()
             && rec.state == state
         {
             return rec;
@@ -348,7 +351,7 @@ pub async fn wait_state(queue: &Queue, uid: &str, state: JobState, timeout: Dura
         assert!(
             tokio::time::Instant::now() < deadline,
             "job {uid} not {state:?} in {timeout:?}: {:?}",
-            queue.get_job(uid).await.unwrap()
+            queue.get_job(POOL, uid).await.unwrap()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -358,7 +361,7 @@ pub async fn wait_state(queue: &Queue, uid: &str, state: JobState, timeout: Dura
 pub async fn wait_denoising(queue: &Queue, uid: &str, timeout: Duration) -> JobRecord {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        if let Some(rec) = queue.get_job(uid).await.unwrap()
+        if let Some(rec) = queue.get_job(POOL, uid).await.unwrap()
             && rec.progress.as_ref().is_some_and(|p| p.stage == "denoise")
         {
             return rec;
@@ -380,8 +383,7 @@ pub async fn all_events(queue: &Queue) -> Vec<Event> {
         if batch.is_empty() {
             break;
         }
-        let ids: Vec<&str> = batch.iter().map(|e| e.id.as_str()).collect();
-        reader.ack(&ids).await.unwrap();
+        reader.ack(&batch).await.unwrap();
         out.extend(batch);
     }
     out
