@@ -12,8 +12,8 @@ use k8s_openapi::api::apps::v1::{
     Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    ConfigMapVolumeSource, HTTPGetAction, HostPathVolumeSource, KeyToPath, ObjectFieldSelector,
+    Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, HTTPGetAction, HostPathVolumeSource, KeyToPath, ObjectFieldSelector,
     PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
     ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext,
     Volume, VolumeMount,
@@ -68,7 +68,7 @@ fn ca_volume(ca: &CaSource) -> Volume {
         Some(vec![KeyToPath {
             key: key.to_string(),
             path: REDIS_CA_FILE.to_string(),
-            mode: None,
+            ..Default::default()
         }])
     };
     match ca {

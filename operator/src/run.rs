@@ -152,7 +152,11 @@ pub struct RunArgs {
     pub worker_redis_secret_key: String,
     /// ConfigMap (in each pool's namespace) holding the Redis CA the workers trust, mounted into
     /// them as PAWFECT_REDIS_CA_FILE (key --worker-redis-ca-key).
-    #[arg(long, env = "PAWFECT_WORKER_REDIS_CA_CONFIGMAP", conflicts_with = "worker_redis_ca_secret")]
+    #[arg(
+        long,
+        env = "PAWFECT_WORKER_REDIS_CA_CONFIGMAP",
+        conflicts_with = "worker_redis_ca_secret"
+    )]
     pub worker_redis_ca_configmap: Option<String>,
     /// Secret (in each pool's namespace) holding the Redis CA, instead of a ConfigMap.
     #[arg(long, env = "PAWFECT_WORKER_REDIS_CA_SECRET")]
@@ -231,7 +235,10 @@ pub fn queue_config(
 /// Where the workers find the Redis CA (the `--worker-redis-ca-*` flags).
 pub fn worker_ca(args: &RunArgs) -> Option<CaSource> {
     let key = args.worker_redis_ca_key.clone();
-    match (&args.worker_redis_ca_configmap, &args.worker_redis_ca_secret) {
+    match (
+        &args.worker_redis_ca_configmap,
+        &args.worker_redis_ca_secret,
+    ) {
         (Some(name), _) => Some(CaSource::ConfigMap {
             name: name.clone(),
             key,
@@ -527,6 +534,20 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     .context("cannot connect to Redis (--redis-url)")?;
     queue.ping().await.context("Redis does not answer PING")?;
     info!(prefix = %args.queue_prefix, "queue connected");
+    // Keys of the layout before pools had their own prefix: nothing reads them any more (the
+    // unfinished InpaintJobs are queued again under the new layout, from their resources).
+    match queue.legacy_keys(100_000).await {
+        Ok(0) => {}
+        Ok(n) => warn!(
+            keys = n,
+            prefix = %args.queue_prefix,
+            "Redis holds keys of the old queue layout ({p}:job:*, {p}:jobs:*, {p}:events, \
+             {p}:dead:*, {p}:workers:*, {p}:server): unfinished jobs are queued again under \
+             the per-pool layout; delete those keys once no worker of the old version runs",
+            p = args.queue_prefix
+        ),
+        Err(e) => warn!(%e, "cannot look for keys of the old queue layout"),
+    }
     ready.store(true, Ordering::Relaxed);
 
     let me = identity();

@@ -14,8 +14,9 @@ use crate::queue::Queue;
 /// Every command a worker sends, directly or from the protocol's scripts (Redis checks ACL
 /// permissions on each `redis.call` inside a script too), and nothing else:
 ///
-/// - connection set-up by redis-rs: `PING`, `SELECT` (a database in the URL), `CLIENT SETINFO`
-///   (its failure is ignored, allowed to keep the server log quiet); `AUTH`/`HELLO` need none;
+/// - connection set-up by redis-rs: `PING`, `SELECT` (a database in the URL); `AUTH`/`HELLO`
+///   need none, and the `CLIENT SETINFO` it sends (Redis ≥ 7.2) may fail, which it ignores
+///   (the command does not exist in 7.0, where naming it would make `ACL SETUSER` fail);
 /// - scripts: `EVALSHA`, `EVAL`/`SCRIPT LOAD` (redis-rs loads a script Redis does not have yet);
 /// - `worker.rs` outside scripts: `XREADGROUP` (the blocking read), `HMGET` (claim checks);
 ///   `serve` reads the claimed job with `HGETALL`;
@@ -29,7 +30,6 @@ use crate::queue::Queue;
 pub const WORKER_COMMANDS: &[&str] = &[
     "ping",
     "select",
-    "client|setinfo",
     "evalsha",
     "eval",
     "script|load",

@@ -402,9 +402,7 @@ impl EventsReader {
             let mut bad = Vec::new();
             for (id, fields) in entries {
                 match fields.map(|f| Event::decode(id.clone(), f)) {
-                    Some(Ok(mut e))
-                        if namespace.as_ref().is_none_or(|ns| *ns == e.namespace) =>
-                    {
+                    Some(Ok(mut e)) if namespace.as_ref().is_none_or(|ns| *ns == e.namespace) => {
                         e.pool = pool.clone();
                         out.push(e);
                     }
@@ -452,7 +450,10 @@ impl EventsReader {
     pub async fn ack(&self, events: &[Event]) -> Result<()> {
         let mut by_pool: HashMap<&str, Vec<String>> = HashMap::new();
         for e in events {
-            by_pool.entry(e.pool.as_str()).or_default().push(e.id.clone());
+            by_pool
+                .entry(e.pool.as_str())
+                .or_default()
+                .push(e.id.clone());
         }
         for (pool, ids) in by_pool {
             self.ack_ids(&self.queue.keys().events(pool), &ids).await?;

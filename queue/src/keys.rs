@@ -173,7 +173,7 @@ impl Keys {
 
     /// Key patterns of the layout before pools had their own prefix (`{prefix}:jobs:*`,
     /// `{prefix}:job:*`, `{prefix}:events`, …), for the operator's upgrade check.
-    pub fn legacy_patterns(&self) -> [String; 5] {
+    pub fn legacy_patterns(&self) -> [String; 6] {
         let p = &self.prefix;
         [
             format!("{p}:jobs:*"),
@@ -181,6 +181,7 @@ impl Keys {
             format!("{p}:events"),
             format!("{p}:dead:*"),
             format!("{p}:workers:*"),
+            format!("{p}:server"),
         ]
     }
 
@@ -258,7 +259,13 @@ mod tests {
             key.starts_with(lit)
         }
         let k = Keys::new("pawfect").unwrap();
-        let pools = ["media/t4", "media/t4-big", "other/t4", "media/t", "media.x/t4"];
+        let pools = [
+            "media/t4",
+            "media/t4-big",
+            "other/t4",
+            "media/t",
+            "media.x/t4",
+        ];
         let keys_of = |p: &str| {
             vec![
                 k.jobs(p),
@@ -286,7 +293,16 @@ mod tests {
         assert!(Keys::new("a b").is_err());
         assert!(validate_name("pool", "default").is_ok());
         assert!(validate_name("pool", "t4-pool.x_1").is_ok());
-        for bad in ["", "a:high", "a b", "tab\t", "a*", "a?", "a[1]", &"x".repeat(254)] {
+        for bad in [
+            "",
+            "a:high",
+            "a b",
+            "tab\t",
+            "a*",
+            "a?",
+            "a[1]",
+            &"x".repeat(254),
+        ] {
             let err = validate_name("pool", bad).unwrap_err();
             assert!(err.to_string().contains("pool"), "{err}");
         }

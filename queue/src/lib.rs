@@ -6,22 +6,26 @@
 //!
 //! # Keys
 //!
-//! Every key is named in [`keys`] (prefix configurable, default `pawfect`):
+//! Every key is named in [`keys`] (prefix `{p}` configurable, default `pawfect`). Every key of a
+//! pool lies under `{p}:p:{pool}:`, so a Redis ACL user per pool ([`acl`]) reaches one pool's
+//! jobs only:
 //!
-//! - `{p}:jobs:{pool}` and `{p}:jobs:{pool}:high`: one stream per pool and priority, consumer
+//! - `{p}:p:{pool}:jobs` and `…:jobs:high`: one stream per pool and priority, consumer
 //!   group `workers`, consumer name = worker (pod) name. An entry is
 //!   `uid, namespace, name, attempt, spec` (spec = the `InpaintJobSpec` as JSON).
-//! - `{p}:job:{uid}`: the job hash: `state`, identity, `priority`, `attempt`/`max_attempts`,
+//! - `{p}:p:{pool}:job:{uid}`: the job hash: `state`, identity, `priority`, `attempt`/`max_attempts`,
 //!   `worker`, the `stream` and `entry` id of its current entry, progress (`stage`, `step`,
 //!   `total_steps`), result (`timings` JSON, `caption`, `prompt`, `prompt_source`, `output`),
 //!   `reason`/`message`, the `cancel` flag and `enqueued_at`/`claimed_at`/`heartbeat_at`/
 //!   `finished_at` (ms, Redis clock). It expires `finished_ttl` (24 h) after the job finished.
-//! - `{p}:events`: what happened (claimed, progress, succeeded, failed, retrying, cancelled),
-//!   read by the operator through group `operator` ([`EventsReader`]); capped with MAXLEN ~.
-//! - `{p}:dead:{pool}`: jobs that used up their attempts, with the reason ([`DeadLetter`]).
-//! - `{p}:workers:{pool}`: worker registry, name → `{"seen": ms, "job": uid|null}`.
-//! - `{p}:pools`: set of pool names.
-//! - `{p}:server`: the Redis server's `run_id` and when a claim first saw it (`since`, ms).
+//! - `{p}:p:{pool}:events`: what happened to the pool's jobs (claimed, progress, succeeded,
+//!   failed, retrying, cancelled), read by the operator through group `operator` over all
+//!   pools ([`EventsReader`]); capped with MAXLEN ~.
+//! - `{p}:p:{pool}:dead`: jobs that used up their attempts, with the reason ([`DeadLetter`]).
+//! - `{p}:p:{pool}:workers`: worker registry, name → `{"seen": ms, "job": uid|null}`.
+//! - `{p}:p:{pool}:server`: the Redis server's `run_id` and when a claim of the pool first saw
+//!   it (`since`, ms).
+//! - `{p}:pools`: set of pool names (the operator's only; the events reader reads it).
 //!
 //! # States
 //!

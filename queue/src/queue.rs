@@ -503,6 +503,39 @@ impl Queue {
     }
 }
 
+impl Queue {
+    /// How many keys of the layout before pools had their own prefix are left (`{p}:jobs:*`,
+    /// `{p}:job:*`, `{p}:events`, …: [`Keys::legacy_patterns`]), counting up to `limit`. The
+    /// operator logs them at start: nothing reads them any more (it re-queues every unfinished
+    /// InpaintJob from its resource under the new layout), so they may be deleted once the old
+    /// workers are gone.
+    pub async fn legacy_keys(&self, limit: usize) -> Result<usize> {
+        let mut n = 0;
+        for pattern in self.keys().legacy_patterns() {
+            let mut cursor: u64 = 0;
+            loop {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(&pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut self.conn())
+                    .await?;
+                n += keys.len();
+                if n >= limit {
+                    return Ok(limit);
+                }
+                cursor = next;
+                if cursor == 0 {
+                    break;
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::redacted_url;

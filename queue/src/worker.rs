@@ -872,7 +872,13 @@ mod tests {
         let q = Queue::connect(QueueConfig::new(redis.url())).await.unwrap();
         let mut session = q.worker("p", "w").await.unwrap();
         enqueue_in_one_transaction(&q, &redis.url(), &[("n", "normal")]).await;
-        let before = q.get_job("p", "n").await.unwrap().unwrap().entry_id.unwrap();
+        let before = q
+            .get_job("p", "n")
+            .await
+            .unwrap()
+            .unwrap()
+            .entry_id
+            .unwrap();
 
         // Deliver it to `w` without claim bookkeeping, as a blocking read does.
         let mut d = session

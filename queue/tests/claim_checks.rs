@@ -178,7 +178,10 @@ async fn jobs_a_worker_cannot_run_fail_at_the_first_claim() {
         assert_eq!(count(&events, uid, EventKind::Claimed), 0, "{uid}");
     }
     assert!(q.dead_letters("p", 10).await.unwrap().is_empty());
-    assert_eq!(q.job_state("p", "good").await.unwrap(), Some(JobState::Running));
+    assert_eq!(
+        q.job_state("p", "good").await.unwrap(),
+        Some(JobState::Running)
+    );
     assert_eq!(
         q.depth("p").await.unwrap(),
         pawfect_api::QueueDepth {

@@ -481,7 +481,10 @@ async fn cancel_a_waiting_and_a_running_job() {
     let hb = running.start_heartbeat();
 
     // Waiting: gone at once, never claimed.
-    assert_eq!(q.cancel("p", "wait").await.unwrap(), CancelOutcome::Cancelled);
+    assert_eq!(
+        q.cancel("p", "wait").await.unwrap(),
+        CancelOutcome::Cancelled
+    );
     assert_eq!(
         q.cancel("p", "wait").await.unwrap(),
         CancelOutcome::AlreadyFinished(JobState::Cancelled)
@@ -510,7 +513,10 @@ async fn cancel_a_waiting_and_a_running_job() {
             .unwrap(),
         Standing::Active
     );
-    assert_eq!(q.cancel("p", "run").await.unwrap(), CancelOutcome::Requested);
+    assert_eq!(
+        q.cancel("p", "run").await.unwrap(),
+        CancelOutcome::Requested
+    );
     assert!(running.is_cancelled().await.unwrap());
     assert_eq!(
         running
@@ -538,7 +544,10 @@ async fn cancel_a_waiting_and_a_running_job() {
         q.cancel("p", "run").await.unwrap(),
         CancelOutcome::AlreadyFinished(JobState::Cancelled)
     );
-    assert_eq!(q.cancel("p", "nope").await.unwrap(), CancelOutcome::NotFound);
+    assert_eq!(
+        q.cancel("p", "nope").await.unwrap(),
+        CancelOutcome::NotFound
+    );
     assert_eq!(q.depth("p").await.unwrap(), depth(0, 0));
 
     let ev = all_events(&q).await;
@@ -568,7 +577,10 @@ async fn a_cancelled_job_of_a_dead_worker_is_cancelled_on_reclaim() {
     assert_eq!(q.cancel("p", "j").await.unwrap(), CancelOutcome::Requested);
     let mut w = q.worker("p", "w").await.unwrap();
     assert!(w.claim(Duration::from_secs(1)).await.unwrap().is_none());
-    assert_eq!(q.job_state("p", "j").await.unwrap(), Some(JobState::Cancelled));
+    assert_eq!(
+        q.job_state("p", "j").await.unwrap(),
+        Some(JobState::Cancelled)
+    );
     assert_eq!(q.depth("p").await.unwrap(), depth(0, 0));
 }
 
@@ -796,7 +808,10 @@ async fn leave_hands_back_what_the_worker_still_holds() {
     assert_eq!(flagged.uid(), "flagged");
     let held = a.claim(WAIT).await.unwrap().unwrap();
     assert_eq!(held.uid(), "held");
-    assert_eq!(q.cancel("p", "flagged").await.unwrap(), CancelOutcome::Requested);
+    assert_eq!(
+        q.cancel("p", "flagged").await.unwrap(),
+        CancelOutcome::Requested
+    );
     assert_eq!(q.depth("p").await.unwrap(), depth(0, 2));
 
     // Shut down without finishing either claim.
@@ -828,4 +843,41 @@ async fn leave_hands_back_what_the_worker_still_holds() {
         ("held", "HandedBack")
     );
     assert_eq!(count(&ev, "flagged", EventKind::Cancelled), 1);
+}
+
+#[tokio::test]
+async fn keys_of_the_old_layout_are_counted() {
+    let (redis, q) = setup(60_000).await;
+    q.enqueue(&job("new"), &spec("pets/default", "normal", 3))
+        .await
+        .unwrap();
+    assert_eq!(
+        q.legacy_keys(100).await.unwrap(),
+        0,
+        "the new layout is not counted"
+    );
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    for key in [
+        "pawfect:job:u1",
+        "pawfect:job:u2",
+        "pawfect:jobs:pets/default",
+        "pawfect:events",
+        "pawfect:server",
+        "other:job:u3",
+    ] {
+        let _: () = redis::cmd("HSET")
+            .arg(key)
+            .arg("state")
+            .arg("queued")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    assert_eq!(q.legacy_keys(100).await.unwrap(), 5);
+    assert_eq!(
+        q.legacy_keys(3).await.unwrap(),
+        3,
+        "counting stops at the limit"
+    );
 }

@@ -151,7 +151,10 @@ async fn four_consumers_complete_every_job_exactly_once() {
         assert_eq!(runs.len(), 1, "{uid} completed {runs:?}");
         assert_eq!(runs[0].1, 1, "{uid} needed a second attempt: {runs:?}");
         assert_eq!(runs[0].2, Outcome::Finished(JobState::Succeeded));
-        assert_eq!(q.job_state("p", uid).await.unwrap(), Some(JobState::Succeeded));
+        assert_eq!(
+            q.job_state("p", uid).await.unwrap(),
+            Some(JobState::Succeeded)
+        );
     }
     assert_eq!(
         q.depth("p").await.unwrap(),

@@ -220,11 +220,7 @@ pub struct ServeArgs {
 }
 
 /// The URL with the username and password of the flags (each only where the URL has none).
-fn redis_url(
-    url: &str,
-    username: Option<&str>,
-    password: Option<&str>,
-) -> anyhow::Result<String> {
+fn redis_url(url: &str, username: Option<&str>, password: Option<&str>) -> anyhow::Result<String> {
     let username = username.filter(|u| !u.is_empty());
     let password = password.filter(|p| !p.is_empty());
     if username.is_none() && password.is_none() {
