@@ -399,6 +399,56 @@ pub fn build(pool: &InpaintPool, conn: &WorkerConnection, replicas: u32) -> Depl
     }
 }
 
+/// Makes the workers log in as their pool's own Redis user: `PAWFECT_REDIS_USERNAME`, the
+/// password from key `password_key` of Secret `secret` (instead of a shared password), and
+/// `version` as the pod-template annotation `annotation` (new credentials roll the pods).
+pub fn with_pool_user(
+    deploy: &mut Deployment,
+    secret: &str,
+    password_key: &str,
+    username: &str,
+    (annotation, version): (&str, &str),
+) {
+    let Some(template) = deploy.spec.as_mut().map(|s| &mut s.template) else {
+        return;
+    };
+    template
+        .metadata
+        .get_or_insert_with(Default::default)
+        .annotations
+        .get_or_insert_with(BTreeMap::new)
+        .insert(annotation.to_string(), version.to_string());
+    let containers = template.spec.as_mut().map(|p| p.containers.iter_mut());
+    for c in containers.into_iter().flatten() {
+        if c.name != CONTAINER_NAME {
+            continue;
+        }
+        let env = c.env.get_or_insert_with(Vec::new);
+        env.retain(|e| e.name != "PAWFECT_REDIS_PASSWORD" && e.name != "PAWFECT_REDIS_USERNAME");
+        // Right after the URL, as the shared password would be.
+        let at = env
+            .iter()
+            .position(|e| e.name == "PAWFECT_REDIS_URL")
+            .map_or(env.len(), |i| i + 1);
+        env.insert(at, self::env("PAWFECT_REDIS_USERNAME", username));
+        env.insert(
+            at + 1,
+            EnvVar {
+                name: "PAWFECT_REDIS_PASSWORD".into(),
+                value: None,
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: secret.to_string(),
+                        key: password_key.to_string(),
+                        optional: Some(false),
+                    }),
+                    ..Default::default()
+                }),
+            },
+        );
+    }
+}
+
 /// Gives the worker container `PAWFECT_LOG_FORMAT=<format>` (the operator's own log format), unless
 /// the pool's env already sets it (the pool's env wins, as in [`build`]).
 pub fn with_log_format(deploy: &mut Deployment, format: &str) {
@@ -441,6 +491,38 @@ mod tests {
             queue_prefix: "pawfect".into(),
             ca: None,
         }
+    }
+
+    #[test]
+    fn a_pool_user_replaces_the_shared_password() {
+        let p = pool(json!({"worker": {"image": "w:1"}}));
+        let mut d = build(&p, &conn(true), 1);
+        with_pool_user(
+            &mut d,
+            "t4-redis-user",
+            "password",
+            "pawfect:media/t4",
+            ("inpaint.pawfect.dev/redis-credentials", "uid-1"),
+        );
+        let v = serde_json::to_value(&d).unwrap();
+        let t = &v["spec"]["template"];
+        assert_eq!(
+            t["metadata"]["annotations"]["inpaint.pawfect.dev/redis-credentials"],
+            "uid-1"
+        );
+        let env = t["spec"]["containers"][0]["env"].as_array().unwrap();
+        let names: Vec<&str> = env.iter().map(|e| e["name"].as_str().unwrap()).collect();
+        let url = names.iter().position(|n| *n == "PAWFECT_REDIS_URL").unwrap();
+        assert_eq!(
+            names[url + 1..url + 3],
+            ["PAWFECT_REDIS_USERNAME", "PAWFECT_REDIS_PASSWORD"]
+        );
+        assert_eq!(names.iter().filter(|n| **n == "PAWFECT_REDIS_PASSWORD").count(), 1);
+        assert_eq!(env[url + 1]["value"], "pawfect:media/t4");
+        assert_eq!(
+            env[url + 2]["valueFrom"]["secretKeyRef"],
+            json!({"name": "t4-redis-user", "key": "password", "optional": false})
+        );
     }
 
     #[test]

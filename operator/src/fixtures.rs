@@ -152,6 +152,11 @@ pub struct TestEnv {
 
 impl TestEnv {
     pub async fn new() -> TestEnv {
+        Self::with_pool_users(false).await
+    }
+
+    /// With `--pool-redis-users` on or off.
+    pub async fn with_pool_users(pool_redis_users: bool) -> TestEnv {
         let redis = RedisServer::start().expect("redis-server starts (is it installed?)");
         let queue = Queue::connect(QueueConfig {
             url: redis.url(),
@@ -168,13 +173,14 @@ impl TestEnv {
             ca: None,
             queue_prefix: "pawfect".into(),
         };
-        let ctx = Context::new(
+        let mut ctx = Context::new(
             client,
             queue.clone(),
             Arc::new(Metrics::default()),
             worker,
             Some("pawfect-operator-test".into()),
         );
+        ctx.pool_redis_users = pool_redis_users;
         TestEnv {
             ctx: Arc::new(ctx),
             api: ApiServerVerifier(handle),

@@ -6,7 +6,8 @@
 //!   cancel on delete, Kubernetes Events.
 //! - [`pool`]: the worker Deployment `<pool>-worker` (built by [`deployment`]), its replicas
 //!   (decided by [`autoscaler`]), pod-deletion-cost / safe-to-evict annotations, pool status.
-//! - [`events`]: reads the queue's events stream and wakes the controllers.
+//! - [`pool_user`]: each pool's own Redis user, its Secret and the sweep of deleted pools' users.
+//! - [`events`]: reads the queue's events streams and wakes the controllers.
 //! - [`status`]: the status mapping as pure functions.
 //! - [`run`]: the `pawfect-operator run` process (controllers, HTTP, leader election).
 
@@ -18,6 +19,7 @@ pub mod http;
 pub mod job;
 pub mod metrics;
 pub mod pool;
+pub mod pool_user;
 pub mod run;
 pub mod status;
 
@@ -134,6 +136,10 @@ pub struct Context {
     /// from `--allow-host-path-models` (off unless given); a context built here for tests or
     /// embedding allows it, as before the flag existed.
     pub allow_host_path_models: bool,
+    /// Whether each pool's workers log in as a Redis user of their own (`pool_user`), made and
+    /// kept by the pool reconcile; off: they get the shared password. `pawfect-operator run`
+    /// sets it from `--pool-redis-users`.
+    pub pool_redis_users: bool,
 }
 
 impl Context {
@@ -159,6 +165,7 @@ impl Context {
             scale_history: Mutex::new(HashMap::new()),
             worker_log_format: None,
             allow_host_path_models: true,
+            pool_redis_users: false,
         }
     }
 

@@ -327,9 +327,24 @@ pub async fn reconcile(pool: Arc<InpaintPool>, ctx: Arc<Context>) -> Result<Acti
         mark_pods(&ctx, &ns, &pods, busy_names).await?;
     }
 
+    // The pool's own Redis user (before the Deployment, which reads its Secret).
+    let credentials = if ctx.pool_redis_users {
+        Some(crate::pool_user::ensure(&pool, &ctx, existing.as_ref()).await?)
+    } else {
+        None
+    };
     let mut deploy = deployment::build(&pool, &ctx.worker, desired);
     if let Some(f) = ctx.worker_log_format {
         deployment::with_log_format(&mut deploy, f);
+    }
+    if let Some(c) = &credentials {
+        deployment::with_pool_user(
+            &mut deploy,
+            &c.secret,
+            crate::pool_user::PASSWORD_KEY,
+            &c.username,
+            (crate::pool_user::CREDENTIALS_ANNOTATION, &c.version),
+        );
     }
     deployments
         .patch(

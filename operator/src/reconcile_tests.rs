@@ -556,6 +556,206 @@ async fn new_pool_gets_its_deployment_at_min_replicas() {
     assert_eq!(done(h).await, Action::requeue(Duration::from_secs(7)));
 }
 
+fn secret_uri(ssa: bool) -> String {
+    let base = format!("/api/v1/namespaces/{POOL_NS}/secrets/t4-redis-user");
+    if ssa {
+        format!("{base}?&force=true&fieldManager=pawfect-operator")
+    } else {
+        base
+    }
+}
+
+/// Logs in to the test Redis as `user`.
+async fn login(env: &TestEnv, user: &str, password: &str) -> pawfect_queue::Result<()> {
+    let pct = |s: &str| -> String {
+        s.bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect()
+    };
+    let url = format!(
+        "redis://{}:{}@127.0.0.1:{}/",
+        pct(user),
+        pct(password),
+        env.redis.port()
+    );
+    let q = pawfect_queue::Queue::connect(pawfect_queue::QueueConfig::new(url)).await?;
+    q.ping().await
+}
+
+/// One pool reconcile of a pool without a Deployment, with `--pool-redis-users`: the Secret
+/// answers `secret` to the GET; returns the Secret applied (if any) and the Deployment applied.
+async fn reconcile_with_users(
+    env: &mut TestEnv,
+    p: &InpaintPool,
+    secret: Option<Value>,
+) -> (Option<Value>, Value) {
+    let h = run_pool(env, p).await;
+    env.api
+        .expect(
+            Method::GET,
+            &deployment_uri(false),
+            StatusCode::NOT_FOUND,
+            not_found("deployments", "t4-worker"),
+        )
+        .await;
+    let applied_secret = match secret {
+        Some(s) => {
+            env.api
+                .expect(Method::GET, &secret_uri(false), StatusCode::OK, s)
+                .await;
+            None
+        }
+        None => {
+            env.api
+                .expect(
+                    Method::GET,
+                    &secret_uri(false),
+                    StatusCode::NOT_FOUND,
+                    not_found("secrets", "t4-redis-user"),
+                )
+                .await;
+            Some(
+                env.api
+                    .expect_with(Method::PATCH, &secret_uri(true), |b| {
+                        let mut b = b.clone();
+                        b["metadata"]["uid"] = json!("secret-uid-1");
+                        (StatusCode::OK, b)
+                    })
+                    .await,
+            )
+        }
+    };
+    let deploy = env
+        .api
+        .expect_with(Method::PATCH, &deployment_uri(true), |b| {
+            (StatusCode::OK, b.clone())
+        })
+        .await;
+    let uri = status_uri::<InpaintPool>(POOL_NS, POOL);
+    env.api
+        .expect_with(Method::PATCH, &uri, |b| pool_reply(p, b))
+        .await;
+    done(h).await;
+    (applied_secret, deploy)
+}
+
+#[tokio::test]
+async fn a_pool_gets_its_own_redis_user_and_secret() {
+    let mut env = TestEnv::with_pool_users(true).await;
+    let p = pool(POOL_NS, POOL, json!({"worker": {"image": "w:1"}}));
+    let (secret, deploy) = reconcile_with_users(&mut env, &p, None).await;
+    let secret = secret.expect("a new Secret");
+    assert_eq!(secret["kind"], "Secret");
+    assert_eq!(secret["metadata"]["ownerReferences"][0]["kind"], "InpaintPool");
+    assert_eq!(secret["metadata"]["ownerReferences"][0]["uid"], "uid-pool-t4");
+    let typed: k8s_openapi::api::core::v1::Secret =
+        serde_json::from_value(secret.clone()).unwrap();
+    let data = typed.data.clone().unwrap();
+    let user = String::from_utf8(data["username"].0.clone()).unwrap();
+    let password = String::from_utf8(data["password"].0.clone()).unwrap();
+    assert_eq!(user, "pawfect:media/t4");
+    assert_eq!(password.len(), 64, "ACL GENPASS: 256 bits in hex");
+
+    // The workers log in as that user, with the password from that Secret.
+    let t = &deploy["spec"]["template"];
+    assert_eq!(
+        t["metadata"]["annotations"]["inpaint.pawfect.dev/redis-credentials"],
+        "secret-uid-1"
+    );
+    let env_vars = t["spec"]["containers"][0]["env"].as_array().unwrap();
+    let var = |n: &str| env_vars.iter().find(|e| e["name"] == n).cloned();
+    assert_eq!(var("PAWFECT_REDIS_USERNAME").unwrap()["value"], user);
+    assert_eq!(
+        var("PAWFECT_REDIS_PASSWORD").unwrap()["valueFrom"]["secretKeyRef"],
+        json!({"name": "t4-redis-user", "key": "password", "optional": false})
+    );
+    // The user exists, reaches this pool's keys only, and the pool is listed.
+    login(&env, &user, &password).await.unwrap();
+    assert_eq!(
+        env.queue.pools_with_users().await.unwrap(),
+        vec![qpool_media()]
+    );
+    assert!(env.queue.pools().await.unwrap().contains(&qpool_media()));
+
+    // Redis restarted without an ACL file and forgot the user: the next reconcile (the Secret
+    // is there) makes it again with the same password, and writes no Secret.
+    env.queue.delete_pool_user(&qpool_media()).await.unwrap();
+    assert!(login(&env, &user, &password).await.is_err());
+    let mut existing = secret.clone();
+    existing["metadata"]["uid"] = json!("secret-uid-1");
+    let (again, _) = reconcile_with_users(&mut env, &p, Some(existing)).await;
+    assert!(again.is_none(), "the Secret is kept");
+    login(&env, &user, &password).await.unwrap();
+
+    // Rotation: the Secret deleted. A new password; the old one stays valid (its digest is
+    // noted on the new Secret) until the Deployment has rolled.
+    let (rotated, _) = reconcile_with_users(&mut env, &p, None).await;
+    let rotated = rotated.expect("a new Secret");
+    let typed: k8s_openapi::api::core::v1::Secret =
+        serde_json::from_value(rotated.clone()).unwrap();
+    let new_password = String::from_utf8(typed.data.unwrap()["password"].0.clone()).unwrap();
+    assert_ne!(new_password, password);
+    assert!(
+        rotated["metadata"]["annotations"][crate::pool_user::PREVIOUS_ANNOTATION]
+            .as_str()
+            .is_some_and(|h| h.len() == 64),
+        "{rotated}"
+    );
+    login(&env, &user, &new_password).await.unwrap();
+    login(&env, &user, &password).await.unwrap();
+    // No Deployment runs old pods any more (none at all here): the old digest goes.
+    let mut current = rotated.clone();
+    current["metadata"]["uid"] = json!("secret-uid-2");
+    let h = run_pool(&env, &p).await;
+    env.api
+        .expect(
+            Method::GET,
+            &deployment_uri(false),
+            StatusCode::NOT_FOUND,
+            not_found("deployments", "t4-worker"),
+        )
+        .await;
+    env.api
+        .expect(Method::GET, &secret_uri(false), StatusCode::OK, current)
+        .await;
+    let trimmed = env
+        .api
+        .expect_with(Method::PATCH, &secret_uri(true), |b| {
+            let mut b = b.clone();
+            b["metadata"]["uid"] = json!("secret-uid-2");
+            (StatusCode::OK, b)
+        })
+        .await;
+    assert!(
+        trimmed["metadata"]["annotations"]
+            .get(crate::pool_user::PREVIOUS_ANNOTATION)
+            .is_none(),
+        "{trimmed}"
+    );
+    env.api
+        .expect_with(Method::PATCH, &deployment_uri(true), |b| {
+            (StatusCode::OK, b.clone())
+        })
+        .await;
+    let uri = status_uri::<InpaintPool>(POOL_NS, POOL);
+    env.api
+        .expect_with(Method::PATCH, &uri, |b| pool_reply(&p, b))
+        .await;
+    done(h).await;
+    assert!(login(&env, &user, &password).await.is_err(), "old password gone");
+    login(&env, &user, &new_password).await.unwrap();
+}
+
+fn qpool_media() -> String {
+    queue_pool(POOL_NS, POOL)
+}
+
 #[tokio::test]
 async fn burst_scales_up_and_marks_busy_and_idle_pods() {
     let mut env = TestEnv::new().await;

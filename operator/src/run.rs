@@ -150,6 +150,11 @@ pub struct RunArgs {
         default_value = "redis-password"
     )]
     pub worker_redis_secret_key: String,
+    /// Give each pool's workers a Redis user of their own, limited to the pool's keys, with its
+    /// password in the Secret `<pool>-redis-user` of the pool's namespace (instead of the
+    /// shared password of --worker-redis-secret). Needs an admin Redis user (ACL SETUSER).
+    #[arg(long, env = "PAWFECT_POOL_REDIS_USERS")]
+    pub pool_redis_users: bool,
     /// ConfigMap (in each pool's namespace) holding the Redis CA the workers trust, mounted into
     /// them as PAWFECT_REDIS_CA_FILE (key --worker-redis-ca-key).
     #[arg(
@@ -487,7 +492,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         password.as_deref(),
         args.worker_redis_url.as_deref(),
     )?;
-    if urls.has_password && args.worker_redis_secret.is_none() {
+    if urls.has_password && args.worker_redis_secret.is_none() && !args.pool_redis_users {
         warn!(
             "Redis needs a password but --worker-redis-secret is not set: worker pods get no password"
         );
@@ -579,6 +584,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     ctx.pool_wake = Some(pool_tx.clone());
     ctx.worker_log_format = Some(args.log_format.as_str());
     ctx.allow_host_path_models = args.allow_host_path_models;
+    ctx.pool_redis_users = args.pool_redis_users;
     if args.allow_host_path_models {
         warn!("--allow-host-path-models: pools may mount node directories into their workers");
     }
@@ -641,6 +647,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         events::run(queue, me, triggers, &events_metrics, Duration::from_secs(5)).await;
     });
 
+    // The users of deleted pools (a pool's Secret goes by garbage collection, its Redis user
+    // here), once a minute while this replica leads.
+    let sweep_task = args.pool_redis_users.then(|| {
+        let ctx = ctx.clone();
+        let namespace = args.namespace.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                if let Err(e) = crate::pool_user::sweep(&ctx, namespace.as_deref()).await {
+                    warn!(%e, "cannot sweep the Redis users of deleted pools");
+                }
+            }
+        })
+    });
+
     info!("controllers started");
     let result = tokio::select! {
         _ = futures::future::join(job_controller, pool_controller) => {
@@ -650,6 +672,9 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         _ = leadership_lost => Err(anyhow::anyhow!("lost the leader lease; exiting so a standby takes over")),
     };
     events_task.abort();
+    if let Some(t) = sweep_task {
+        t.abort();
+    }
     http_task.abort();
     result
 }

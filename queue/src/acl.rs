@@ -161,6 +161,23 @@ impl Queue {
         Ok(n > 0)
     }
 
+    /// The pools that have a user under this prefix (`ACL USERS`), whether they exist or not.
+    pub async fn pools_with_users(&self) -> Result<Vec<String>> {
+        let users: Vec<String> = redis::cmd("ACL")
+            .arg("USERS")
+            .query_async(&mut self.conn())
+            .await?;
+        let prefix = format!("{}:", self.keys().prefix());
+        let mut pools: Vec<String> = users
+            .iter()
+            .filter_map(|u| u.strip_prefix(&prefix))
+            .filter(|p| p.contains('/') && validate_name("pool", p).is_ok())
+            .map(str::to_string)
+            .collect();
+        pools.sort();
+        Ok(pools)
+    }
+
     /// A new random password from Redis (`ACL GENPASS`: 256 bits from the server's
     /// `/dev/urandom`, as 64 hex digits).
     pub async fn generate_password(&self) -> Result<String> {

@@ -366,7 +366,9 @@ async fn passwords_rotate_and_users_go_with_their_pool() {
     old_session.ping().await.unwrap();
 
     // The pool is gone: so is its user, and Redis closes its connections.
+    assert_eq!(admin.pools_with_users().await.unwrap(), vec![A.to_string()]);
     assert!(admin.delete_pool_user(A).await.unwrap());
+    assert!(admin.pools_with_users().await.unwrap().is_empty());
     assert!(!admin.delete_pool_user(A).await.unwrap());
     assert!(admin.pool_user_password_hashes(A).await.unwrap().is_empty());
     let err = login(new).await.unwrap_err();

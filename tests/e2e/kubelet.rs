@@ -30,7 +30,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Container, Pod};
+use k8s_openapi::api::core::v1::{Container, Pod, Secret};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::{Client, ResourceExt};
 use pawfect_operator::pool::DELETION_COST;
@@ -83,6 +83,7 @@ struct Inner {
 pub struct Kubelet {
     inner: Arc<Mutex<Inner>>,
     pods: Api<Pod>,
+    secrets: Api<Secret>,
     queue: Queue,
     namespace: String,
     queue_pool: String,
@@ -166,7 +167,8 @@ impl Kubelet {
         );
         Kubelet {
             inner: Arc::default(),
-            pods: Api::namespaced(client, namespace),
+            pods: Api::namespaced(client.clone(), namespace),
+            secrets: Api::namespaced(client, namespace),
             queue,
             namespace: namespace.into(),
             queue_pool: queue_pool.into(),
@@ -460,7 +462,7 @@ impl Kubelet {
             self.problem(format!("pod {name} has no container"));
             return;
         };
-        let (child, port) = match self.spawn(pod, &node, &c, 0) {
+        let (child, port) = match self.spawn(pod, &node, &c, 0).await {
             Ok(x) => x,
             Err(e) => {
                 self.problem(format!("pod {name}: {e}"));
@@ -499,7 +501,7 @@ impl Kubelet {
             .and_then(|s| s.node_name.clone())
             .unwrap_or_default();
         let restarts = self.restarts(name) + 1;
-        match self.spawn(&pod, &node, &c, restarts) {
+        match self.spawn(&pod, &node, &c, restarts).await {
             Ok((child, port)) => {
                 if let Some(p) = self.lock().pods.get_mut(name) {
                     p.child = child;
@@ -589,7 +591,7 @@ impl Kubelet {
     }
 
     /// Starts the container `c` of `pod`.
-    fn spawn(
+    async fn spawn(
         &self,
         pod: &Pod,
         node: &str,
@@ -608,6 +610,24 @@ impl Kubelet {
             let value = match (&e.value, &e.value_from) {
                 (Some(v), None) => expand(v, &env),
                 (None, None) => String::new(),
+                (None, Some(from)) if from.secret_key_ref.is_some() => {
+                    // As the kubelet does: the key of a Secret in the pod's namespace.
+                    let Some(r) = from.secret_key_ref.as_ref() else {
+                        continue;
+                    };
+                    let secret = self
+                        .secrets
+                        .get(&r.name)
+                        .await
+                        .map_err(|err| format!("env {}: Secret {}: {err}", e.name, r.name))?;
+                    let bytes = secret
+                        .data
+                        .as_ref()
+                        .and_then(|d| d.get(&r.key))
+                        .ok_or_else(|| format!("env {}: Secret {} has no key {}", e.name, r.name, r.key))?;
+                    String::from_utf8(bytes.0.clone())
+                        .map_err(|_| format!("env {}: Secret {} key {} is not UTF-8", e.name, r.name, r.key))?
+                }
                 (None, Some(from)) => {
                     let path = from
                         .field_ref
