@@ -409,9 +409,7 @@ pub fn with_pool_user(
     username: &str,
     (annotation, version): (&str, &str),
 ) {
-    let Some(template) = deploy.spec.as_mut().map(|s| &mut s.template) else {
-        return;
-    };
+    let template = &mut deploy.spec.template;
     template
         .metadata
         .get_or_insert_with(Default::default)

@@ -66,8 +66,9 @@ pub fn rolled(deploy: Option<&Deployment>, version: &str) -> bool {
     };
     let annotated = d
         .spec
+        .template
+        .metadata
         .as_ref()
-        .and_then(|s| s.template.metadata.as_ref())
         .and_then(|m| m.annotations.as_ref())
         .and_then(|a| a.get(CREDENTIALS_ANNOTATION))
         .is_some_and(|v| v == version);

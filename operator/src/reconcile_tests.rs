@@ -752,6 +752,41 @@ async fn a_pool_gets_its_own_redis_user_and_secret() {
     login(&env, &user, &new_password).await.unwrap();
 }
 
+#[tokio::test]
+async fn users_of_deleted_pools_are_swept() {
+    use pawfect_queue::acl::Password;
+    let mut env = TestEnv::with_pool_users(true).await;
+    for p in ["media/t4", "media/gone", "other/x"] {
+        env.queue
+            .apply_pool_user(p, &[Password::Plain("pw-1234")])
+            .await
+            .unwrap();
+    }
+    let ctx = env.ctx.clone();
+    let h = tokio::spawn(async move { crate::pool_user::sweep(&ctx, Some(POOL_NS)).await });
+    let t4 = serde_json::to_value(pool(POOL_NS, POOL, json!({"worker": {"image": "w:1"}}))).unwrap();
+    env.api
+        .expect(
+            Method::GET,
+            &format!("/apis/inpaint.pawfect.dev/v1alpha1/namespaces/{POOL_NS}/inpaintpools?"),
+            StatusCode::OK,
+            json!({"apiVersion": "inpaint.pawfect.dev/v1alpha1", "kind": "InpaintPoolList",
+                "metadata": {}, "items": [t4]}),
+        )
+        .await;
+    let gone = tokio::time::timeout(Duration::from_secs(10), h)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(gone, vec!["media/gone".to_string()]);
+    // The existing pool keeps its user; another namespace is not this operator's to sweep.
+    assert_eq!(
+        env.queue.pools_with_users().await.unwrap(),
+        vec!["media/t4".to_string(), "other/x".to_string()]
+    );
+}
+
 fn qpool_media() -> String {
     queue_pool(POOL_NS, POOL)
 }
