@@ -510,12 +510,21 @@ mod tests {
         );
         let env = t["spec"]["containers"][0]["env"].as_array().unwrap();
         let names: Vec<&str> = env.iter().map(|e| e["name"].as_str().unwrap()).collect();
-        let url = names.iter().position(|n| *n == "PAWFECT_REDIS_URL").unwrap();
+        let url = names
+            .iter()
+            .position(|n| *n == "PAWFECT_REDIS_URL")
+            .unwrap();
         assert_eq!(
             names[url + 1..url + 3],
             ["PAWFECT_REDIS_USERNAME", "PAWFECT_REDIS_PASSWORD"]
         );
-        assert_eq!(names.iter().filter(|n| **n == "PAWFECT_REDIS_PASSWORD").count(), 1);
+        assert_eq!(
+            names
+                .iter()
+                .filter(|n| **n == "PAWFECT_REDIS_PASSWORD")
+                .count(),
+            1
+        );
         assert_eq!(env[url + 1]["value"], "pawfect:media/t4");
         assert_eq!(
             env[url + 2]["valueFrom"]["secretKeyRef"],

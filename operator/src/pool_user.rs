@@ -22,10 +22,10 @@
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 
+use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use k8s_openapi::ByteString;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Resource, ResourceExt};
 use pawfect_api::InpaintPool;
@@ -82,7 +82,9 @@ pub fn rolled(deploy: Option<&Deployment>, version: &str) -> bool {
 
 fn text(s: &Secret, key: &str) -> Option<String> {
     let b = s.data.as_ref()?.get(key)?;
-    String::from_utf8(b.0.clone()).ok().filter(|v| !v.is_empty())
+    String::from_utf8(b.0.clone())
+        .ok()
+        .filter(|v| !v.is_empty())
 }
 
 /// Step 1–3 of the module doc for one pool; `existing` is its worker Deployment, if any.
@@ -101,8 +103,7 @@ pub async fn ensure(
     let secret_name = secret_name(&name);
     let username = ctx.queue.keys().pool_user(&qpool);
     let current = secrets.get_opt(&secret_name).await?;
-    let (password, previous, found) = match current.as_ref().and_then(|s| text(s, PASSWORD_KEY))
-    {
+    let (password, previous, found) = match current.as_ref().and_then(|s| text(s, PASSWORD_KEY)) {
         Some(pw) => {
             let prev: Vec<String> = current
                 .as_ref()
@@ -125,10 +126,8 @@ pub async fn ensure(
         }
     };
     let version_now = found.as_ref().and_then(|s| s.uid());
-    let keep_previous = !previous.is_empty()
-        && !version_now
-            .as_deref()
-            .is_some_and(|v| rolled(existing, v));
+    let keep_previous =
+        !previous.is_empty() && !version_now.as_deref().is_some_and(|v| rolled(existing, v));
     let previous = if keep_previous { previous } else { Vec::new() };
     let wanted_annotation = (!previous.is_empty()).then(|| previous.join(","));
     let have_annotation = found
@@ -157,8 +156,14 @@ pub async fn ensure(
                 },
                 type_: Some("Opaque".into()),
                 data: Some(BTreeMap::from([
-                    (USERNAME_KEY.to_string(), ByteString(username.clone().into_bytes())),
-                    (PASSWORD_KEY.to_string(), ByteString(password.clone().into_bytes())),
+                    (
+                        USERNAME_KEY.to_string(),
+                        ByteString(username.clone().into_bytes()),
+                    ),
+                    (
+                        PASSWORD_KEY.to_string(),
+                        ByteString(password.clone().into_bytes()),
+                    ),
                 ])),
                 ..Default::default()
             };
@@ -218,7 +223,13 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn deploy(annotation: &str, generation: i64, observed: i64, replicas: i32, updated: i32) -> Deployment {
+    fn deploy(
+        annotation: &str,
+        generation: i64,
+        observed: i64,
+        replicas: i32,
+        updated: i32,
+    ) -> Deployment {
         serde_json::from_value(json!({
             "metadata": {"name": "t4-worker", "generation": generation},
             "spec": {
@@ -232,11 +243,26 @@ mod tests {
 
     #[test]
     fn rolled_only_when_every_pod_has_the_credentials() {
-        assert!(rolled(None, "v2"), "no Deployment: nothing runs the old ones");
+        assert!(
+            rolled(None, "v2"),
+            "no Deployment: nothing runs the old ones"
+        );
         assert!(rolled(Some(&deploy("v2", 3, 3, 2, 2)), "v2"));
-        assert!(!rolled(Some(&deploy("v1", 3, 3, 2, 2)), "v2"), "template still old");
-        assert!(!rolled(Some(&deploy("v2", 4, 3, 2, 2)), "v2"), "not observed yet");
-        assert!(!rolled(Some(&deploy("v2", 3, 3, 3, 2)), "v2"), "an old pod is left");
-        assert!(rolled(Some(&deploy("v2", 3, 3, 0, 0)), "v2"), "scaled to zero");
+        assert!(
+            !rolled(Some(&deploy("v1", 3, 3, 2, 2)), "v2"),
+            "template still old"
+        );
+        assert!(
+            !rolled(Some(&deploy("v2", 4, 3, 2, 2)), "v2"),
+            "not observed yet"
+        );
+        assert!(
+            !rolled(Some(&deploy("v2", 3, 3, 3, 2)), "v2"),
+            "an old pod is left"
+        );
+        assert!(
+            rolled(Some(&deploy("v2", 3, 3, 0, 0)), "v2"),
+            "scaled to zero"
+        );
     }
 }

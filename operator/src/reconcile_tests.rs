@@ -652,10 +652,15 @@ async fn a_pool_gets_its_own_redis_user_and_secret() {
     let (secret, deploy) = reconcile_with_users(&mut env, &p, None).await;
     let secret = secret.expect("a new Secret");
     assert_eq!(secret["kind"], "Secret");
-    assert_eq!(secret["metadata"]["ownerReferences"][0]["kind"], "InpaintPool");
-    assert_eq!(secret["metadata"]["ownerReferences"][0]["uid"], "uid-pool-t4");
-    let typed: k8s_openapi::api::core::v1::Secret =
-        serde_json::from_value(secret.clone()).unwrap();
+    assert_eq!(
+        secret["metadata"]["ownerReferences"][0]["kind"],
+        "InpaintPool"
+    );
+    assert_eq!(
+        secret["metadata"]["ownerReferences"][0]["uid"],
+        "uid-pool-t4"
+    );
+    let typed: k8s_openapi::api::core::v1::Secret = serde_json::from_value(secret.clone()).unwrap();
     let data = typed.data.clone().unwrap();
     let user = String::from_utf8(data["username"].0.clone()).unwrap();
     let password = String::from_utf8(data["password"].0.clone()).unwrap();
@@ -748,7 +753,10 @@ async fn a_pool_gets_its_own_redis_user_and_secret() {
         .expect_with(Method::PATCH, &uri, |b| pool_reply(&p, b))
         .await;
     done(h).await;
-    assert!(login(&env, &user, &password).await.is_err(), "old password gone");
+    assert!(
+        login(&env, &user, &password).await.is_err(),
+        "old password gone"
+    );
     login(&env, &user, &new_password).await.unwrap();
 }
 
@@ -764,7 +772,8 @@ async fn users_of_deleted_pools_are_swept() {
     }
     let ctx = env.ctx.clone();
     let h = tokio::spawn(async move { crate::pool_user::sweep(&ctx, Some(POOL_NS)).await });
-    let t4 = serde_json::to_value(pool(POOL_NS, POOL, json!({"worker": {"image": "w:1"}}))).unwrap();
+    let t4 =
+        serde_json::to_value(pool(POOL_NS, POOL, json!({"worker": {"image": "w:1"}}))).unwrap();
     env.api
         .expect(
             Method::GET,

@@ -624,9 +624,15 @@ impl Kubelet {
                         .data
                         .as_ref()
                         .and_then(|d| d.get(&r.key))
-                        .ok_or_else(|| format!("env {}: Secret {} has no key {}", e.name, r.name, r.key))?;
-                    String::from_utf8(bytes.0.clone())
-                        .map_err(|_| format!("env {}: Secret {} key {} is not UTF-8", e.name, r.name, r.key))?
+                        .ok_or_else(|| {
+                            format!("env {}: Secret {} has no key {}", e.name, r.name, r.key)
+                        })?;
+                    String::from_utf8(bytes.0.clone()).map_err(|_| {
+                        format!(
+                            "env {}: Secret {} key {} is not UTF-8",
+                            e.name, r.name, r.key
+                        )
+                    })?
                 }
                 (None, Some(from)) => {
                     let path = from

@@ -734,6 +734,25 @@ async fn operator_and_workers_on_a_real_control_plane() {
         Some(env.redis_url.as_str())
     );
     assert_eq!(env_of("PAWFECT_QUEUE_PREFIX").as_deref(), Some(PREFIX));
+    // The chart's operator gives the pool a Redis user of its own (`operator.poolRedisUsers`):
+    // the workers log in as it, with the password from the pool's Secret.
+    let pool_user = format!("{PREFIX}:{ns}/{POOL}");
+    assert_eq!(
+        env_of("PAWFECT_REDIS_USERNAME").as_deref(),
+        Some(pool_user.as_str())
+    );
+    let password_ref = c
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "PAWFECT_REDIS_PASSWORD")
+        .and_then(|e| e.value_from.as_ref()?.secret_key_ref.clone())
+        .expect("the password from a Secret");
+    assert_eq!(password_ref.name, format!("{POOL}-redis-user"));
+    assert_eq!(
+        env.queue.pools_with_users().await.unwrap(),
+        vec![format!("{ns}/{POOL}")]
+    );
     // The controller-manager saw it (a ReplicaSet at 0) and no pod exists.
     env.wait_for("the Deployment's ReplicaSet", move || async move {
         let rs = Api::<ReplicaSet>::namespaced(env.client.clone(), &env.ns)
