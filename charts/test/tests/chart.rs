@@ -833,6 +833,82 @@ fn operator_runs_with_the_contracted_flags() {
         env_secret(op, "PAWFECT_REDIS_PASSWORD"),
         Some(("managed-redis".into(), "password".into()))
     );
+    assert!(!a.iter().any(|x| x.contains("redis-ca")), "no CA: {a:?}");
+
+    // Its private CA, from a Secret or a ConfigMap: the operator and the `helm test` pod mount
+    // it and trust it, and the operator mounts the same-named object into the workers.
+    for (set, source, flag) in [
+        (
+            "externalRedis.ca.secret=redis-tls",
+            serde_json::json!({"secret": {"secretName": "redis-tls",
+                "items": [{"key": "tls-ca.pem", "path": "ca.crt"}]}}),
+            "--worker-redis-ca-secret=redis-tls",
+        ),
+        (
+            "externalRedis.ca.configMap=redis-ca",
+            serde_json::json!({"configMap": {"name": "redis-ca",
+                "items": [{"key": "tls-ca.pem", "path": "ca.crt"}]}}),
+            "--worker-redis-ca-configmap=redis-ca",
+        ),
+    ] {
+        let v = ValueSet::ci("external-redis")
+            .set(set)
+            .set("externalRedis.ca.key=tls-ca.pem");
+        let mut want = source.clone();
+        want["name"] = "redis-ca".into();
+        let mount = serde_json::json!({"name": "redis-ca", "mountPath": "/etc/pawfect/redis-ca",
+            "readOnly": true});
+        let ms = render(&v);
+        let deploy = one(&ms, "Deployment", "operator");
+        let op = container(deploy, "operator");
+        let a = args(op);
+        for expected in [
+            "--redis-ca-file=/etc/pawfect/redis-ca/ca.crt",
+            flag,
+            "--worker-redis-ca-key=tls-ca.pem",
+        ] {
+            assert!(
+                a.iter().any(|x| x == expected),
+                "{set}: {expected} in {a:?}"
+            );
+        }
+        assert_eq!(
+            deploy.value["spec"]["template"]["spec"]["volumes"][0], want,
+            "{set}"
+        );
+        assert_eq!(op["volumeMounts"][0], mount, "{set}");
+        let hooks = render_hooks(&v);
+        let check = one(&hooks, "Pod", "test");
+        let c = &check.value["spec"]["containers"][0];
+        assert!(
+            args(c)
+                .iter()
+                .any(|x| x == "--redis-ca-file=/etc/pawfect/redis-ca/ca.crt"),
+            "{set}: {c}"
+        );
+        assert_eq!(check.value["spec"]["volumes"][0], want, "{set}");
+        assert_eq!(c["volumeMounts"][0], mount, "{set}");
+    }
+    for (sets, reason) in [
+        (
+            &["externalRedis.ca.secret=a", "externalRedis.ca.configMap=b"][..],
+            "not both",
+        ),
+        (
+            &[
+                "externalRedis.url=redis://plain:6379/0",
+                "externalRedis.ca.secret=a",
+            ][..],
+            "is for a rediss://",
+        ),
+    ] {
+        let mut v = ValueSet::ci("external-redis");
+        for s in sets {
+            v = v.set(s);
+        }
+        let err = v.render().expect_err(&sets.join(","));
+        assert!(err.contains(reason), "{sets:?}: {err}");
+    }
 }
 
 fn redis_conf(ms: &[Manifest]) -> String {
