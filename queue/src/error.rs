@@ -49,8 +49,9 @@ impl QueueError {
         }
     }
 
-    /// True when the error is about reaching Redis (connection refused, dropped, timed out):
-    /// the call may succeed when retried later.
+    /// True when the error is about reaching Redis (connection refused, dropped, timed out,
+    /// or logging in: a pool's user is set up again by the operator after Redis lost it): the
+    /// call may succeed when retried later.
     pub fn is_transient(&self) -> bool {
         match self {
             QueueError::Redis(e) | QueueError::Connect { source: e, .. } => {
@@ -58,9 +59,12 @@ impl QueueError {
                     || e.is_connection_dropped()
                     || e.is_connection_refusal()
                     || e.is_timeout()
+                    // A pool's user is gone while Redis restarted without an ACL file, until the
+                    // operator's next reconcile of the pool sets it up again.
+                    || e.kind() == redis::ErrorKind::AuthenticationFailed
                     || matches!(
                         e.code(),
-                        Some("LOADING" | "TRYAGAIN" | "BUSY" | "MASTERDOWN")
+                        Some("LOADING" | "TRYAGAIN" | "BUSY" | "MASTERDOWN" | "NOAUTH" | "WRONGPASS")
                     )
             }
             _ => false,
