@@ -35,6 +35,8 @@
 
 mod cluster;
 mod kubelet;
+// Shared with the soak and the scale run, which use other parts of it (the process id).
+#[allow(dead_code)]
 mod operator;
 
 #[allow(dead_code, clippy::all)]

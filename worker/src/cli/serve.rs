@@ -250,20 +250,25 @@ async fn run(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::Result
         ..QueueConfig::default()
     };
     #[cfg(not(feature = "test-faults"))]
-    if std::env::var_os(serve::TEST_FAULTS_ENV).is_some() {
-        anyhow::bail!(
-            "{} is set, but this binary was built without the test-faults feature (fault injection is for tests only)",
-            serve::TEST_FAULTS_ENV
-        );
+    for var in [serve::TEST_FAULTS_ENV, serve::TEST_FAST_MODEL_ENV] {
+        if std::env::var_os(var).is_some() {
+            anyhow::bail!(
+                "{var} is set, but this binary was built without the test-faults feature (fault injection and the fast model are for tests only)"
+            );
+        }
     }
     // A workspace build unifies features: `cargo build --release --workspace` turns
     // test-faults on through the end-to-end tests' dependency. An optimized build refuses the
     // variable all the same, so no release binary can inject faults by accident.
     #[cfg(feature = "test-faults")]
-    if !cfg!(debug_assertions) && std::env::var_os(serve::TEST_FAULTS_ENV).is_some() {
+    if !cfg!(debug_assertions)
+        && (std::env::var_os(serve::TEST_FAULTS_ENV).is_some()
+            || std::env::var_os(serve::fast_model::ENV).is_some())
+    {
         anyhow::bail!(
-            "{} is set, but fault injection runs only in debug (test) builds",
-            serve::TEST_FAULTS_ENV
+            "{} or {} is set, but fault injection and the fast model run only in debug (test) builds",
+            serve::TEST_FAULTS_ENV,
+            serve::fast_model::ENV
         );
     }
     #[cfg(feature = "test-faults")]
@@ -300,6 +305,21 @@ async fn run(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::Result
     let load = move || -> Result<Loaded, String> {
         #[cfg(feature = "test-faults")]
         serve::faults::hold_load(&faults);
+        #[cfg(feature = "test-faults")]
+        if std::env::var_os(serve::fast_model::ENV).is_some() {
+            tracing::warn!(
+                "{} is set: no model, masks filled with one colour",
+                serve::fast_model::ENV
+            );
+            return Ok(Loaded {
+                models: crate::pipeline::Models {
+                    inpainter: std::sync::Arc::new(serve::fast_model::FastInpainter),
+                    captioner: None,
+                    rules: std::sync::Arc::new(crate::pipeline::adapters::SurfaceRules),
+                },
+                gpu_memory: None,
+            });
+        }
         let loaded = load_models(&flux, &caption, Some(variant)).map_err(|e| format!("{e:#}"))?;
         Ok(Loaded {
             gpu_memory: crate::pipeline::adapters::gpu_memory(&loaded.device),

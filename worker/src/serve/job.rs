@@ -255,7 +255,7 @@ async fn run(
 }
 
 /// The job's output is put in place only while this attempt holds the job (the attempt
-/// number is the token, see [`Claim::holds`]). While Redis cannot be reached the check is
+/// number is the token, see [`Claim::holds`]) and no cancel was requested. While Redis cannot be reached the check is
 /// retried: after an outage the queue leaves a live worker a lease to come back.
 struct ClaimFence {
     claim: Claim,
@@ -291,9 +291,22 @@ impl WriteFence for ClaimFence {
             }
             let mut backoff = Duration::from_millis(100);
             loop {
-                match self.claim.holds().await {
-                    Ok(true) => return Ok(()),
-                    Ok(false) => {
+                // The attempt must hold the job, and no cancel may have been asked for (a job
+                // deleted while it ran must not leave an output; the failure this turns into
+                // ends the job cancelled, as the queue finishes a failing job with a pending
+                // cancel). A cancel is never taken back, so reading it second misses nothing
+                // set before this check.
+                let holds = match self.claim.holds().await {
+                    Ok(true) => self.claim.is_cancelled().await.map(|c| (true, c)),
+                    Ok(false) => Ok((false, false)),
+                    Err(e) => Err(e),
+                };
+                match holds {
+                    Ok((true, false)) => return Ok(()),
+                    Ok((true, true)) => {
+                        return Err("a cancel was requested: the output is not put in place".into());
+                    }
+                    Ok((false, _)) => {
                         return Err(format!(
                             "attempt {} no longer holds the job (taken over or finished elsewhere)",
                             self.claim.attempt()

@@ -14,9 +14,10 @@
 //! renamed into place, so a reader sees either the previous object or the whole new one.
 //!
 //! A job's result is written **fenced** ([`Storage::write_fenced`]): a [`WriteFence`] (the
-//! worker's claim, with the attempt number as the token) is asked right before the object is
-//! put in place, so an attempt that no longer holds its job (frozen past its lease, reclaimed
-//! and finished elsewhere) can never replace the output of the attempt that does:
+//! worker's claim, with the attempt number as the token, and no cancel requested) is asked
+//! right before the object is put in place, so an attempt that no longer holds its job (frozen
+//! past its lease, reclaimed and finished elsewhere) can never replace the output of the
+//! attempt that does, and a cancelled job leaves no output:
 //!
 //! - `file://`: the claim is checked, and the temporary file renamed over the target, under an
 //!   exclusive lock (`flock`) of the target's directory that every fenced writer takes, so no
