@@ -357,6 +357,12 @@ impl Storage {
                 Ok(Location::Http(url))
             }
             "s3" | "s3a" | "gs" | "az" | "abfs" | "abfss" | "azure" => {
+                if url.host_str().is_none_or(str::is_empty) {
+                    return Err(StorageError::InvalidUri {
+                        uri: uri.to_string(),
+                        reason: "no bucket".into(),
+                    });
+                }
                 // Before any client is built or request made: nothing outside the prefixes is
                 // ever contacted.
                 if !self.inner.prefixes.allows(&url) {

@@ -7,11 +7,12 @@
 //! - the authority (bucket, container, or `container@account` for `abfs://`), exactly: a job
 //!   URI whose authority differs in any way (`s3://bucket-evil`, `s3://x@bucket`, a port) does
 //!   not match;
-//! - the key as the store receives it (object_store's `Path::from_url_path`: percent-decoded,
-//!   split at `/`), below the prefix's key at a segment boundary: `s3://b/uploads` matches
-//!   `s3://b/uploads` and `s3://b/uploads/x.png`, never `s3://b/uploads-evil/x.png`. A key with
-//!   an empty, `.` or `..` segment (after decoding: `%2e%2e`, `//`) matches nothing, whatever
-//!   the store would make of it.
+//! - the key as the store receives it (dot segments, plain or `%2e`-encoded, resolved by the
+//!   URI parser; then object_store's `Path::from_url_path`: percent-decoded, split at `/`),
+//!   below the prefix's key at a segment boundary: `s3://b/uploads` matches `s3://b/uploads`
+//!   and `s3://b/uploads/x.png`, never `s3://b/uploads-evil/x.png`. A key with an empty
+//!   segment (`//`) or a segment that decodes to `.`, `..` or holds a `/` (`%2F`) matches
+//!   nothing, whatever the store would make of it.
 //!
 //! No prefix configured: every object-store URI is refused.
 
@@ -222,11 +223,14 @@ mod tests {
             ("s3://photos:9000/uploads/dog.jpg", false, false),
             ("gs://photos/uploads/dog.jpg", false, false),
             ("az://photos/uploads/dog.jpg", false, false),
-            // Escapes: relative and empty segments match nothing, encoded or not.
-            ("s3://photos/uploads/../secret.png", false, false),
-            ("s3://photos/uploads/%2e%2e/secret.png", false, false),
-            ("s3://photos/uploads/%2E%2E/secret.png", false, false),
-            ("s3://photos/uploads/./dog.jpg", false, false),
+            // Dot segments, plain or encoded, are resolved when the URI is parsed (WHATWG):
+            // what is checked is the object the store would be asked for.
+            ("s3://photos/uploads/../secret.png", false, true),
+            ("s3://photos/uploads/%2e%2e/secret.png", false, true),
+            ("s3://photos/uploads/%2E%2E/secret.png", false, true),
+            ("s3://photos/uploads/a/../../../secret.png", false, true),
+            ("s3://photos/uploads/./dog.jpg", true, true),
+            // Empty segments and encoded slashes match nothing.
             ("s3://photos/uploads//dog.jpg", false, false),
             ("s3://photos//uploads/dog.jpg", false, false),
             ("s3://photos/uploads%2F..%2Fsecret.png", false, false),
