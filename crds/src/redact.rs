@@ -149,9 +149,14 @@ mod tests {
                 "mask: https://u:p@h/m.png?t=1 and (https://h/n.png?t=2).",
                 "mask: https://REDACTED@h/m.png?REDACTED and (https://h/n.png?REDACTED).",
             ),
+            // A comma is part of a query: the second URI goes with the first one's query.
             (
                 "tried http://a/x?s=1,https://b/y?s=2; gave up",
-                "tried http://a/x?REDACTED,https://b/y?REDACTED; gave up",
+                "tried http://a/x?REDACTED; gave up",
+            ),
+            (
+                "tried http://a/x?s=1, https://b/y?s=2; gave up",
+                "tried http://a/x?REDACTED, https://b/y?REDACTED; gave up",
             ),
             // No URI: unchanged, `://` alone included.
             ("the mask is empty", "the mask is empty"),
