@@ -103,6 +103,19 @@ impl std::str::FromStr for ObjectPrefix {
     /// userinfo (except `abfs://container@account`), port or relative segments.
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = |why: &str| format!("{s:?} is not an object-store prefix: {why}");
+        // The parser would resolve dot segments; a prefix must say plainly what it allows.
+        let raw_path = s
+            .split_once("://")
+            .and_then(|(_, rest)| rest.split_once('/'))
+            .map_or("", |(_, path)| path);
+        let raw_path = raw_path.strip_suffix('/').unwrap_or(raw_path);
+        if !raw_path.is_empty()
+            && raw_path.split('/').any(|seg| {
+                percent_decode(seg).is_none_or(|d| d.is_empty() || d == "." || d == "..")
+            })
+        {
+            return Err(bad("empty, `.` or `..` path segments"));
+        }
         let url = Url::parse(s).map_err(|e| bad(&e.to_string()))?;
         if !OBJECT_SCHEMES.contains(&url.scheme()) {
             return Err(bad(
@@ -297,6 +310,8 @@ mod tests {
         assert_eq!(id("s3://b/x.png"), id("s3a://b/x.png"));
         assert_eq!(id("gs://b/a%20b.png"), id("gs://b/a b.png"));
         assert_ne!(id("s3://b/x.png"), id("s3://c/x.png"));
-        assert_eq!(id("s3://b/../x.png"), None);
+        // Dot segments are resolved by the parser: the object the store would be asked for.
+        assert_eq!(id("s3://b/a/../x.png"), id("s3://b/x.png"));
+        assert_eq!(id("s3://b//x.png"), None);
     }
 }
