@@ -48,9 +48,17 @@ impl CloudStores {
         if let Some(store) = stores.get(base) {
             return Ok((store.clone(), path));
         }
-        let options = ClientOptions::new()
-            .with_timeout(config.object_store_timeout)
-            .with_connect_timeout(config.connect_timeout);
+        // These options replace the ones the builders read from the environment: keep the
+        // one that matters there, plain http to a configured endpoint (MinIO, an emulator).
+        let allow_http = |var: &str| {
+            std::env::var(var).is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+        };
+        let options = |allow: bool| {
+            ClientOptions::new()
+                .with_timeout(config.object_store_timeout)
+                .with_connect_timeout(config.connect_timeout)
+                .with_allow_http(allow)
+        };
         let retry = RetryConfig {
             max_retries: config.object_store_retries,
             retry_timeout: config.object_store_timeout,
@@ -59,19 +67,19 @@ impl CloudStores {
         let built: Result<Arc<dyn ObjectStore>, object_store::Error> = match url.scheme() {
             "s3" | "s3a" => AmazonS3Builder::from_env()
                 .with_url(base)
-                .with_client_options(options)
+                .with_client_options(options(allow_http("AWS_ALLOW_HTTP")))
                 .with_retry(retry)
                 .build()
                 .map(|s| Arc::new(s) as _),
             "gs" => GoogleCloudStorageBuilder::from_env()
                 .with_url(base)
-                .with_client_options(options)
+                .with_client_options(options(false))
                 .with_retry(retry)
                 .build()
                 .map(|s| Arc::new(s) as _),
             _ => MicrosoftAzureBuilder::from_env()
                 .with_url(base)
-                .with_client_options(options)
+                .with_client_options(options(allow_http("AZURE_ALLOW_HTTP")))
                 .with_retry(retry)
                 .build()
                 .map(|s| Arc::new(s) as _),
