@@ -52,9 +52,7 @@ pub fn redact_uri(text: &str) -> String {
             .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | '`' | '\\'))
             .unwrap_or(after.len());
         let mut end = at + 3 + len;
-        while end > at + 3
-            && rest[..end].ends_with(|c: char| matches!(c, ':' | ',' | '.' | ';' | ')' | ']' | '}'))
-        {
+        while end > at + 3 && rest[..end].ends_with([':', ',', '.', ';', ')', ']', '}']) {
             end -= 1;
         }
         out.push_str(&redact_one(&rest[start..at + 3], &rest[at + 3..end]));
