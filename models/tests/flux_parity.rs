@@ -151,6 +151,90 @@ fn flux_parity_text_encoders() -> R {
     Ok(())
 }
 
+/// Bit-level equality of two tensors (same shape, dtype and every value's bits).
+fn same_bits(a: &Tensor, b: &Tensor) -> R<bool> {
+    let bits = |t: &Tensor| -> R<Vec<u32>> {
+        Ok(t.to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(f32::to_bits)
+            .collect())
+    };
+    Ok(a.dims() == b.dims() && a.dtype() == b.dtype() && bits(a)? == bits(b)?)
+}
+
+/// The prompt cache is lossless and keyed by what the encoders see: a hit is bit-identical to
+/// an encode with the cache off, texts with the same token ids share an entry, other texts
+/// miss, and the counts say so.
+#[test]
+fn flux_prompt_cache_is_exact_and_keyed_by_token_ids() -> R {
+    let fill = pipeline()?;
+    let mut off = FluxLoadOptions::new(Device::Cpu, DType::F32);
+    off.prompt_cache_bytes = 0;
+    let uncached = FluxFill::load(&paths(&FluxOverrides::default())?, &off)?;
+    let len = t5_len()?;
+    let p = prompt()?;
+
+    let first = fill.text.encode_cached(&p, len)?;
+    let second = fill.text.encode_cached(&p, len)?;
+    assert!(!first.cached && second.cached);
+    let fresh = uncached.text.encode_cached(&p, len)?;
+    assert!(!fresh.cached);
+    for (got, name) in [(&first, "miss"), (&second, "hit")] {
+        assert!(
+            same_bits(&got.embeds.t5, &fresh.embeds.t5)?,
+            "t5 of the {name}"
+        );
+        assert!(
+            same_bits(&got.embeds.pooled, &fresh.embeds.pooled)?,
+            "pooled of the {name}"
+        );
+    }
+
+    // Two texts that differ only past both truncation lengths (CLIP 77 tokens, T5 `len`; each
+    // word is at least one token) have the same ids, so the second is a hit.
+    let long = "grass ".repeat(80 + len);
+    let (a, b) = (format!("{long}cat"), format!("{long}dog"));
+    assert_eq!(
+        fill.text.clip_tok.encode(&a, 77)?,
+        fill.text.clip_tok.encode(&b, 77)?
+    );
+    assert_eq!(
+        fill.text.t5_tok.encode(&a, len)?,
+        fill.text.t5_tok.encode(&b, len)?
+    );
+    assert!(!fill.text.encode_cached(&a, len)?.cached);
+    assert!(fill.text.encode_cached(&b, len)?.cached);
+    // The same text at another T5 length is another key.
+    assert!(!fill.text.encode_cached(&p, len + 1)?.cached);
+
+    let s = fill.prompt_cache_stats();
+    assert_eq!(
+        (s.hits, s.misses, s.entries, s.evictions),
+        (2, 3, 3, 0),
+        "{s:?}"
+    );
+    assert!(s.bytes > 0 && s.bytes <= s.budget, "{s:?}");
+    assert_eq!(uncached.prompt_cache_stats().entries, 0);
+
+    // A whole run reports the hit, and gives the same image as with the cache off.
+    let (w, h) = (32u32, 32u32);
+    let image =
+        image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 8) as u8, (y * 8) as u8, 90]));
+    let mask = image::GrayImage::from_fn(w, h, |x, _| image::Luma([if x >= 16 { 255 } else { 0 }]));
+    let opts = InpaintOptions {
+        steps: 1,
+        max_sequence_length: len,
+        ..InpaintOptions::default()
+    };
+    let run = fill.inpaint(&image, &mask, &p, &opts, &mut |_| true)?;
+    let plain = uncached.inpaint(&image, &mask, &p, &opts, &mut |_| true)?;
+    assert!(run.prompt_cached && !plain.prompt_cached);
+    assert_eq!(run.image, plain.image);
+    Ok(())
+}
+
 #[test]
 fn flux_parity_schedules() -> R {
     let m = manifest()?;

@@ -33,6 +33,7 @@
 //! Running (stage `fetch`) exactly as long as a phase needs. No timing is asserted: every wait
 //! is for an eventual condition with a generous timeout.
 
+mod cluster;
 mod kubelet;
 mod operator;
 
@@ -58,14 +59,14 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use pawfect_api::conditions::{self, reasons};
 use pawfect_api::{InpaintJob, InpaintJobStatus, InpaintPool, InpaintPoolStatus, JobPhase};
-use pawfect_chart_tests::{ValueSet, committed_crd_files, split_manifests};
-use pawfect_control_plane::{ControlPlane, apply, apply_crds};
+use pawfect_control_plane::ControlPlane;
 use pawfect_operator::pool;
 use pawfect_queue::testing::RedisServer;
 use pawfect_queue::{JobState, Queue, QueueConfig};
 use serde_json::json;
 use tokio::sync::watch;
 
+use cluster::{SYSTEM_NS, start_operators, tail};
 use kubelet::Kubelet;
 use operator::Replica;
 
@@ -73,10 +74,6 @@ const POOL: &str = "t4";
 const DEPLOYMENT: &str = "t4-worker";
 const PREFIX: &str = "e2e";
 const MAX_REPLICAS: u32 = 3;
-/// Where the chart (and so the operator, its Lease and its RBAC) is installed.
-const SYSTEM_NS: &str = "pawfect-system";
-const RELEASE: &str = "pawfect-inpaint";
-const MANAGER: &str = "pawfect-e2e";
 /// Long enough for anything on a slow two-core runner; the test takes far less.
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -444,11 +441,6 @@ impl Env {
     }
 }
 
-fn tail(text: &str, lines: usize) -> String {
-    let all: Vec<&str> = text.lines().collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
-}
-
 /// Every entry of the queue's events stream, as its fields.
 async fn queue_events(url: &str, queue: &Queue) -> Vec<HashMap<String, String>> {
     let client = redis::Client::open(url).unwrap();
@@ -500,78 +492,6 @@ fn record_phases(client: Client, ns: &str, log: PhaseLog) -> tokio::task::JoinHa
     })
 }
 
-/// The chart's RBAC (ServiceAccount, roles, bindings) as `helm template` renders it for two
-/// operator replicas, applied to the server; and the operator container's args.
-async fn install_chart_rbac(client: &Client) -> Vec<String> {
-    let rendered = ValueSet::defaults()
-        .set("operator.replicas=2")
-        // The pool's models are a hostPath (the fixture directory): the platform team's opt-in.
-        .set("operator.allowHostPathModels=true")
-        .set("crds.install=false")
-        .render_in(SYSTEM_NS)
-        .unwrap_or_else(|e| panic!("helm template: {e}"));
-    let manifests = split_manifests(&rendered).unwrap();
-    let mut args = None;
-    for m in &manifests {
-        match m.kind() {
-            "ServiceAccount" | "ClusterRole" | "ClusterRoleBinding" | "Role" | "RoleBinding" => {
-                apply(client, Some(SYSTEM_NS), &m.value, MANAGER)
-                    .await
-                    .unwrap_or_else(|e| panic!("{} {}: {e}", m.kind(), m.name()));
-            }
-            "Deployment" if m.name() == format!("{RELEASE}-operator") => {
-                let c = m.value["spec"]["template"]["spec"]["containers"]
-                    .as_array()
-                    .and_then(|cs| cs.iter().find(|c| c["name"] == "operator"))
-                    .expect("the operator container");
-                args = Some(
-                    c["args"]
-                        .as_array()
-                        .expect("operator args")
-                        .iter()
-                        .map(|a| a.as_str().expect("string arg").to_string())
-                        .collect::<Vec<_>>(),
-                );
-            }
-            _ => {}
-        }
-    }
-    args.expect("the chart renders the operator Deployment")
-}
-
-/// The chart's operator args for a replica run out of cluster: this test's Redis (no password)
-/// and a loopback HTTP port; without the default pool (its ConfigMap is not installed here) and
-/// the Redis password Secret (this Redis has none).
-fn operator_args(chart_args: &[String], redis_url: &str) -> Vec<String> {
-    let http = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap();
-    let args: Vec<String> = chart_args
-        .iter()
-        .filter(|a| {
-            !a.starts_with("--default-pool-configmap=") && !a.starts_with("--worker-redis-secret")
-        })
-        .map(|a| {
-            if a.starts_with("--redis-url=") {
-                format!("--redis-url={redis_url}")
-            } else if a.starts_with("--http-addr=") {
-                format!("--http-addr={http}")
-            } else if a.starts_with("--log-level=") {
-                "--log-level=info,pawfect_operator=debug".into()
-            } else if a.starts_with("--queue-prefix=") {
-                format!("--queue-prefix={PREFIX}")
-            } else {
-                a.clone()
-            }
-        })
-        .collect();
-    assert!(
-        args.iter().any(|a| a == "--leader-election"),
-        "two replicas elect a leader: {args:?}"
-    );
-    args
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_and_workers_on_a_real_control_plane() {
     let started = std::time::Instant::now();
@@ -594,33 +514,15 @@ async fn operator_and_workers_on_a_real_control_plane() {
     };
 
     // The CRDs and the chart's RBAC; the operator, two replicas, as the chart's ServiceAccount.
-    apply_crds(&client, &committed_crd_files().unwrap())
-        .await
-        .unwrap();
-    Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": SYSTEM_NS}})).unwrap(),
-        )
-        .await
-        .unwrap();
-    let chart_args = install_chart_rbac(&client).await;
-    let sa = format!("{RELEASE}-operator");
-    let kubeconfig = cp.service_account_kubeconfig(&client, SYSTEM_NS, &sa).await;
-    let bin = Path::new(env!("CARGO_BIN_EXE_pawfect-operator-e2e"));
-    let mut operators = Vec::new();
-    for identity in ["operator-a", "operator-b"] {
-        operators.push(Replica::start(
-            bin,
-            operator_args(&chart_args, &redis.url()),
-            &kubeconfig,
-            SYSTEM_NS,
-            identity,
-            &logs,
-        ));
-        // A head start: the first one leads.
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+    let operators = start_operators(
+        &cp,
+        &client,
+        Path::new(env!("CARGO_BIN_EXE_pawfect-operator-e2e")),
+        &redis.url(),
+        PREFIX,
+        &logs,
+    )
+    .await;
 
     let ns = cp.namespace(&client, "pets").await;
     let nodes: Vec<String> = Api::<Node>::all(client.clone())

@@ -172,6 +172,8 @@ async fn bad_inputs_then_a_good_job_in_one_process() {
     model_error.prompt = Some("grass, explode mid-denoise".into());
     let mut oom = inp.good(&inp.out("oom.png"));
     oom.prompt = Some("grass that needs too much memory".into());
+    // Retried once: the second attempt finds its prompt's embeddings cached.
+    oom.max_attempts = 2;
     cases.push(BadCase {
         name: "model error mid-denoise",
         spec: model_error,
@@ -192,8 +194,12 @@ async fn bad_inputs_then_a_good_job_in_one_process() {
     good.seed = Some(7);
     enqueue(&queue, "good", &good).await;
 
+    let mut oom_attempts = 0;
     for (i, c) in cases.iter().enumerate() {
         let rec = wait_finished(&queue, &format!("bad-{i}"), Duration::from_secs(60)).await;
+        if c.reason == "AttemptsExhausted" {
+            oom_attempts = rec.attempt;
+        }
         assert_eq!(rec.state, JobState::Failed, "{}: {rec:?}", c.name);
         assert_eq!(rec.reason.as_deref(), Some(c.reason), "{}: {rec:?}", c.name);
         let msg = rec.message.clone().unwrap_or_default();
@@ -246,6 +252,21 @@ async fn bad_inputs_then_a_good_job_in_one_process() {
         "pawfect_worker_model_load_seconds",
     ] {
         assert!(metrics.contains(needle), "{needle} missing:\n{metrics}");
+    }
+    // Three prompts reached the model (the model error's, the out-of-memory's, the good job's
+    // fallback); every attempt after the first of the out-of-memory job found its embeddings
+    // cached. The bad inputs failed before the model.
+    assert_eq!(oom_attempts, 2, "the out-of-memory job ran twice");
+    for needle in [
+        "pawfect_worker_prompt_cache_misses_total 3".to_string(),
+        format!(
+            "pawfect_worker_prompt_cache_hits_total {}",
+            oom_attempts - 1
+        ),
+        "pawfect_worker_prompt_cache_entries 3".to_string(),
+        "pawfect_worker_prompt_cache_evictions_total 0".to_string(),
+    ] {
+        assert!(metrics.contains(&needle), "{needle} missing:\n{metrics}");
     }
     assert_eq!(get(w.http, "/healthz").await.map(|r| r.0), Some(200));
 

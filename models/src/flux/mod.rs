@@ -23,6 +23,7 @@
 pub mod config;
 pub mod pipeline;
 pub mod profile;
+pub mod prompt_cache;
 pub mod sampling;
 pub mod text;
 pub mod transformer;
@@ -33,3 +34,4 @@ pub use crate::error::ModelError;
 pub use pipeline::{
     FillOutput, FillTimings, FillTrace, FluxFill, FluxLoadOptions, InpaintOptions, Placement, Step,
 };
+pub use prompt_cache::{DEFAULT_PROMPT_CACHE_BYTES, PromptCacheStats};

@@ -7,10 +7,11 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{SchedulerConfig, TransformerConfig, VaeConfig, read_json};
+use super::prompt_cache::{DEFAULT_PROMPT_CACHE_BYTES, PromptCacheStats};
 use super::sampling::{
     Rope, euler_step, model_time_inputs, pack_latents, pack_mask, sigmas, timesteps, unpack_latents,
 };
-use super::text::{PromptEmbeds, PromptTokenizer, TextEncoders};
+use super::text::{Encoded, PromptEmbeds, PromptTokenizer, TextEncoders};
 use super::transformer::{FluxTransformer, Layout, Loader};
 use super::vae::AutoEncoder;
 use crate::checkpoint::{GgufStore, LinearOpts, QuantMatmul, SafetensorsStore, WeightStore};
@@ -45,8 +46,8 @@ pub struct FluxLoadOptions {
     pub vae_tile: Option<usize>,
     /// Whether to tile the VAE at all (diffusers' default: no).
     pub vae_tiling: bool,
-    /// Prompt embeddings kept in memory.
-    pub prompt_cache: usize,
+    /// Bytes of host memory for cached prompt embeddings ([`super::prompt_cache`]; 0: off).
+    pub prompt_cache_bytes: usize,
 }
 
 impl FluxLoadOptions {
@@ -64,7 +65,7 @@ impl FluxLoadOptions {
             quant_matmul: QuantMatmul::Auto,
             vae_tile: None,
             vae_tiling: false,
-            prompt_cache: 8,
+            prompt_cache_bytes: DEFAULT_PROMPT_CACHE_BYTES,
         }
     }
 }
@@ -117,6 +118,8 @@ pub struct FillTimings {
 pub struct FillOutput {
     pub image: image::RgbImage,
     pub timings: FillTimings,
+    /// The prompt's embeddings came from the prompt cache.
+    pub prompt_cached: bool,
 }
 
 /// Intermediate tensors of one run (for parity tests and debugging).
@@ -273,7 +276,7 @@ impl FluxFill {
             PromptTokenizer::t5(&paths.tokenizer_2)?,
             clip,
             t5,
-            o.prompt_cache,
+            o.prompt_cache_bytes,
         );
         let scheduler = match &paths.scheduler_config {
             Some(p) => read_json::<SchedulerConfig>(p)?,
@@ -303,6 +306,11 @@ impl FluxFill {
         max_sequence_length: usize,
     ) -> Result<Arc<PromptEmbeds>> {
         self.text.encode(prompt, max_sequence_length)
+    }
+
+    /// What the prompt cache did and holds.
+    pub fn prompt_cache_stats(&self) -> PromptCacheStats {
+        self.text.cache_stats()
     }
 
     /// Packed conditioning `[1, L, 320]` (masked-image latents | mask) on the transformer device.
@@ -375,7 +383,10 @@ impl FluxFill {
         let (w, h) = (image.width() as usize, image.height() as usize);
         let t0 = Instant::now();
         let cond = self.condition(image, mask)?;
-        let emb = self.encode_prompt(prompt, opts.max_sequence_length)?;
+        let Encoded {
+            embeds: emb,
+            cached: prompt_cached,
+        } = self.text.encode_cached(prompt, opts.max_sequence_length)?;
         sync(&dev)?;
         let encode_ms = elapsed_ms(t0);
 
@@ -462,6 +473,7 @@ impl FluxFill {
                     denoise_ms,
                     decode_ms,
                 },
+                prompt_cached,
             },
             trace,
         ))

@@ -1,8 +1,7 @@
 //! Prompt encoding for FLUX: CLIP-L pooled output and T5 last hidden state, tokenized like
 //! diffusers' `FluxFillPipeline.encode_prompt` (pad to max length, truncate, no attention mask),
-//! with a small cache keyed by prompt.
+//! with a [`PromptCache`] keyed by the token ids.
 
-use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -13,6 +12,7 @@ use tokenizers::{
     TruncationParams, TruncationStrategy,
 };
 
+use super::prompt_cache::{PromptCache, PromptCacheStats, PromptKey};
 use crate::clip::ClipTextModel;
 use crate::error::{ModelError, Result};
 use crate::t5::T5Encoder;
@@ -227,35 +227,49 @@ pub struct PromptEmbeds {
     pub pooled: Tensor,
 }
 
-/// (prompt, T5 sequence length)
-type CacheKey = (String, usize);
-
 /// CLIP + T5 with their tokenizers and a prompt cache.
 pub struct TextEncoders {
     pub clip_tok: PromptTokenizer,
     pub t5_tok: PromptTokenizer,
     pub clip: ClipTextModel,
     pub t5: T5Encoder,
-    cache: Mutex<VecDeque<(CacheKey, Arc<PromptEmbeds>)>>,
-    capacity: usize,
+    cache: Mutex<PromptCache>,
+}
+
+/// Embeddings of one prompt and whether they came from the cache.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    pub embeds: Arc<PromptEmbeds>,
+    pub cached: bool,
 }
 
 impl TextEncoders {
+    /// `cache_bytes`: the [`PromptCache`] budget (0 turns it off).
     pub fn new(
         clip_tok: PromptTokenizer,
         t5_tok: PromptTokenizer,
         clip: ClipTextModel,
         t5: T5Encoder,
-        capacity: usize,
+        cache_bytes: usize,
     ) -> Self {
         Self {
             clip_tok,
             t5_tok,
             clip,
             t5,
-            cache: Mutex::new(VecDeque::new()),
-            capacity,
+            cache: Mutex::new(PromptCache::new(cache_bytes)),
         }
+    }
+
+    /// What the prompt cache did and holds.
+    pub fn cache_stats(&self) -> PromptCacheStats {
+        self.lock_cache().stats()
+    }
+
+    /// The cache (its state stays consistent through a panic elsewhere: every update is
+    /// complete before the lock is released).
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, PromptCache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn ids(ids: Vec<u32>, device: &Device) -> Result<Tensor> {
@@ -263,30 +277,37 @@ impl TextEncoders {
         Ok(Tensor::from_vec(ids, (1, n), device)?)
     }
 
-    /// Encodes `prompt` (T5 with `max_sequence_length` tokens), from the cache when seen recently.
+    /// Encodes `prompt` (T5 with `max_sequence_length` tokens).
     pub fn encode(&self, prompt: &str, max_sequence_length: usize) -> Result<Arc<PromptEmbeds>> {
-        let key = (prompt.to_string(), max_sequence_length);
-        if let Ok(mut c) = self.cache.lock()
-            && let Some(pos) = c.iter().position(|(k, _)| *k == key)
-            && let Some(entry) = c.remove(pos)
-        {
-            let v = entry.1.clone();
-            c.push_front(entry);
-            return Ok(v);
+        Ok(self.encode_cached(prompt, max_sequence_length)?.embeds)
+    }
+
+    /// Encodes `prompt`, from the cache when the same token ids were encoded recently.
+    pub fn encode_cached(&self, prompt: &str, max_sequence_length: usize) -> Result<Encoded> {
+        let key = PromptKey {
+            clip: self.clip_tok.encode(prompt, self.clip_tok.max_length)?,
+            t5: self.t5_tok.encode(prompt, max_sequence_length)?,
+        };
+        let found = self.lock_cache().get(&key);
+        if let Some(embeds) = found {
+            return Ok(Encoded {
+                embeds,
+                cached: true,
+            });
         }
-        let clip_ids = self.clip_tok.encode(prompt, self.clip_tok.max_length)?;
-        let t5_ids = self.t5_tok.encode(prompt, max_sequence_length)?;
+        // Encoded without the lock, so that reading the cache's counts never waits for T5.
         let pooled = self
             .clip
-            .pooled(&Self::ids(clip_ids, self.clip.device())?)?;
-        let t5 = self.t5.forward(&Self::ids(t5_ids, self.t5.device())?)?;
-        let v = Arc::new(PromptEmbeds { t5, pooled });
-        if self.capacity > 0
-            && let Ok(mut c) = self.cache.lock()
-        {
-            c.push_front((key, v.clone()));
-            c.truncate(self.capacity);
-        }
-        Ok(v)
+            .pooled(&Self::ids(key.clip.clone(), self.clip.device())?)?;
+        let t5 = self
+            .t5
+            .forward(&Self::ids(key.t5.clone(), self.t5.device())?)?;
+        let embeds = self
+            .lock_cache()
+            .insert(key, Arc::new(PromptEmbeds { t5, pooled }))?;
+        Ok(Encoded {
+            embeds,
+            cached: false,
+        })
     }
 }

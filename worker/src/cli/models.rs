@@ -63,6 +63,10 @@ pub struct FluxArgs {
     pub vae_tile: VaeTile,
     #[arg(long, default_value_t = 512)]
     pub max_sequence_length: usize,
+    /// Host memory for the prompt-embedding cache, MiB (0: off). Prompts with the same token ids
+    /// reuse their T5 + CLIP embeddings, bit for bit; one prompt at 512 T5 tokens takes 8 MiB.
+    #[arg(long, env = "PAWFECT_PROMPT_CACHE_MIB", default_value_t = 256)]
+    pub prompt_cache_mib: usize,
     /// Dtype of the timestep rounding chain (default: bf16 for f16/bf16, f32 for f32).
     #[arg(long)]
     pub time_dtype: Option<String>,
@@ -208,6 +212,7 @@ impl FluxArgs {
         if let Some(d) = &self.clip_dtype {
             o.clip.dtype = parse_dtype(d)?;
         }
+        o.prompt_cache_bytes = self.prompt_cache_mib.saturating_mul(1 << 20);
         o.quant_matmul = self
             .gguf_matmul
             .parse::<QuantMatmul>()

@@ -264,6 +264,16 @@ async fn run(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::Result
             serve::TEST_FAULTS_ENV
         );
     }
+    // A workspace build unifies features: `cargo build --release --workspace` turns
+    // test-faults on through the end-to-end tests' dependency. An optimized build refuses the
+    // variable all the same, so no release binary can inject faults by accident.
+    #[cfg(feature = "test-faults")]
+    if !cfg!(debug_assertions) && std::env::var_os(serve::TEST_FAULTS_ENV).is_some() {
+        anyhow::bail!(
+            "{} is set, but fault injection runs only in debug (test) builds",
+            serve::TEST_FAULTS_ENV
+        );
+    }
     #[cfg(feature = "test-faults")]
     let faults = match std::env::var(serve::faults::ENV) {
         Ok(spec) => serve::faults::parse(&spec).map_err(anyhow::Error::msg)?,

@@ -5,7 +5,9 @@
 use candle_core::Device;
 use image::{GrayImage, RgbImage};
 
-use super::inpaint::{InpaintError, InpaintParams, Inpainted, Inpainter, ModelTimings, Step};
+use super::inpaint::{
+    InpaintError, InpaintParams, Inpainted, Inpainter, ModelTimings, PromptCacheUsage, Step,
+};
 use super::prompt::{CaptionError, Captioner, PromptRules, RulePrompt};
 use crate::surface_prompt::SurfacePrompt;
 use pawfect_api::PromptOrigin;
@@ -68,6 +70,18 @@ impl Inpainter for FluxInpainter {
             Err(ModelError::InvalidInput(m)) => Err(InpaintError::InvalidInput(m)),
             Err(e) => Err(InpaintError::from_backend(e.to_string())),
         }
+    }
+
+    fn prompt_cache(&self) -> Option<PromptCacheUsage> {
+        let s = self.fill.prompt_cache_stats();
+        Some(PromptCacheUsage {
+            hits: s.hits,
+            misses: s.misses,
+            evictions: s.evictions,
+            entries: s.entries as u64,
+            bytes: s.bytes as u64,
+            budget: s.budget as u64,
+        })
     }
 }
 

@@ -77,6 +77,17 @@ impl InpaintError {
     }
 }
 
+/// What a model's prompt-embedding cache did and holds, counted since the model was loaded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PromptCacheUsage {
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+    pub entries: u64,
+    pub bytes: u64,
+    pub budget: u64,
+}
+
 /// Fills the white part of `mask` in `image` (FLUX.1-Fill-dev or any model with this contract).
 ///
 /// `image` and `mask` have the same size, a multiple of 16 per side. `progress` is called after
@@ -91,6 +102,11 @@ pub trait Inpainter: Send + Sync {
         params: &InpaintParams,
         progress: &mut dyn FnMut(Step) -> bool,
     ) -> Result<Inpainted, InpaintError>;
+
+    /// The model's prompt-embedding cache, if it has one.
+    fn prompt_cache(&self) -> Option<PromptCacheUsage> {
+        None
+    }
 }
 
 /// The model input for `crop`: the region of `photo` and of the dilated mask, at the model size.

@@ -36,7 +36,9 @@ pub use crop::{Crop, CropConfig};
 pub use error::{FailureReason, PipelineError};
 pub use fetch::{DecodeError, InputLimits, MaskSizePolicy};
 pub use geometry::Rect;
-pub use inpaint::{InpaintError, InpaintParams, Inpainted, Inpainter, ModelTimings, Step};
+pub use inpaint::{
+    InpaintError, InpaintParams, Inpainted, Inpainter, ModelTimings, PromptCacheUsage, Step,
+};
 pub use mask::{CleanMask, MaskConfig, MaskError};
 pub use pawfect_api::PromptOrigin;
 pub use progress::{NoObserver, Observer, Progress, Stage};

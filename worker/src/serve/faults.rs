@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use image::{GrayImage, RgbImage};
 
-use crate::pipeline::{InpaintError, InpaintParams, Inpainted, Inpainter, Step};
+use crate::pipeline::{InpaintError, InpaintParams, Inpainted, Inpainter, PromptCacheUsage, Step};
 
 /// The environment variable.
 pub const ENV: &str = super::TEST_FAULTS_ENV;
@@ -154,6 +154,10 @@ impl Inpainter for FaultyInpainter {
             }
             other => other,
         }
+    }
+
+    fn prompt_cache(&self) -> Option<PromptCacheUsage> {
+        self.inner.prompt_cache()
     }
 }
 

@@ -54,7 +54,7 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
-    shared.refresh_gpu_memory();
+    shared.refresh_model_metrics();
     match shared.metrics.encode() {
         Ok(body) => (
             [(

@@ -3,6 +3,8 @@
 use std::sync::atomic::AtomicU64;
 
 use pawfect_api::StageTimings;
+
+use crate::pipeline::PromptCacheUsage;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -48,6 +50,11 @@ pub struct Metrics {
     pub busy: Gauge,
     pub queue_errors: Counter,
     pub gpu_memory_bytes: Family<GpuMemoryLabels, Gauge>,
+    pub prompt_cache_hits: Counter,
+    pub prompt_cache_misses: Counter,
+    pub prompt_cache_evictions: Counter,
+    pub prompt_cache_entries: Gauge,
+    pub prompt_cache_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -113,6 +120,36 @@ impl Metrics {
             "GPU memory of the device the models run on (CUDA only)",
             gpu_memory_bytes.clone(),
         );
+        let prompt_cache_hits = Counter::default();
+        registry.register(
+            "prompt_cache_hits",
+            "Prompts whose T5 + CLIP embeddings came from the prompt cache (same token ids)",
+            prompt_cache_hits.clone(),
+        );
+        let prompt_cache_misses = Counter::default();
+        registry.register(
+            "prompt_cache_misses",
+            "Prompts the text encoders had to encode",
+            prompt_cache_misses.clone(),
+        );
+        let prompt_cache_evictions = Counter::default();
+        registry.register(
+            "prompt_cache_evictions",
+            "Prompt embeddings dropped from the cache to stay within its byte budget",
+            prompt_cache_evictions.clone(),
+        );
+        let prompt_cache_entries = Gauge::default();
+        registry.register(
+            "prompt_cache_entries",
+            "Prompt embeddings held in the cache",
+            prompt_cache_entries.clone(),
+        );
+        let prompt_cache_bytes = Gauge::default();
+        registry.register(
+            "prompt_cache_bytes",
+            "Host memory held by the prompt cache (its budget: --prompt-cache-mib)",
+            prompt_cache_bytes.clone(),
+        );
         Metrics {
             registry,
             jobs,
@@ -125,6 +162,11 @@ impl Metrics {
             busy,
             queue_errors,
             gpu_memory_bytes,
+            prompt_cache_hits,
+            prompt_cache_misses,
+            prompt_cache_evictions,
+            prompt_cache_entries,
+            prompt_cache_bytes,
         }
     }
 
@@ -170,6 +212,21 @@ impl Metrics {
                 .get_or_create(&GpuMemoryLabels { kind: kind.into() })
                 .set(v as i64);
         }
+    }
+
+    /// Mirrors the model's own prompt-cache counts (cumulative since load, so the counters are
+    /// set, not added to).
+    pub fn set_prompt_cache(&self, u: &PromptCacheUsage) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.prompt_cache_hits.inner().store(u.hits, Relaxed);
+        self.prompt_cache_misses.inner().store(u.misses, Relaxed);
+        self.prompt_cache_evictions
+            .inner()
+            .store(u.evictions, Relaxed);
+        self.prompt_cache_entries
+            .set(i64::try_from(u.entries).unwrap_or(i64::MAX));
+        self.prompt_cache_bytes
+            .set(i64::try_from(u.bytes).unwrap_or(i64::MAX));
     }
 
     /// The OpenMetrics text.

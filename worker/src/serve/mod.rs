@@ -27,7 +27,7 @@ use pawfect_queue::{Queue, QueueConfig, QueueError, WorkerSession};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::pipeline::{Models, Pipeline, PipelineConfig};
+use crate::pipeline::{Inpainter, Models, Pipeline, PipelineConfig};
 use crate::storage::{Storage, StorageConfig, StorageError};
 pub use metrics::Metrics;
 
@@ -82,6 +82,8 @@ pub struct Shared {
     queue_ok: AtomicBool,
     draining: AtomicBool,
     gpu_memory: std::sync::OnceLock<GpuMemoryProbe>,
+    /// The loaded inpainter, for the metrics it keeps itself (its prompt cache).
+    inpainter: std::sync::OnceLock<Arc<dyn Inpainter>>,
     /// Injected faults that act outside the inpainter (tests only).
     #[cfg(feature = "test-faults")]
     faults: std::sync::OnceLock<Vec<faults::Fault>>,
@@ -95,6 +97,7 @@ impl Shared {
             queue_ok: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             gpu_memory: std::sync::OnceLock::new(),
+            inpainter: std::sync::OnceLock::new(),
             #[cfg(feature = "test-faults")]
             faults: std::sync::OnceLock::new(),
         }
@@ -122,9 +125,13 @@ impl Shared {
         self.update_ready();
     }
 
-    pub fn refresh_gpu_memory(&self) {
+    /// Reads what the device and the models measure themselves into the metrics.
+    pub fn refresh_model_metrics(&self) {
         if let Some((used, total)) = self.gpu_memory.get().and_then(|probe| probe()) {
             self.metrics.set_gpu_memory(used, total);
+        }
+        if let Some(u) = self.inpainter.get().and_then(|i| i.prompt_cache()) {
+            self.metrics.set_prompt_cache(&u);
         }
     }
 }
@@ -229,7 +236,8 @@ where
         })
         .set(1);
     shared.models_loaded.store(true, Ordering::Release);
-    shared.refresh_gpu_memory();
+    let _ = shared.inpainter.set(models.inpainter.clone());
+    shared.refresh_model_metrics();
     tracing::info!(
         load_ms = load_time.as_millis() as u64,
         variant = %model_variant,
