@@ -577,6 +577,19 @@ fn locked_downloads_are_verified_and_a_mismatch_keeps_nothing() {
         "{t}"
     );
 
+    // --lock-if-missing (the chart's Job): records where there is no lock, verifies where
+    // there is one.
+    let auto = tmp.path().join("auto");
+    std::fs::create_dir_all(&auto).unwrap();
+    let o = fetch_with(&auto, &endpoint, Some(TOKEN), &["--lock-if-missing"]);
+    let t = text(&o);
+    assert!(o.status.success() && t.contains("lock written:"), "{t}");
+    let o = fetch_with(&auto, &endpoint, Some(TOKEN), &["--lock-if-missing"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains(&format!("verified: {locked} files")), "{t}");
+    assert!(!t.contains("lock written:"), "{t}");
+
     // A lock whose sha256 of the GGUF is wrong: the run fails naming the file, the expected
     // and the actual sha256, and no copy of the file (whole or partial) is left.
     let wrong = "0".repeat(64);

@@ -935,7 +935,14 @@ fn the_model_download_job_fills_the_pool_volume() {
     assert_eq!(c["command"], serde_json::json!(["pawfect-worker"]));
     assert_eq!(
         args(c),
-        ["fetch-models", "--models", "/models", "--variant", "q5_k_m"]
+        [
+            "fetch-models",
+            "--models",
+            "/models",
+            "--variant",
+            "q5_k_m",
+            "--lock-if-missing"
+        ]
     );
     let pool = default_pool(&ms).unwrap();
     assert_eq!(c["image"], pool["spec"]["worker"]["image"]);

@@ -4,7 +4,7 @@
 //! HF_TOKEN=hf_... pawfect-worker fetch-models --models DIR [--variant q5_k_m]
 //!     [--gguf-repo YarvixPA/FLUX.1-Fill-dev-gguf] [--t5 gguf|full]
 //!     [--t5-gguf-repo city96/t5-v1_1-xxl-encoder-gguf] [--no-florence] [--retries 3]
-//!     [--write-lock] [--revision REPO=COMMIT]...
+//!     [--write-lock | --lock-if-missing] [--revision REPO=COMMIT]...
 //! pawfect-worker fetch-models --models DIR --variant q5_k_m --check
 //! env: PAWFECT_MODELS, PAWFECT_MODEL_VARIANT, HF_TOKEN, HF_ENDPOINT
 //! ```
@@ -62,6 +62,10 @@ pub struct FetchArgs {
     /// sha256 (replacing a lock that is there; its pins are not used for this run).
     #[arg(long)]
     pub write_lock: bool,
+    /// Record DIR/<variant>.lock only when DIR has none; else verify against it (the chart's
+    /// download Job: its first run records, every later run verifies).
+    #[arg(long, conflicts_with = "write_lock")]
+    pub lock_if_missing: bool,
     /// Fetch one repository at this commit instead of the lock's (or `main`), e.g.
     /// `YarvixPA/FLUX.1-Fill-dev-gguf=<sha>`; repeatable. Its files are not verified.
     #[arg(long = "revision", value_name = "REPO=COMMIT", value_parser = parse_revision)]
@@ -82,7 +86,7 @@ fn parse_revision(s: &str) -> Result<(String, String), String> {
 }
 
 /// How the files of a run were checked, for the summary.
-fn print_verification(a: &FetchArgs, lock: Option<&Lock>, o: &FetchOutcome) {
+fn print_verification(a: &FetchArgs, lock: Option<&Lock>, writing: bool, o: &FetchOutcome) {
     let path = lock_path(&a.models, a.variant.as_str());
     let verified = o.fetched.iter().filter(|f| f.verified).count();
     if let Some(lock) = lock {
@@ -99,7 +103,7 @@ fn print_verification(a: &FetchArgs, lock: Option<&Lock>, o: &FetchOutcome) {
              `--write-lock` records them)"
         );
     }
-    if lock.is_none() && !a.write_lock {
+    if lock.is_none() && !writing {
         println!(
             "not verified: no {} — nothing was checked against known sha256s; \
              `fetch-models --write-lock` records the commit and sha256 of every file, and \
@@ -183,11 +187,8 @@ pub fn run(a: &FetchArgs) -> Result<()> {
         options.retries = a.retries;
         let mut hub = Hub::new(&a.models.join("hub"), options)?;
         let path = lock_path(&a.models, a.variant.as_str());
-        let lock = if a.write_lock {
-            None
-        } else {
-            Lock::read(&path)?
-        };
+        let writing = a.write_lock || (a.lock_if_missing && !path.exists());
+        let lock = if writing { None } else { Lock::read(&path)? };
         if let Some(lock) = &lock {
             if lock.variant != a.variant.as_str() {
                 bail!(
@@ -212,8 +213,8 @@ pub fn run(a: &FetchArgs) -> Result<()> {
         }
         let outcome = fetch_models(&a.models, &plan, &hub)?;
         print_fetched(&outcome);
-        print_verification(a, lock.as_ref(), &outcome);
-        if a.write_lock {
+        print_verification(a, lock.as_ref(), writing, &outcome);
+        if writing {
             let lock = Lock::record(a.variant.as_str(), &outcome.fetched)?;
             lock.write(&path)?;
             println!(
