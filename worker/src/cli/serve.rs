@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! pawfect-worker serve --models DIR --pool NAME --worker-name NAME --http-addr 0.0.0.0:8080
-//!     [--allow-root DIR]... [--device cpu|cuda] [--dtype f16|bf16|f32] [--drain-timeout 120s]
+//!     [--allow-root DIR]... [--allow-prefix s3://BUCKET/PREFIX/]... [--no-overwrite]
+//!     [--device cpu|cuda] [--dtype f16|bf16|f32] [--drain-timeout 120s]
 //! env: PAWFECT_REDIS_URL, PAWFECT_REDIS_PASSWORD, PAWFECT_QUEUE_PREFIX (default pawfect),
 //!      PAWFECT_MODEL_VARIANT (q4_0|q4_k_m|q5_k_m|q8_0|bf16), POD_NAME (worker name),
 //!      RUST_LOG (default info)
@@ -25,7 +26,7 @@ use tokio::sync::watch;
 use super::models::{CaptionArgs, FluxArgs, load_models};
 use crate::pipeline::{CropConfig, InputLimits, MaskConfig, MaskSizePolicy, PipelineConfig};
 use crate::serve::{self, Loaded, ServeConfig};
-use crate::storage::{Cidr, HttpPolicy, StorageConfig};
+use crate::storage::{Cidr, HttpPolicy, ObjectPrefix, StorageConfig};
 
 /// Log line format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -183,6 +184,13 @@ pub struct ServeArgs {
     /// Directories `file://` inputs and outputs may be in (repeatable; none: file:// refused).
     #[arg(long = "allow-root", value_name = "DIR")]
     pub allow_roots: Vec<PathBuf>,
+    /// Object-store locations inputs and outputs may be in (repeatable): `s3://bucket/prefix/`,
+    /// `gs://bucket`, `az://container/prefix/`. None: s3, gs and az URIs are refused.
+    #[arg(long = "allow-prefix", value_name = "URI")]
+    pub allow_prefixes: Vec<ObjectPrefix>,
+    /// Never replace an existing output: such a job fails (`OutputExists`).
+    #[arg(long, env = "PAWFECT_NO_OVERWRITE")]
+    pub no_overwrite: bool,
     /// Whole-request limit of http(s) reads.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub http_timeout: Duration,
@@ -283,6 +291,8 @@ async fn run(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::Result
         queue,
         storage: StorageConfig {
             allow_roots: args.allow_roots.clone(),
+            allow_prefixes: args.allow_prefixes.clone(),
+            no_overwrite: args.no_overwrite,
             http_timeout: args.http_timeout,
             http_policy: HttpPolicy {
                 allow_plain: args.http_allow_plain,

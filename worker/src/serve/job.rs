@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
+use pawfect_api::redact_uri;
 use pawfect_queue::{Claim, Failure, JobResult, JobState, Outcome, Queue, QueueError, Standing};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -196,10 +197,11 @@ async fn run(
             spec: claim.spec().clone(),
             default_seed: seed,
         };
+        // Pre-signed URLs carry their signature in the query: never logged.
         tracing::info!(
-            image = %params.spec.image,
-            mask = %params.spec.mask,
-            output = %params.spec.output,
+            image = %redact_uri(&params.spec.image),
+            mask = %redact_uri(&params.spec.mask),
+            output = %redact_uri(&params.spec.output),
             steps = params.spec.steps,
             seed = params.seed(),
             "running"
@@ -334,7 +336,7 @@ async fn finish(claim: &Claim, end: &End, shared: &Shared, retry_cap: Duration) 
         let r: Result<Outcome, QueueError> = match end {
             End::Complete(o) => {
                 let result = JobResult {
-                    output: o.output.clone(),
+                    output: redact_uri(&o.output),
                     caption: o.prompt.caption.clone(),
                     prompt: Some(o.prompt.text.clone()),
                     prompt_source: Some(o.prompt.origin.as_str().to_string()),
@@ -343,9 +345,10 @@ async fn finish(claim: &Claim, end: &End, shared: &Shared, retry_cap: Duration) 
                 claim.complete(&result).await
             }
             End::Fail(e) => {
+                // The message lands in the job's status and Events: no URI credentials.
                 let failure = Failure {
                     reason: e.reason.as_str().to_string(),
-                    message: e.message.clone(),
+                    message: redact_uri(&e.message),
                     retryable: e.retryable,
                 };
                 claim.fail(&failure).await
@@ -402,7 +405,7 @@ fn record(end: &End, outcome: &Outcome, shared: &Shared) {
             shared.metrics.observe_timings(&o.timings);
             tracing::info!(
                 ?outcome,
-                output = %o.output,
+                output = %redact_uri(&o.output),
                 prompt = %o.prompt.text,
                 prompt_source = o.prompt.origin.as_str(),
                 crops = o.crops,
@@ -414,7 +417,7 @@ fn record(end: &End, outcome: &Outcome, shared: &Shared) {
             ?outcome,
             reason = e.reason.as_str(),
             retryable = e.retryable,
-            message = %e.message,
+            message = %redact_uri(&e.message),
             "failed"
         ),
         End::Cancelled => tracing::info!(?outcome, "cancelled"),
