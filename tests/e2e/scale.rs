@@ -35,18 +35,17 @@ use std::time::{Duration, Instant};
 
 use common::jobs::Inputs;
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Node;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use pawfect_api::{InpaintJob, InpaintPool, JobPhase};
 use pawfect_control_plane::ControlPlane;
+use pawfect_queue::JobState;
 use pawfect_queue::testing::RedisServer;
-use pawfect_queue::{JobState, Queue, QueueConfig};
 use serde_json::json;
 use tokio::sync::watch;
 
-use cluster::start_operators;
+use cluster::{node_names, queue, start_operators};
 use kubelet::Kubelet;
 
 const PREFIX: &str = "scale";
@@ -148,14 +147,7 @@ async fn scale_many_jobs() {
     std::fs::create_dir_all(&models).unwrap();
     let logs = tmp.path().join("logs");
     std::fs::create_dir_all(&logs).unwrap();
-    let connect = || async {
-        Queue::connect(QueueConfig {
-            prefix: PREFIX.into(),
-            ..QueueConfig::new(redis_url.clone())
-        })
-        .await
-        .unwrap()
-    };
+    let connect = || queue(&redis_url, PREFIX);
     let operators = start_operators(
         &cp,
         &client,
@@ -165,14 +157,7 @@ async fn scale_many_jobs() {
         &logs,
     )
     .await;
-    let nodes: Vec<String> = Api::<Node>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .iter()
-        .map(|n| n.name_any())
-        .collect();
+    let nodes = node_names(&client).await;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut namespaces = Vec::new();

@@ -49,18 +49,17 @@ use common::jobs::{Inputs, photo, png_rgb};
 use common::models::models_dir;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use pawfect_api::{InpaintJob, InpaintPool, JobPhase};
 use pawfect_control_plane::ControlPlane;
 use pawfect_queue::testing::{RedisServer, RedisServerOptions};
-use pawfect_queue::{JobState, Queue, QueueConfig};
+use pawfect_queue::{JobState, Queue};
 use serde_json::json;
 use tokio::sync::watch;
 
-use cluster::{SYSTEM_NS, start_operators, tail};
+use cluster::{SYSTEM_NS, node_names, queue, start_operators, tail};
 use kubelet::Kubelet;
 use operator::Replica;
 
@@ -683,14 +682,7 @@ async fn soak_under_faults() {
     let load_gate = tmp.path().join("models-may-load");
     std::fs::write(&load_gate, b"").unwrap();
     let http = Server::start().await;
-    let connect = || async {
-        Queue::connect(QueueConfig {
-            prefix: PREFIX.into(),
-            ..QueueConfig::new(redis_url.clone())
-        })
-        .await
-        .unwrap()
-    };
+    let connect = || queue(&redis_url, PREFIX);
     let operators = start_operators(
         &cp,
         &client,
@@ -701,14 +693,7 @@ async fn soak_under_faults() {
     )
     .await;
     let ns = cp.namespace(&client, "soak").await;
-    let nodes: Vec<String> = Api::<Node>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .iter()
-        .map(|n| n.name_any())
-        .collect();
+    let nodes = node_names(&client).await;
     let queue_pool = pawfect_operator::queue_pool(&ns, POOL);
     let kubelet = Kubelet::new(
         client.clone(),

@@ -14,32 +14,19 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use common::http::{Route, Server};
 use common::jobs::*;
 use common::models::models_dir;
+use common::process::{Worker, free_port};
 use pawfect_queue::testing::RedisServer;
 use pawfect_queue::{JobState, Queue};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 const LEASE: Duration = Duration::from_secs(2);
-
-struct Worker {
-    child: Child,
-    http: u16,
-    log: PathBuf,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// A worker whose S3 endpoint is `s3` (plain http to loopback, static test credentials).
 fn spawn_worker(
@@ -88,33 +75,6 @@ fn spawn_worker(
     Worker { child, http, log }
 }
 
-async fn ready(w: &mut Worker) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    for _ in 0..600 {
-        if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", w.http)).await {
-            let _ = s
-                .write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                .await;
-            let mut buf = String::new();
-            let _ = s.read_to_string(&mut buf).await;
-            if buf.starts_with("HTTP/1.1 200") {
-                return;
-            }
-        }
-        if let Ok(Some(status)) = w.child.try_wait() {
-            panic!(
-                "worker exited with {status}:\n{}",
-                std::fs::read_to_string(&w.log).unwrap_or_default()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!(
-        "worker never ready:\n{}",
-        std::fs::read_to_string(&w.log).unwrap_or_default()
-    );
-}
-
 async fn connect(redis: &RedisServer) -> Queue {
     let mut cfg = queue_config(&redis.url(), LEASE);
     cfg.prefix = "guards".into();
@@ -148,7 +108,7 @@ async fn jobs_outside_the_prefixes_or_over_their_inputs_fail_and_write_nothing()
     let s3 = Server::start().await;
     let queue = connect(&redis).await;
     let mut w = spawn_worker(&redis, &models, &inp.root, &s3, &[], "w1", tmp.path());
-    ready(&mut w).await;
+    w.wait_ready().await;
     let before = files(&inp.root);
     let photo_bytes = std::fs::read(inp.root.join("photo.png")).unwrap();
 
@@ -277,7 +237,7 @@ async fn create_only_never_replaces_an_output() {
         "w1",
         tmp.path(),
     );
-    ready(&mut w).await;
+    w.wait_ready().await;
 
     let mut taken = inp.good(&inp.out("existing.png"));
     taken.max_attempts = 3;
@@ -327,7 +287,7 @@ async fn a_signed_url_never_shows_in_the_message_events_or_log() {
     images.route(&signed, Route::status(403));
     let queue = connect(&redis).await;
     let mut w = spawn_worker(&redis, &models, &inp.root, &s3, &[], "w1", tmp.path());
-    ready(&mut w).await;
+    w.wait_ready().await;
 
     let image = images.url(&signed);
     let with_password =
