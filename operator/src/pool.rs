@@ -676,6 +676,27 @@ mod tests {
     }
 
     #[test]
+    fn only_a_ready_condition_that_is_true_makes_a_pod_ready() {
+        let pod = |conditions: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "w"},
+                "status": {"conditions": conditions}
+            }))
+            .unwrap()
+        };
+        assert!(pod_ready(&pod(
+            serde_json::json!([{"type": "Ready", "status": "True"}])
+        )));
+        assert!(!pod_ready(&pod(
+            serde_json::json!([{"type": "Ready", "status": "False"}])
+        )));
+        assert!(!pod_ready(&pod(
+            serde_json::json!([{"type": "ContainersReady", "status": "True"}])
+        )));
+        assert!(!pod_ready(&Pod::default()));
+    }
+
+    #[test]
     fn busy_pods_are_protected() {
         let mut pod = Pod::default();
         assert!(needs_marking(&pod, true));
