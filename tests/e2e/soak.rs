@@ -5,7 +5,8 @@
 //! Lease, the chart's RBAC), a pool of real `pawfect-worker serve` processes on the fixture
 //! models (`kubelet.rs` runs them), and `PAWFECT_SOAK_JOBS` InpaintJobs (default 60) applied in
 //! waves: normal and high priority, some with an explicit prompt, some with bad inputs that must
-//! fail with their reason, some deleted while they run. After each wave one fault fires, in an
+//! fail with their reason, some deleted while they run. After each wave one fault fires (a fault
+//! on a busy worker first adds jobs held busy until it is done, the "anchors"), in an
 //! order drawn from `PAWFECT_SOAK_SEED` (default 1), every kind at least once:
 //!
 //! - a busy worker SIGKILLed;
@@ -165,8 +166,13 @@ enum Kind {
     Normal,
     High,
     Prompt,
-    Bad { reason: &'static str },
+    Bad {
+        reason: &'static str,
+    },
     Deleted,
+    /// Created by a fault that needs busy workers; its photo is held until the fault is done,
+    /// then it must succeed like any good job.
+    Anchor,
 }
 
 #[derive(Clone, Debug)]
@@ -237,6 +243,8 @@ struct Env {
     redis_outage: Duration,
     /// The pods' log files (`<pod>.<restart>.log`).
     logs: PathBuf,
+    /// Jobs the faults created ([`Kind::Anchor`]), accounted for with the planned ones.
+    anchors: Mutex<Vec<Planned>>,
 }
 
 impl Env {
@@ -275,8 +283,9 @@ impl Env {
                 spec["image"] = json!(self.inputs.uri(image));
                 spec["mask"] = json!(self.inputs.uri(mask));
             }
-            Kind::Deleted => {
-                // Its photo is held until the job is deleted, so it is deleted while it runs.
+            Kind::Deleted | Kind::Anchor => {
+                // Its photo is held (until the job is deleted, or the fault is done), so it
+                // is still running when that happens.
                 let path = format!("/{}.png", p.name);
                 let (tx, rx) = watch::channel(false);
                 self.http.route(
@@ -373,6 +382,44 @@ impl Env {
     async fn fire(&self, fault: Fault) {
         eprintln!("soak: fault {fault:?}");
         let t = Instant::now();
+        // A fault on a busy worker gets one (two for a freeze: another worker must take the
+        // frozen one's job over) that stays busy until the fault is done, however quickly the
+        // wave's own jobs finished.
+        let held = match fault {
+            Fault::KillBusyWorker => 1,
+            Fault::FreezeWorker => 2,
+            _ => 0,
+        };
+        let mut anchors = Vec::new();
+        for _ in 0..held {
+            let n = self.anchors.lock().unwrap().len();
+            let a = Planned {
+                name: format!("anchor{n:04}"),
+                kind: Kind::Anchor,
+            };
+            self.create(&a).await;
+            self.anchors.lock().unwrap().push(a.clone());
+            anchors.push(a.name);
+        }
+        self.fire_now(fault).await;
+        for name in &anchors {
+            if let Some(g) = self.gates.lock().unwrap().get(name) {
+                g.send_replace(true);
+            }
+        }
+        *self
+            .fired
+            .lock()
+            .unwrap()
+            .entry(format!("{fault:?}"))
+            .or_default() += 1;
+        eprintln!(
+            "soak: fault {fault:?} done in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+    }
+
+    async fn fire_now(&self, fault: Fault) {
         match fault {
             Fault::KillBusyWorker => {
                 let Some((job, pod)) = self.wait_for("a busy worker", || self.busy_job()).await
@@ -510,16 +557,6 @@ impl Env {
                 }
             }
         }
-        *self
-            .fired
-            .lock()
-            .unwrap()
-            .entry(format!("{fault:?}"))
-            .or_default() += 1;
-        eprintln!(
-            "soak: fault {fault:?} done in {:.1} s",
-            t.elapsed().as_secs_f64()
-        );
     }
 
     /// Deletes each job of kind Deleted once it runs, then lets its held photo go.
@@ -726,6 +763,7 @@ async fn soak_under_faults() {
         uids: Default::default(),
         redis_outage: cfg.redis_outage,
         logs: logs.clone(),
+        anchors: Default::default(),
     };
 
     let pool: InpaintPool = serde_json::from_value(json!({
@@ -848,7 +886,8 @@ async fn soak_under_faults() {
         let seen = env.seen.lock().unwrap();
         (seen.phases.clone(), seen.output_at_success.clone())
     };
-    for p in &planned {
+    let anchors = env.anchors.lock().unwrap().clone();
+    for p in planned.iter().chain(&anchors) {
         let api = api_jobs.get(&p.name);
         let phases = all_phases.get(&p.name).cloned().unwrap_or_default();
         if phases.windows(2).any(|w| rank(w[0]) > rank(w[1])) {
@@ -1027,6 +1066,7 @@ async fn soak_under_faults() {
     let summary = json!({
         "seed": cfg.seed,
         "jobs": cfg.jobs,
+        "anchor_jobs": anchors.len(),
         "outcomes": counts,
         "faults": fired,
         "worker_crashes": env.kubelet.crashes().len(),
