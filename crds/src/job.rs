@@ -66,6 +66,9 @@ pub const DEFAULT_TIMEOUT_SECONDS: u64 = 600;
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self == oldSelf").message("spec is immutable: delete the InpaintJob and create a new one"))]
+// Exact strings: CEL has no URI normalisation for s3/gs/az; the worker compares the parsed,
+// normalised URIs again at claim.
+#[x_kube(validation = Rule::new("self.output != self.image && self.output != self.mask").message("output must differ from image and mask: the job would overwrite its own input"))]
 pub struct InpaintJobSpec {
     /// URI of the photo (s3://, gs://, az://, file://, http(s)://). PNG, JPEG or WebP.
     #[schemars(length(min = limits::URI_LEN_MIN))]
@@ -78,9 +81,11 @@ pub struct InpaintJobSpec {
     pub output: String,
     /// Prompt override. Without it the worker builds one from `sceneLabels` or from a caption of the area.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = limits::PROMPT_LEN_MAX))]
     pub prompt: Option<String>,
     /// Labels of the surfaces around the mask (e.g. from SAM3): build the prompt without captioning.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = limits::SCENE_LABELS_MAX), inner(length(max = limits::SCENE_LABEL_LEN_MAX)))]
     pub scene_labels: Option<Vec<String>>,
     /// Denoising steps.
     #[serde(default = "default_steps")]

@@ -6,6 +6,7 @@ pub mod conditions;
 pub mod job;
 pub mod limits;
 pub mod pool;
+pub mod redact;
 
 pub use conditions::ConditionStatus;
 pub use job::{
@@ -15,8 +16,9 @@ pub use job::{
 pub use limits::{LimitError, check_limits};
 pub use pool::{
     InpaintPool, InpaintPoolSpec, InpaintPoolStatus, ModelVariant, ModelVolume, QueueDepth,
-    WorkerTemplate,
+    WorkerStorage, WorkerTemplate,
 };
+pub use redact::redact_uri;
 
 /// API group of both resources.
 pub const GROUP: &str = "inpaint.pawfect.dev";

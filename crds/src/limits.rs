@@ -36,6 +36,15 @@ pub const POOL_LEN_MIN: u32 = 1;
 pub const POOL_LEN_MAX: u32 = 63;
 /// Shortest `image`, `mask` and `output` URI.
 pub const URI_LEN_MIN: u32 = 1;
+/// Longest `prompt`, characters: T5-XXL reads at most 512 tokens and its SentencePiece tokens
+/// average about 4 characters of English, so 2048 characters is all of a prompt the model uses.
+pub const PROMPT_LEN_MAX: u32 = 2048;
+/// Most `sceneLabels`: the labels become one prompt that CLIP-L reads in 77 tokens, which 32
+/// surface names (one to three tokens each) already overfill.
+pub const SCENE_LABELS_MAX: u32 = 32;
+/// Longest scene label, characters: a surface name of a few words ("weathered wooden deck"),
+/// and 64 characters are about 16 tokens, a fifth of CLIP-L's 77.
+pub const SCENE_LABEL_LEN_MAX: u32 = 64;
 
 /// One spec field outside its bounds.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -147,6 +156,24 @@ pub fn check_limits(spec: &InpaintJobSpec) -> Result<(), LimitError> {
     length("mask", &spec.mask, URI_LEN_MIN, None);
     length("output", &spec.output, URI_LEN_MIN, None);
     length("pool", &spec.pool, POOL_LEN_MIN, Some(POOL_LEN_MAX));
+    if let Some(prompt) = &spec.prompt {
+        length("prompt", prompt, 0, Some(PROMPT_LEN_MAX));
+    }
+    let labels = spec.scene_labels.as_deref().unwrap_or_default();
+    // The first label too long stands for all of them (the message stays short).
+    if let Some(long) = labels
+        .iter()
+        .find(|l| l.chars().count() as u64 > u64::from(SCENE_LABEL_LEN_MAX))
+    {
+        length("sceneLabels", long, 0, Some(SCENE_LABEL_LEN_MAX));
+    }
+    if labels.len() as u64 > u64::from(SCENE_LABELS_MAX) {
+        violations.push(Violation {
+            field: "sceneLabels",
+            value: format!("a list of {} labels", labels.len()),
+            bound: format!("at most {SCENE_LABELS_MAX} items"),
+        });
+    }
     if violations.is_empty() {
         Ok(())
     } else {
@@ -187,6 +214,18 @@ mod tests {
             ),
             (serde_json::json!({"pool": "p".repeat(64)}), "pool"),
             (serde_json::json!({"image": ""}), "image"),
+            (
+                serde_json::json!({"prompt": "p".repeat(PROMPT_LEN_MAX as usize + 1)}),
+                "prompt",
+            ),
+            (
+                serde_json::json!({"sceneLabels": vec!["grass"; SCENE_LABELS_MAX as usize + 1]}),
+                "sceneLabels",
+            ),
+            (
+                serde_json::json!({"sceneLabels": ["grass", "g".repeat(SCENE_LABEL_LEN_MAX as usize + 1)]}),
+                "sceneLabels",
+            ),
         ] {
             let err = check_limits(&spec(extra.clone())).unwrap_err();
             assert_eq!(err.violations.len(), 1, "{extra}: {err}");
@@ -213,6 +252,8 @@ mod tests {
             "steps": STEPS_MAX, "guidanceScale": GUIDANCE_SCALE_MIN, "seed": SEED_MAX,
             "maxAttempts": MAX_ATTEMPTS_MAX, "timeoutSeconds": TIMEOUT_SECONDS_MIN,
             "pool": "é".repeat(POOL_LEN_MAX as usize),
+            "prompt": "é".repeat(PROMPT_LEN_MAX as usize),
+            "sceneLabels": vec!["é".repeat(SCENE_LABEL_LEN_MAX as usize); SCENE_LABELS_MAX as usize],
         }));
         assert_eq!(check_limits(&s), Ok(()));
     }

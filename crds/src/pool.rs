@@ -139,6 +139,40 @@ pub struct WorkerTemplate {
     /// Pod priority class.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub priority_class_name: Option<String>,
+    /// Which object-store locations (s3, gs, az) jobs of this pool may read and write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<WorkerStorage>,
+}
+
+/// Longest allowed object-store prefix, characters (S3 keys are at most 1024 bytes, plus the
+/// scheme and bucket).
+pub const STORAGE_PREFIX_LEN_MAX: u32 = 1100;
+/// Most allowed object-store prefixes of one pool.
+pub const STORAGE_PREFIXES_MAX: u32 = 64;
+
+/// Where a pool's workers may read inputs from and write results to, in object stores.
+/// `file://` locations follow the worker's `--allow-root` and `http(s)://` inputs its address
+/// policy; neither is affected by this.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkerStorage {
+    /// Object-store URI prefixes jobs may name (`s3://photos/uploads/`, `gs://bucket`,
+    /// `az://container/prefix/`): a job's `image`, `mask` and `output` must each lie below one
+    /// of them (same scheme and bucket, key below the prefix at a `/` boundary). Empty or
+    /// absent: every `s3://`, `gs://` and `az://` URI is refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = STORAGE_PREFIXES_MAX),
+        inner(
+            length(min = 6, max = STORAGE_PREFIX_LEN_MAX),
+            regex(pattern = r"^(s3|s3a|gs|az|abfs|abfss|azure)://[^/?#]+(/[^?#]*)?$")
+        )
+    )]
+    pub allowed_prefixes: Vec<String>,
+    /// Never replace an existing object: a job whose output already exists fails
+    /// (`OutputExists`) and the object stays as it was.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub create_only: bool,
 }
 
 fn default_termination_grace() -> i64 {

@@ -406,6 +406,46 @@ async fn schema_bounds_and_check_limits_agree() {
             assert!(err.contains(field), "{field}: {err}");
             checked.push(format!("{field}.{key}"));
         }
+        // Lists: the number of items, and the length of each item.
+        if let Some(bound) = p["maxItems"].as_i64() {
+            let list = |n: i64| Value::from(vec!["grass"; n.max(0) as usize]);
+            let at_m = with(field, list(bound));
+            assert_eq!(validate(&at_m).await, Ok(()), "{field} at maxItems: schema");
+            assert_eq!(worker_view(&at_m), Ok(()), "{field} at maxItems: worker");
+            let beyond_m = with(field, list(bound + 1));
+            assert!(
+                validate(&beyond_m).await.is_err(),
+                "{field} past maxItems: schema accepts"
+            );
+            let err = worker_view(&beyond_m)
+                .expect_err(&format!("{field} past maxItems: worker accepts"));
+            assert!(err.contains(field), "{field}: {err}");
+            checked.push(format!("{field}.maxItems"));
+        }
+        if let Some(bound) = p["items"]["maxLength"].as_i64() {
+            // One long item among short ones.
+            let list = |n: i64| json!(["grass", "a".repeat(n.max(0) as usize)]);
+            let at_m = with(field, list(bound));
+            assert_eq!(
+                validate(&at_m).await,
+                Ok(()),
+                "{field} items at maxLength: schema"
+            );
+            assert_eq!(
+                worker_view(&at_m),
+                Ok(()),
+                "{field} items at maxLength: worker"
+            );
+            let beyond_m = with(field, list(bound + 1));
+            assert!(
+                validate(&beyond_m).await.is_err(),
+                "{field} item past maxLength: schema accepts"
+            );
+            let err = worker_view(&beyond_m)
+                .expect_err(&format!("{field} item past maxLength: worker accepts"));
+            assert!(err.contains(field), "{field}: {err}");
+            checked.push(format!("{field}.items.maxLength"));
+        }
     }
     checked.sort();
     assert_eq!(
@@ -420,6 +460,9 @@ async fn schema_bounds_and_check_limits_agree() {
             "output.minLength",
             "pool.maxLength",
             "pool.minLength",
+            "prompt.maxLength",
+            "sceneLabels.items.maxLength",
+            "sceneLabels.maxItems",
             "seed.maximum",
             "seed.minimum",
             "steps.maximum",

@@ -12,7 +12,11 @@
 //!   drains and refills within the window never makes the pool oscillate, and the pool reaches
 //!   zero only after it was idle that long;
 //! - never below the number of busy workers: a scale-down never asks for fewer pods than are
-//!   processing a job (the pods to remove are picked by `pod-deletion-cost`, idle ones first).
+//!   processing a job (the pods to remove are picked by `pod-deletion-cost`, idle ones first);
+//! - no scale-down at all while a busy worker's pod is not Ready: the ReplicaSet controller
+//!   removes not-ready pods before it reads `pod-deletion-cost`, so it would take exactly that
+//!   busy pod (a worker whose probe fails while it runs: a Redis outage, a stalled node). The
+//!   scale-down waits until the pod is Ready again or its job has moved on.
 
 use std::collections::VecDeque;
 
@@ -50,6 +54,8 @@ pub struct Observation {
     pub running: u64,
     /// Workers processing a job right now.
     pub busy_workers: u32,
+    /// Of those, the ones whose pod is not Ready.
+    pub busy_not_ready: u32,
     /// `spec.replicas` of the worker Deployment (0 when it does not exist yet).
     pub current_replicas: u32,
 }
@@ -102,6 +108,8 @@ pub enum Reason {
     ScaleDown,
     /// Demand is lower, but not yet for the whole delay; `until` is when it may go down.
     ScaleDownDelayed { until: Timestamp },
+    /// Demand is lower, but a busy worker's pod is not Ready (it would be removed first).
+    ScaleDownHeld,
 }
 
 /// The autoscaler's answer.
@@ -155,6 +163,13 @@ pub fn decide(
         .max(policy.min_replicas)
         .max(obs.busy_workers);
     let desired = window_max.min(current).min(cap).max(recommended);
+    if desired < current && obs.busy_not_ready > 0 {
+        return Decision {
+            desired: current,
+            recommended,
+            reason: Reason::ScaleDownHeld,
+        };
+    }
     let reason = if desired == current {
         Reason::ScaleDownDelayed {
             until: since + policy.scale_down_delay,
@@ -199,6 +214,7 @@ mod tests {
                 waiting: *waiting,
                 running: *running,
                 busy_workers: *busy,
+                busy_not_ready: 0,
                 current_replicas: current,
             };
             let d = decide(&policy, &obs, &mut history, t(*at));
@@ -325,6 +341,37 @@ mod tests {
     }
 
     #[test]
+    fn no_scale_down_while_a_busy_worker_is_not_ready() {
+        // Three pods, one job left on a worker whose probe fails: the ReplicaSet controller
+        // would remove that not-ready pod first, so nothing goes until it is Ready again.
+        let p = policy(0, 3, 1, 0);
+        let mut history = History::seeded(t(0), 3);
+        let obs = |busy_not_ready| Observation {
+            waiting: 0,
+            running: 1,
+            busy_workers: 1,
+            busy_not_ready,
+            current_replicas: 3,
+        };
+        let held = decide(&p, &obs(1), &mut history, t(1));
+        assert_eq!((held.desired, held.reason), (3, Reason::ScaleDownHeld));
+        assert_eq!(held.recommended, 1);
+        let down = decide(&p, &obs(0), &mut history, t(2));
+        assert_eq!((down.desired, down.reason), (1, Reason::ScaleDown));
+        // Scaling up is never held.
+        let up = decide(
+            &p,
+            &Observation {
+                waiting: 3,
+                ..obs(1)
+            },
+            &mut history,
+            t(3),
+        );
+        assert_eq!((up.desired, up.reason), (3, Reason::Steady));
+    }
+
+    #[test]
     fn flapping_demand_does_not_oscillate() {
         let p = policy(0, 8, 1, 60);
         let steps: Vec<Step> = (0..30)
@@ -346,6 +393,7 @@ mod tests {
                 waiting: s.1,
                 running: 0,
                 busy_workers: 0,
+                busy_not_ready: 0,
                 current_replicas: 4,
             };
             let _ = decide(&p, &obs, &mut history, t(s.0));
@@ -355,6 +403,7 @@ mod tests {
             waiting: 0,
             running: 0,
             busy_workers: 0,
+            busy_not_ready: 0,
             current_replicas: 4,
         };
         // The last recommendation of 4 was at t=280.
@@ -387,6 +436,7 @@ mod tests {
                     waiting: 10,
                     running: 0,
                     busy_workers: 0,
+                    busy_not_ready: 0,
                     current_replicas: 0
                 }
             ),
@@ -399,6 +449,7 @@ mod tests {
                     waiting: u64::MAX,
                     running: u64::MAX,
                     busy_workers: 0,
+                    busy_not_ready: 0,
                     current_replicas: 0
                 }
             ),

@@ -198,6 +198,23 @@ fn probe(path: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
+/// `spec.worker.storage` as worker flags: one `--allow-prefix` per allowed prefix, and
+/// `--no-overwrite` for `createOnly`.
+fn storage_args(storage: Option<&pawfect_api::WorkerStorage>) -> Vec<String> {
+    let Some(s) = storage else {
+        return Vec::new();
+    };
+    let mut args = Vec::new();
+    for p in &s.allowed_prefixes {
+        args.push("--allow-prefix".to_string());
+        args.push(p.clone());
+    }
+    if s.create_only {
+        args.push("--no-overwrite".into());
+    }
+    args
+}
+
 /// The pool's worker Deployment with `replicas` set (the operator is its only writer) and an
 /// owner reference to the pool, so deleting the pool deletes its workers.
 pub fn build(pool: &InpaintPool, conn: &WorkerConnection, replicas: u32) -> Deployment {
@@ -220,6 +237,7 @@ pub fn build(pool: &InpaintPool, conn: &WorkerConnection, replicas: u32) -> Depl
         "--http-addr".into(),
         format!("0.0.0.0:{WORKER_HTTP_PORT}"),
     ];
+    args.extend(storage_args(w.storage.as_ref()));
     args.extend(w.args.iter().cloned());
 
     let mut envs = vec![
@@ -653,6 +671,51 @@ mod tests {
         assert_eq!(get("PAWFECT_MODEL_VARIANT").unwrap()["value"], "q5_k_m");
         assert!(get("PAWFECT_REDIS_PASSWORD").is_none());
         assert_eq!(get("PAWFECT_DRAIN_TIMEOUT").unwrap()["value"], "810s");
+    }
+
+    #[test]
+    fn storage_policy_becomes_worker_flags_before_the_pool_args() {
+        let d = build(
+            &pool(json!({
+                "worker": {
+                    "image": "w:1",
+                    "storage": {
+                        "allowedPrefixes": ["s3://photos/uploads/", "gs://results"],
+                        "createOnly": true
+                    },
+                    "args": ["--steps-log"]
+                }
+            })),
+            &conn(false),
+            1,
+        );
+        let v = serde_json::to_value(&d).unwrap();
+        let args = &v["spec"]["template"]["spec"]["containers"][0]["args"];
+        let args: Vec<&str> = args
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert_eq!(
+            args[9..],
+            [
+                "--allow-prefix",
+                "s3://photos/uploads/",
+                "--allow-prefix",
+                "gs://results",
+                "--no-overwrite",
+                "--steps-log"
+            ]
+        );
+        // No storage policy: no flags (the worker then refuses every object-store URI).
+        let plain = build(&pool(json!({"worker": {"image": "w:1"}})), &conn(false), 1);
+        let v = serde_json::to_value(&plain).unwrap();
+        let args = v["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+        assert!(
+            !args.contains("--allow-prefix") && !args.contains("--no-overwrite"),
+            "{args}"
+        );
     }
 
     #[test]

@@ -281,14 +281,16 @@ pub async fn reconcile(pool: Arc<InpaintPool>, ctx: Arc<Context>) -> Result<Acti
     let (decision, depth, busy_names, queue_error) = match queue {
         Ok((depth, busy)) => {
             let busy_names: BTreeSet<String> = busy.into_iter().map(|b| b.worker).collect();
-            let busy_pods = pods
+            let busy_pods: Vec<&Pod> = pods
                 .iter()
                 .filter(|p| busy_names.contains(&p.name_any()))
-                .count();
+                .collect();
+            let busy_not_ready = busy_pods.iter().filter(|p| !pod_ready(p)).count();
             let obs = Observation {
                 waiting: depth.waiting,
                 running: depth.running,
-                busy_workers: u32::try_from(busy_pods).unwrap_or(u32::MAX),
+                busy_workers: u32::try_from(busy_pods.len()).unwrap_or(u32::MAX),
+                busy_not_ready: u32::try_from(busy_not_ready).unwrap_or(u32::MAX),
                 current_replicas: current,
             };
             let decision = {
@@ -413,6 +415,14 @@ fn forget_deleted_pools(
         }
         keep
     });
+}
+
+/// Whether the pod's Ready condition is True (what the ReplicaSet controller ranks by).
+fn pod_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
 /// Puts the busy/idle annotations on the pods that lack them.
@@ -678,6 +688,27 @@ mod tests {
         forget_deleted_pools(&mut all, &m, now);
         assert_eq!(all.keys().collect::<Vec<_>>(), vec!["media/t4"]);
         assert!(!m.encode().unwrap().contains("pool=\"old\""));
+    }
+
+    #[test]
+    fn only_a_ready_condition_that_is_true_makes_a_pod_ready() {
+        let pod = |conditions: serde_json::Value| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "w"},
+                "status": {"conditions": conditions}
+            }))
+            .unwrap()
+        };
+        assert!(pod_ready(&pod(
+            serde_json::json!([{"type": "Ready", "status": "True"}])
+        )));
+        assert!(!pod_ready(&pod(
+            serde_json::json!([{"type": "Ready", "status": "False"}])
+        )));
+        assert!(!pod_ready(&pod(
+            serde_json::json!([{"type": "ContainersReady", "status": "True"}])
+        )));
+        assert!(!pod_ready(&Pod::default()));
     }
 
     #[test]

@@ -465,8 +465,12 @@ fn deployment(replicas: i32, ready: i32) -> Value {
     })
 }
 
+/// A running worker pod, Ready.
 fn pod(name: &str) -> Value {
-    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": POOL_NS}})
+    json!({
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": POOL_NS},
+        "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}
+    })
 }
 
 /// The pool as the API server returns it after a status apply.

@@ -10,6 +10,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 use pawfect_api::conditions::{self, ConditionStatus, reasons};
 use pawfect_api::job::format_duration;
+use pawfect_api::redact_uri;
 use pawfect_api::{
     InpaintJob, InpaintJobStatus, JobPhase, JobProgress, PromptOrigin, StageTimings,
 };
@@ -289,7 +290,7 @@ pub fn from_queue(
                 } else {
                     "the worker stopped before finishing".to_string()
                 };
-                let msg = match q.message.as_deref() {
+                let msg = match q.message.as_deref().map(redact_uri) {
                     Some(m) if !m.is_empty() => format!("{what} ({m}); back in the queue"),
                     _ => format!("{what}; back in the queue"),
                 };
@@ -332,7 +333,7 @@ pub fn from_queue(
         }
         QueueState::Succeeded => {
             s.phase = Some(JobPhase::Succeeded);
-            let output = q.output.clone().unwrap_or_else(|| job.spec.output.clone());
+            let output = redact_uri(q.output.as_deref().unwrap_or(&job.spec.output));
             let msg = format!("result written to {output}");
             settle(&mut s, conditions::QUEUED, reasons::FINISHED, &msg, now);
             // A succeeded job ran, even when this status never showed it Running (the job
@@ -366,7 +367,8 @@ pub fn from_queue(
             let reason = failure_reason(q.reason.as_deref());
             let msg = q
                 .message
-                .clone()
+                .as_deref()
+                .map(redact_uri)
                 .filter(|m| !m.is_empty())
                 .unwrap_or_else(|| format!("failed ({attempts})"));
             finish_failed(&mut s, &reason, &msg, q.finished_at.unwrap_or(now), now);
@@ -375,7 +377,8 @@ pub fn from_queue(
         QueueState::Cancelled => {
             let msg = q
                 .message
-                .clone()
+                .as_deref()
+                .map(redact_uri)
                 .filter(|m| !m.is_empty())
                 .unwrap_or_else(|| "cancelled".into());
             finish_failed(
@@ -748,6 +751,53 @@ mod tests {
             c.condition(FAILED).map(|c| c.reason.as_str()),
             Some(reasons::CANCELLED)
         );
+    }
+
+    /// A message with a pre-signed URL (written by any worker version, or by hand) reaches
+    /// neither the status, its conditions, nor the Events with its signature or credentials.
+    #[test]
+    fn uri_secrets_never_reach_the_status_or_events() {
+        let j = job();
+        let s1 = from_queue(&j, None, &running(1, "w", 1), ts(6));
+        let signed = "photo: https://ci:pa55@b.s3.amazonaws.com/dog.jpg?X-Amz-Signature=5ec7e7: HTTP status 403";
+        for state in [
+            QueueState::Failed,
+            QueueState::Queued,
+            QueueState::Cancelled,
+        ] {
+            let q = QueueJob {
+                state,
+                reason: Some("InputNotFound".into()),
+                message: Some(signed.into()),
+                output: Some("https://b/out.png?sig=5ec7e7".into()),
+                finished_at: Some(ts(8)),
+                ..running(1, "w", 1)
+            };
+            let s = from_queue(&j, Some(&s1), &q, ts(9));
+            let mut shown = vec![s.message.clone().unwrap_or_default()];
+            shown.extend(s.conditions.iter().map(|c| c.message.clone()));
+            shown.extend(events(Some(&s1), &s).into_iter().map(|e| e.note));
+            for text in &shown {
+                assert!(!text.contains("5ec7e7"), "{state:?}: {text}");
+                assert!(!text.contains("pa55"), "{state:?}: {text}");
+            }
+            assert!(
+                s.message.as_deref().is_some_and(
+                    |m| m.contains("https://REDACTED@b.s3.amazonaws.com/dog.jpg?REDACTED")
+                ),
+                "{state:?}: {:?}",
+                s.message
+            );
+        }
+        let done = QueueJob {
+            state: QueueState::Succeeded,
+            output: Some("https://b/out.png?sig=5ec7e7".into()),
+            finished_at: Some(ts(8)),
+            ..running(1, "w", 1)
+        };
+        let s = from_queue(&j, Some(&s1), &done, ts(9));
+        assert_eq!(s.output.as_deref(), Some("https://b/out.png?REDACTED"));
+        assert!(!s.message.unwrap_or_default().contains("5ec7e7"));
     }
 
     #[test]

@@ -6,10 +6,12 @@
 use std::path::Path;
 use std::time::Duration;
 
-use kube::Client;
-use kube::api::{Api, PostParams};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, ListParams, PostParams};
+use kube::{Client, ResourceExt};
 use pawfect_chart_tests::{ValueSet, committed_crd_files, split_manifests};
 use pawfect_control_plane::{ControlPlane, apply, apply_crds};
+use pawfect_queue::{Queue, QueueConfig};
 use serde_json::json;
 
 use crate::operator::Replica;
@@ -129,6 +131,28 @@ pub async fn start_operators(
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     operators
+}
+
+/// Names of the control plane's (fake) nodes, which the kubelet binds pods to.
+pub async fn node_names(client: &Client) -> Vec<String> {
+    Api::<Node>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|n| n.name_any())
+        .collect()
+}
+
+/// A queue client on `redis_url` under `prefix`.
+pub async fn queue(redis_url: &str, prefix: &str) -> Queue {
+    Queue::connect(QueueConfig {
+        prefix: prefix.into(),
+        ..QueueConfig::new(redis_url)
+    })
+    .await
+    .unwrap()
 }
 
 /// The last `lines` lines of `text`.

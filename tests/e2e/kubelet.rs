@@ -39,6 +39,8 @@ use serde_json::json;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 
+use crate::common::process::free_port;
+
 const TICK: Duration = Duration::from_millis(200);
 
 /// A SIGTERM the kubelet sent to a pod's worker.
@@ -90,14 +92,6 @@ pub struct Kubelet {
     nodes: Vec<String>,
     worker_bin: PathBuf,
     log_dir: PathBuf,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("a free port")
-        .local_addr()
-        .expect("bound")
-        .port()
 }
 
 fn signal(pid: u32, sig: &str) {

@@ -35,6 +35,8 @@
 
 mod cluster;
 mod kubelet;
+// Shared with the soak and the scale run, which use other parts of it (the process id).
+#[allow(dead_code)]
 mod operator;
 
 #[allow(dead_code, clippy::all)]
@@ -52,7 +54,7 @@ use common::models::models_dir;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -62,11 +64,11 @@ use pawfect_api::{InpaintJob, InpaintJobStatus, InpaintPool, InpaintPoolStatus, 
 use pawfect_control_plane::ControlPlane;
 use pawfect_operator::pool;
 use pawfect_queue::testing::RedisServer;
-use pawfect_queue::{JobState, Queue, QueueConfig};
+use pawfect_queue::{JobState, Queue};
 use serde_json::json;
 use tokio::sync::watch;
 
-use cluster::{SYSTEM_NS, start_operators, tail};
+use cluster::{SYSTEM_NS, node_names, queue, start_operators, tail};
 use kubelet::Kubelet;
 use operator::Replica;
 
@@ -504,14 +506,8 @@ async fn operator_and_workers_on_a_real_control_plane() {
     let logs = tmp.path().join("logs");
     std::fs::create_dir_all(&logs).unwrap();
     let http = Server::start().await;
-    let connect = || async {
-        Queue::connect(QueueConfig {
-            prefix: PREFIX.into(),
-            ..QueueConfig::new(redis.url())
-        })
-        .await
-        .unwrap()
-    };
+    let redis_url = redis.url();
+    let connect = || queue(&redis_url, PREFIX);
 
     // The CRDs and the chart's RBAC; the operator, two replicas, as the chart's ServiceAccount.
     let operators = start_operators(
@@ -525,14 +521,7 @@ async fn operator_and_workers_on_a_real_control_plane() {
     .await;
 
     let ns = cp.namespace(&client, "pets").await;
-    let nodes: Vec<String> = Api::<Node>::all(client.clone())
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .iter()
-        .map(|n| n.name_any())
-        .collect();
+    let nodes = node_names(&client).await;
     let kubelet = Kubelet::new(
         client.clone(),
         connect().await,

@@ -97,6 +97,15 @@ impl Replica {
         }
     }
 
+    /// Process id of the running process.
+    pub fn pid(&self) -> Option<u32> {
+        self.child
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|c| c.id())
+    }
+
     /// How many times its process was started.
     pub fn starts(&self) -> u32 {
         self.starts.load(Ordering::SeqCst)

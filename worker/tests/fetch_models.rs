@@ -267,6 +267,8 @@ struct FakeHub {
     repos: Arc<HashMap<String, FakeRepo>>,
     /// Every `resolve` request: (repo, file, Range header).
     requests: Arc<Mutex<Vec<(String, String, String)>>>,
+    /// The revision of every `resolve` request, in the same order.
+    revisions: Arc<Mutex<Vec<String>>>,
 }
 
 impl FakeHub {
@@ -323,10 +325,11 @@ async fn info(
 
 async fn resolve(
     State(hub): State<FakeHub>,
-    UrlPath((owner, name, _rev, path)): UrlPath<(String, String, String, String)>,
+    UrlPath((owner, name, rev, path)): UrlPath<(String, String, String, String)>,
     headers: HeaderMap,
 ) -> Response {
     let id = format!("{owner}/{name}");
+    hub.revisions.lock().unwrap().push(rev);
     let range = headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
@@ -447,9 +450,14 @@ fn fake_hub() -> FakeHub {
 }
 
 fn fetch(dir: &Path, endpoint: &str, token: Option<&str>) -> Output {
+    fetch_with(dir, endpoint, token, &[])
+}
+
+fn fetch_with(dir: &Path, endpoint: &str, token: Option<&str>, extra: &[&str]) -> Output {
     let mut c = bin();
     c.args(["fetch-models", "--retries", "0", "--models"])
         .arg(dir)
+        .args(extra)
         .env("HF_ENDPOINT", endpoint)
         // The chart's setting: the token and cache of HF_HOME are not what fetch-models uses.
         .env("HF_HOME", dir.join(".cache/huggingface"));
@@ -459,9 +467,8 @@ fn fetch(dir: &Path, endpoint: &str, token: Option<&str>) -> Output {
     c.output().unwrap()
 }
 
-#[test]
-fn fetch_models_from_a_fake_hub_then_inpaint() {
-    let hub = fake_hub();
+/// Serves `hub` on a loopback port (on the returned runtime); its endpoint URL.
+fn serve_hub(hub: &FakeHub) -> (tokio::runtime::Runtime, String) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -476,6 +483,146 @@ fn fetch_models_from_a_fake_hub_then_inpaint() {
         .route("/{owner}/{name}/resolve/{rev}/{*path}", get(resolve))
         .with_state(hub.clone());
     rt.spawn(async move { axum::serve(listener, app).await });
+    (rt, endpoint)
+}
+
+fn sha256(b: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}
+
+/// The lock file: the first download records every file's commit and sha256; a later download
+/// into a fresh directory fetches those commits and verifies every file; a wrong sha256 fails
+/// the run naming the file and leaves no byte of it behind; `--revision` says what it did not
+/// verify.
+#[test]
+fn locked_downloads_are_verified_and_a_mismatch_keeps_nothing() {
+    let hub = fake_hub();
+    let (_rt, endpoint) = serve_hub(&hub);
+    let tmp = tempfile::tempdir().unwrap();
+    let dirs: Vec<PathBuf> = ["first", "second", "tampered"]
+        .iter()
+        .map(|n| tmp.path().join(n))
+        .collect();
+    for d in &dirs {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    const GGUF: &str = "flux1-fill-dev-Q5_K_S.gguf";
+
+    // The first download records the lock.
+    let o = fetch_with(&dirs[0], &endpoint, Some(TOKEN), &["--write-lock"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("lock written:"), "{t}");
+    let lock_file = dirs[0].join("q5_k_m.lock");
+    let lock: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&lock_file).unwrap()).unwrap();
+    let gguf = hub.repos[GGUF_REPO].files[GGUF].clone();
+    assert_eq!(lock["variant"], "q5_k_m");
+    assert_eq!(
+        lock["repos"][GGUF_REPO]["revision"],
+        hub.repos[GGUF_REPO].sha.as_str()
+    );
+    assert_eq!(lock["repos"][GGUF_REPO]["files"][GGUF], sha256(&gguf));
+    let flux = &lock["repos"][FLUX_REPO]["files"];
+    assert_eq!(
+        flux["model_index.json"],
+        sha256(&hub.repos[FLUX_REPO].files["model_index.json"])
+    );
+    let locked: usize = lock["repos"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|r| r["files"].as_object().unwrap().len())
+        .sum();
+    assert!(locked >= 10, "{lock}");
+
+    // A fresh directory with that lock: every file fetched at its locked commit, verified.
+    std::fs::copy(&lock_file, dirs[1].join("q5_k_m.lock")).unwrap();
+    let before = hub.revisions.lock().unwrap().len();
+    let o = fetch_with(&dirs[1], &endpoint, Some(TOKEN), &[]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains(&format!("verified: {locked} files (sha256) against")),
+        "{t}"
+    );
+    let shas: Vec<&str> = hub.repos.values().map(|r| r.sha.as_str()).collect();
+    let revs = hub.revisions.lock().unwrap()[before..].to_vec();
+    assert!(!revs.is_empty());
+    assert!(revs.iter().all(|r| shas.contains(&r.as_str())), "{revs:?}");
+    assert_eq!(std::fs::read(dirs[1].join(GGUF)).unwrap(), *gguf);
+    // Again, from the cache: hashed again, nothing downloaded.
+    let o = fetch_with(&dirs[1], &endpoint, Some(TOKEN), &[]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("downloaded this run: 0 files"), "{t}");
+    assert!(t.contains(&format!("verified: {locked} files")), "{t}");
+
+    // --revision: that repository is fetched at the commit given and said to be unverified.
+    let t5_sha = hub.repos[T5_REPO].sha.clone();
+    let o = fetch_with(
+        &dirs[1],
+        &endpoint,
+        Some(TOKEN),
+        &["--revision", &format!("{T5_REPO}={t5_sha}")],
+    );
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains(&format!("not verified: {T5_REPO} at {t5_sha}")),
+        "{t}"
+    );
+
+    // --lock-if-missing (the chart's Job): records where there is no lock, verifies where
+    // there is one.
+    let auto = tmp.path().join("auto");
+    std::fs::create_dir_all(&auto).unwrap();
+    let o = fetch_with(&auto, &endpoint, Some(TOKEN), &["--lock-if-missing"]);
+    let t = text(&o);
+    assert!(o.status.success() && t.contains("lock written:"), "{t}");
+    let o = fetch_with(&auto, &endpoint, Some(TOKEN), &["--lock-if-missing"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains(&format!("verified: {locked} files")), "{t}");
+    assert!(!t.contains("lock written:"), "{t}");
+
+    // A lock whose sha256 of the GGUF is wrong: the run fails naming the file, the expected
+    // and the actual sha256, and no copy of the file (whole or partial) is left.
+    let wrong = "0".repeat(64);
+    let tampered = std::fs::read_to_string(&lock_file)
+        .unwrap()
+        .replace(&sha256(&gguf), &wrong);
+    assert_ne!(tampered, std::fs::read_to_string(&lock_file).unwrap());
+    std::fs::write(dirs[2].join("q5_k_m.lock"), tampered).unwrap();
+    let o = fetch_with(&dirs[2], &endpoint, Some(TOKEN), &[]);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    for s in [GGUF, "sha256 mismatch", wrong.as_str(), &sha256(&gguf)] {
+        assert!(t.contains(s), "{s} not in {t}");
+    }
+    assert!(
+        hub.requests().iter().any(|(_, f, _)| f == GGUF),
+        "the file was downloaded"
+    );
+    for (rel, p) in walk(&dirs[2]) {
+        assert!(
+            !rel.ends_with(".verifying") && !rel.ends_with(".part"),
+            "{rel} left"
+        );
+        let b = std::fs::read(&p).unwrap();
+        assert!(b != *gguf, "{rel} holds the unverified file");
+    }
+    assert!(std::fs::symlink_metadata(dirs[2].join(GGUF)).is_err());
+}
+
+#[test]
+fn fetch_models_from_a_fake_hub_then_inpaint() {
+    let hub = fake_hub();
+    let (_rt, endpoint) = serve_hub(&hub);
 
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("models");
@@ -509,6 +656,8 @@ fn fetch_models_from_a_fake_hub_then_inpaint() {
         "fallback taken: flux1-fill-dev-Q5_K_S.gguf (Q5_K_S instead of Q5_K_M",
         "complete",
         "total:",
+        // No lock file: the run says that it verified nothing.
+        "not verified: no ",
     ] {
         assert!(t.contains(s), "{s} not in {t}");
     }

@@ -13,34 +13,21 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use common::http::{Route, Server};
 use common::jobs::*;
 use common::models::models_dir;
+use common::process::{Worker, free_port, http_get};
 use pawfect_queue::testing::RedisServer;
 use pawfect_queue::{EventKind, JobState, Queue};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio::sync::watch;
 
 const LEASE: Duration = Duration::from_secs(2);
 const MAX_BYTES: u64 = 64 * 1024;
-
-struct Worker {
-    child: Child,
-    http: u16,
-    log: PathBuf,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn spawn_worker(
     redis: &RedisServer,
@@ -83,42 +70,6 @@ fn spawn_worker(
         .spawn()
         .unwrap();
     Worker { child, http, log }
-}
-
-async fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.ok()?;
-    let status = buf.split_whitespace().nth(1)?.parse().ok()?;
-    Some((
-        status,
-        buf.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
-    ))
-}
-
-async fn wait_ready(w: &mut Worker) {
-    for _ in 0..600 {
-        if let Some((200, _)) = get(w.http, "/readyz").await {
-            return;
-        }
-        if let Ok(Some(status)) = w.child.try_wait() {
-            panic!(
-                "worker exited with {status}:\n{}",
-                std::fs::read_to_string(&w.log).unwrap_or_default()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!(
-        "worker never ready:\n{}",
-        std::fs::read_to_string(&w.log).unwrap_or_default()
-    );
 }
 
 fn signal(w: &Worker, sig: &str) {
@@ -164,7 +115,7 @@ async fn bad_inputs_then_a_good_job_in_one_process() {
     http_routes(&http, MAX_BYTES);
     let queue = connect(&redis).await;
     let mut w = spawn_worker(&redis, &models, &inp.root, "w1", "10s", tmp.path());
-    wait_ready(&mut w).await;
+    w.wait_ready().await;
 
     let unreachable = format!("http://127.0.0.1:{}/photo.png", free_port());
     let mut cases = bad_cases(&inp, &http, &unreachable);
@@ -241,7 +192,7 @@ async fn bad_inputs_then_a_good_job_in_one_process() {
         "{t:?}"
     );
 
-    let (status, metrics) = get(w.http, "/metrics").await.unwrap();
+    let (status, metrics) = http_get(w.http, "/metrics").await.unwrap();
     assert_eq!(status, 200);
     for needle in [
         "pawfect_worker_jobs_total{outcome=\"succeeded\",reason=\"\"} 1",
@@ -268,7 +219,7 @@ async fn bad_inputs_then_a_good_job_in_one_process() {
     ] {
         assert!(metrics.contains(&needle), "{needle} missing:\n{metrics}");
     }
-    assert_eq!(get(w.http, "/healthz").await.map(|r| r.0), Some(200));
+    assert_eq!(http_get(w.http, "/healthz").await.map(|r| r.0), Some(200));
 
     signal(&w, "-TERM");
     assert_eq!(exit_code(&mut w, Duration::from_secs(20)).await, 0);
@@ -333,14 +284,14 @@ async fn sigkill_mid_job_then_reclaimed_and_sigterm_drains() {
 
     // SIGKILL mid-job: nothing is lost, another process completes the job once.
     let mut a = spawn_worker(&redis, &models, &inp.root, "a", "10s", tmp.path());
-    wait_ready(&mut a).await;
+    a.wait_ready().await;
     enqueue(&queue, "killed", &held("/held-1.png", "killed.png")).await;
     let rec = wait_state(&queue, "killed", JobState::Running, Duration::from_secs(20)).await;
     assert_eq!(rec.worker.as_deref(), Some("a"));
     signal(&a, "-KILL");
     assert_ne!(exit_code(&mut a, Duration::from_secs(10)).await, 0);
     let mut b = spawn_worker(&redis, &models, &inp.root, "b", "10s", tmp.path());
-    wait_ready(&mut b).await;
+    b.wait_ready().await;
     let _ = gates[0].send(true);
     let rec = wait_finished(&queue, "killed", Duration::from_secs(60)).await;
     assert_eq!(rec.state, JobState::Succeeded, "{rec:?}");
@@ -371,7 +322,7 @@ async fn sigkill_mid_job_then_reclaimed_and_sigterm_drains() {
     signal(&b, "-TERM");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
-        get(b.http, "/readyz").await.map(|r| r.0),
+        http_get(b.http, "/readyz").await.map(|r| r.0),
         Some(503),
         "not ready while draining"
     );
@@ -384,7 +335,7 @@ async fn sigkill_mid_job_then_reclaimed_and_sigterm_drains() {
     // SIGTERM with a short drain: the job goes back to the queue (attempt not counted), the
     // process exits 0, and the next worker completes it.
     let mut c = spawn_worker(&redis, &models, &inp.root, "c", "300ms", tmp.path());
-    wait_ready(&mut c).await;
+    c.wait_ready().await;
     enqueue(&queue, "handed", &held("/held-3.png", "handed.png")).await;
     wait_state(&queue, "handed", JobState::Running, Duration::from_secs(20)).await;
     signal(&c, "-TERM");

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use common::jobs::*;
 use common::models::models_dir;
+use common::process::{free_port, http_get};
 use pawfect_queue::testing::RedisServer;
 use pawfect_queue::{EventKind, JobState, Queue};
 use tokio::process::{Child, Command};
@@ -26,14 +27,6 @@ struct Worker {
     pid: u32,
     http: u16,
     log: PathBuf,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn spawn_worker(redis_url: &str, dir: &Path, root: &Path, name: &str, faults: &str) -> Worker {
@@ -113,22 +106,7 @@ impl Worker {
     }
 
     async fn get(&self, path: &str) -> Option<(u16, String)> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.http))
-            .await
-            .ok()?;
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .ok()?;
-        let mut buf = String::new();
-        s.read_to_string(&mut buf).await.ok()?;
-        let status = buf.split_whitespace().nth(1)?.parse().ok()?;
-        Some((
-            status,
-            buf.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
-        ))
+        http_get(self.http, path).await
     }
 
     async fn wait_ready(&mut self) {

@@ -469,3 +469,107 @@ async fn redirects_to_refused_addresses_are_refused() {
     assert!(e.to_string().contains("too many redirects"), "{e}");
     assert_eq!(outer.hits("/loop"), 6, "the first request and 5 redirects");
 }
+
+/// Create-only storage on the local file system: the first write lands, later ones (plain or
+/// after the early check) are refused with `Exists`, and the first object stays.
+#[tokio::test]
+async fn create_only_file_writes_never_replace() {
+    let d = dirs();
+    let s = Storage::new(StorageConfig {
+        allow_roots: vec![d.root.clone()],
+        no_overwrite: true,
+        ..StorageConfig::default()
+    })
+    .unwrap();
+    let target = uri(&d.root.join("out/once.png"));
+    s.check_writable(&target).await.unwrap();
+    s.write(&target, Bytes::from_static(b"first"))
+        .await
+        .unwrap();
+    let e = s.check_writable(&target).await.unwrap_err();
+    assert!(matches!(e, StorageError::Exists { .. }), "{e}");
+    let e = s
+        .write(&target, Bytes::from_static(b"second"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, StorageError::Exists { .. }), "{e}");
+    assert_eq!(
+        PipelineError::storage(e, "output", true).reason,
+        FailureReason::OutputExists
+    );
+    assert_eq!(
+        std::fs::read(d.root.join("out/once.png")).unwrap(),
+        b"first"
+    );
+    let left: Vec<_> = std::fs::read_dir(d.root.join("out"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(left, ["once.png"], "no temporary file left");
+}
+
+/// Object-store URIs outside the prefixes are refused before any client exists (so before
+/// any request), and an output that names an input is refused however it is spelled.
+#[tokio::test]
+async fn prefixes_and_inputs_are_checked_before_anything_is_read() {
+    let d = dirs();
+    std::fs::write(d.root.join("in.png"), b"photo").unwrap();
+    std::fs::write(d.root.join("m.png"), b"mask").unwrap();
+    let s = Storage::new(StorageConfig {
+        allow_roots: vec![d.root.clone()],
+        allow_prefixes: vec!["s3://photos/in/".parse().unwrap()],
+        ..StorageConfig::default()
+    })
+    .unwrap();
+    for u in [
+        "s3://photos-evil/in/x.png",
+        "s3://photos/in-evil/x.png",
+        "s3://photos/in/../x.png",
+        "s3://photos/in/%2e%2e/x.png",
+        "s3://photos/in//x.png",
+        "gs://photos/in/x.png",
+    ] {
+        let e = s.read(u, 10).await.unwrap_err();
+        assert!(
+            matches!(e, StorageError::OutsidePrefixes { .. }),
+            "{u}: {e}"
+        );
+        assert!(e.to_string().contains("(s3://photos/in/)"), "{e}");
+        let e = s.write(u, Bytes::new()).await.unwrap_err();
+        assert!(
+            matches!(e, StorageError::OutsidePrefixes { .. }),
+            "{u}: {e}"
+        );
+    }
+    let none = storage(&[]);
+    let e = none.read("s3://photos/in/x.png", 10).await.unwrap_err();
+    assert!(e.to_string().contains("allowedPrefixes"), "{e}");
+
+    let photo = uri(&d.root.join("in.png"));
+    let mask = uri(&d.root.join("m.png"));
+    assert!(
+        s.check_job(&photo, &mask, &uri(&d.root.join("out.png")))
+            .is_ok()
+    );
+    for out in [
+        photo.clone(),
+        format!("file://{}/./sub/../in.png", d.root.display()),
+        mask.clone(),
+    ] {
+        let (what, e) = s.check_job(&photo, &mask, &out).unwrap_err();
+        assert_eq!(what, "output");
+        assert!(
+            matches!(e, StorageError::OverwritesInput { .. }),
+            "{out}: {e}"
+        );
+    }
+    let s3 = "s3://photos/in/dog.png";
+    let (what, e) = s
+        .check_job(s3, &mask, "s3a://photos/in/dog.png")
+        .unwrap_err();
+    assert_eq!(what, "output");
+    assert!(e.to_string().contains("is the job's photo"), "{e}");
+    let (what, e) = s.check_job(s3, &mask, "s3://other/x.png").unwrap_err();
+    assert_eq!(what, "output");
+    assert!(matches!(e, StorageError::OutsidePrefixes { .. }), "{e}");
+}

@@ -240,6 +240,19 @@ fn default_values_render_the_whole_system() {
     // Numbers stay numbers through the template's YAML → JSON.
     assert_eq!(pool["spec"]["maxReplicas"], 4);
     assert_eq!(pool["spec"]["minReplicas"], 0);
+    // No storage policy by default (the workers then refuse every object-store URI); the
+    // values' prefixes and createOnly reach the pool as its spec.worker.storage.
+    assert!(pool["spec"]["worker"].get("storage").is_none(), "{pool}");
+    let with_storage = default_pool(&render(
+        &ValueSet::defaults()
+            .set("pool.worker.storage.allowedPrefixes={s3://photos/in/,gs://results}")
+            .set("pool.worker.storage.createOnly=true"),
+    ))
+    .unwrap();
+    assert_eq!(
+        with_storage["spec"]["worker"]["storage"],
+        serde_json::json!({"allowedPrefixes": ["s3://photos/in/", "gs://results"], "createOnly": true})
+    );
 
     // A changed pool restarts the operator (which applies it); an unrelated change does not.
     let checksum = |ms: &[Manifest]| {
@@ -998,7 +1011,14 @@ fn the_model_download_job_fills_the_pool_volume() {
     assert_eq!(c["command"], serde_json::json!(["pawfect-worker"]));
     assert_eq!(
         args(c),
-        ["fetch-models", "--models", "/models", "--variant", "q5_k_m"]
+        [
+            "fetch-models",
+            "--models",
+            "/models",
+            "--variant",
+            "q5_k_m",
+            "--lock-if-missing"
+        ]
     );
     let pool = default_pool(&ms).unwrap();
     assert_eq!(c["image"], pool["spec"]["worker"]["image"]);

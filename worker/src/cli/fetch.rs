@@ -4,12 +4,18 @@
 //! HF_TOKEN=hf_... pawfect-worker fetch-models --models DIR [--variant q5_k_m]
 //!     [--gguf-repo YarvixPA/FLUX.1-Fill-dev-gguf] [--t5 gguf|full]
 //!     [--t5-gguf-repo city96/t5-v1_1-xxl-encoder-gguf] [--no-florence] [--retries 3]
+//!     [--write-lock | --lock-if-missing] [--revision REPO=COMMIT]...
 //! pawfect-worker fetch-models --models DIR --variant q5_k_m --check
 //! env: PAWFECT_MODELS, PAWFECT_MODEL_VARIANT, HF_TOKEN, HF_ENDPOINT
 //! ```
 //!
 //! See [`crate::download::plan`] for the layout it makes; `serve --models DIR` with the same
 //! variant loads it. A run ends with the checks of `--check` and a summary.
+//!
+//! With `DIR/<variant>.lock` ([`crate::download::lock`]) every repository is fetched at its
+//! locked commit and every file verified against its locked sha256; `--write-lock` records
+//! that file from what a run fetched; `--revision REPO=COMMIT` fetches one repository at
+//! another commit, whose files are then not verified (the summary says so).
 
 use std::path::{Path, PathBuf};
 
@@ -18,7 +24,8 @@ use clap::Args;
 use pawfect_models::weights::ModelVariant;
 
 use super::serve::parse_variant;
-use crate::download::hub::{Hub, HubOptions, human_bytes};
+use crate::download::hub::{Hub, HubOptions, Pin, human_bytes};
+use crate::download::lock::{Lock, lock_path};
 use crate::download::plan::{
     DEFAULT_GGUF_REPO, DEFAULT_T5_GGUF_REPO, FetchOutcome, FetchPlan, T5Source, fetch_models,
 };
@@ -51,6 +58,59 @@ pub struct FetchArgs {
     /// Attempts after a transient network failure, per file.
     #[arg(long, default_value_t = 3)]
     pub retries: usize,
+    /// Record DIR/<variant>.lock from this run: every repository's commit and every file's
+    /// sha256 (replacing a lock that is there; its pins are not used for this run).
+    #[arg(long)]
+    pub write_lock: bool,
+    /// Record DIR/<variant>.lock only when DIR has none; else verify against it (the chart's
+    /// download Job: its first run records, every later run verifies).
+    #[arg(long, conflicts_with = "write_lock")]
+    pub lock_if_missing: bool,
+    /// Fetch one repository at this commit instead of the lock's (or `main`), e.g.
+    /// `YarvixPA/FLUX.1-Fill-dev-gguf=<sha>`; repeatable. Its files are not verified.
+    #[arg(long = "revision", value_name = "REPO=COMMIT", value_parser = parse_revision)]
+    pub revisions: Vec<(String, String)>,
+}
+
+fn parse_revision(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((repo, rev))
+            if repo.contains('/') && !rev.is_empty() && !rev.contains(['/', '\\', '.', ' ']) =>
+        {
+            Ok((repo.to_string(), rev.to_string()))
+        }
+        _ => Err(format!(
+            "{s:?}: expected REPO=COMMIT, e.g. YarvixPA/FLUX.1-Fill-dev-gguf=0123abc…"
+        )),
+    }
+}
+
+/// How the files of a run were checked, for the summary.
+fn print_verification(a: &FetchArgs, lock: Option<&Lock>, writing: bool, o: &FetchOutcome) {
+    let path = lock_path(&a.models, a.variant.as_str());
+    let verified = o.fetched.iter().filter(|f| f.verified).count();
+    if let Some(lock) = lock {
+        println!(
+            "verified: {verified} files (sha256) against {} ({} files of {} repositories)",
+            path.display(),
+            lock.file_count(),
+            lock.repos.len()
+        );
+    }
+    for (repo, rev) in &a.revisions {
+        println!(
+            "not verified: {repo} at {rev} (--revision: no sha256 is known for its files; \
+             `--write-lock` records them)"
+        );
+    }
+    if lock.is_none() && !writing {
+        println!(
+            "not verified: no {} — nothing was checked against known sha256s; \
+             `fetch-models --write-lock` records the commit and sha256 of every file, and \
+             later runs verify against them",
+            path.display()
+        );
+    }
 }
 
 fn shown(models: &Path, p: &Path) -> String {
@@ -125,9 +185,46 @@ pub fn run(a: &FetchArgs) -> Result<()> {
         };
         let mut options = HubOptions::from_env();
         options.retries = a.retries;
-        let hub = Hub::new(&a.models.join("hub"), options)?;
+        let mut hub = Hub::new(&a.models.join("hub"), options)?;
+        let path = lock_path(&a.models, a.variant.as_str());
+        let writing = a.write_lock || (a.lock_if_missing && !path.exists());
+        let lock = if writing { None } else { Lock::read(&path)? };
+        if let Some(lock) = &lock {
+            if lock.variant != a.variant.as_str() {
+                bail!(
+                    "{} is the lock of variant {}, not {}",
+                    path.display(),
+                    lock.variant,
+                    a.variant.as_str()
+                );
+            }
+            for (repo, pin) in lock.pins() {
+                hub.pin(&repo, pin);
+            }
+        }
+        for (repo, rev) in &a.revisions {
+            hub.pin(
+                repo,
+                Pin {
+                    revision: rev.clone(),
+                    sha256: None,
+                },
+            );
+        }
         let outcome = fetch_models(&a.models, &plan, &hub)?;
         print_fetched(&outcome);
+        print_verification(a, lock.as_ref(), writing, &outcome);
+        if writing {
+            let lock = Lock::record(a.variant.as_str(), &outcome.fetched)?;
+            lock.write(&path)?;
+            println!(
+                "lock written: {} ({} files of {} repositories, each with its commit and sha256); \
+                 later runs fetch these commits and verify every file",
+                path.display(),
+                lock.file_count(),
+                lock.repos.len()
+            );
+        }
     }
     let report = check_models(&a.models, &check);
     print_report(&a.models, a.variant, &report);

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! pawfect-worker serve --models DIR --pool NAME --worker-name NAME --http-addr 0.0.0.0:8080
-//!     [--allow-root DIR]... [--device cpu|cuda] [--dtype f16|bf16|f32] [--drain-timeout 120s]
+//!     [--allow-root DIR]... [--allow-prefix s3://BUCKET/PREFIX/]... [--no-overwrite]
+//!     [--device cpu|cuda] [--dtype f16|bf16|f32] [--drain-timeout 120s]
 //! env: PAWFECT_REDIS_URL (rediss:// for TLS), PAWFECT_REDIS_USERNAME, PAWFECT_REDIS_PASSWORD,
 //!      PAWFECT_REDIS_CA_FILE (PEM of a private CA), PAWFECT_QUEUE_PREFIX (default pawfect),
 //!      PAWFECT_MODEL_VARIANT (q4_0|q4_k_m|q5_k_m|q8_0|bf16), POD_NAME (worker name),
@@ -26,7 +27,7 @@ use tokio::sync::watch;
 use super::models::{CaptionArgs, FluxArgs, load_models};
 use crate::pipeline::{CropConfig, InputLimits, MaskConfig, MaskSizePolicy, PipelineConfig};
 use crate::serve::{self, Loaded, ServeConfig};
-use crate::storage::{Cidr, HttpPolicy, StorageConfig};
+use crate::storage::{Cidr, HttpPolicy, ObjectPrefix, StorageConfig};
 
 /// Log line format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -191,6 +192,13 @@ pub struct ServeArgs {
     /// Directories `file://` inputs and outputs may be in (repeatable; none: file:// refused).
     #[arg(long = "allow-root", value_name = "DIR")]
     pub allow_roots: Vec<PathBuf>,
+    /// Object-store locations inputs and outputs may be in (repeatable): `s3://bucket/prefix/`,
+    /// `gs://bucket`, `az://container/prefix/`. None: s3, gs and az URIs are refused.
+    #[arg(long = "allow-prefix", value_name = "URI")]
+    pub allow_prefixes: Vec<ObjectPrefix>,
+    /// Never replace an existing output: such a job fails (`OutputExists`).
+    #[arg(long, env = "PAWFECT_NO_OVERWRITE")]
+    pub no_overwrite: bool,
     /// Whole-request limit of http(s) reads.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub http_timeout: Duration,
@@ -273,20 +281,25 @@ async fn run(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::Result
         ..QueueConfig::default()
     };
     #[cfg(not(feature = "test-faults"))]
-    if std::env::var_os(serve::TEST_FAULTS_ENV).is_some() {
-        anyhow::bail!(
-            "{} is set, but this binary was built without the test-faults feature (fault injection is for tests only)",
-            serve::TEST_FAULTS_ENV
-        );
+    for var in [serve::TEST_FAULTS_ENV, serve::TEST_FAST_MODEL_ENV] {
+        if std::env::var_os(var).is_some() {
+            anyhow::bail!(
+                "{var} is set, but this binary was built without the test-faults feature (fault injection and the fast model are for tests only)"
+            );
+        }
     }
     // A workspace build unifies features: `cargo build --release --workspace` turns
     // test-faults on through the end-to-end tests' dependency. An optimized build refuses the
     // variable all the same, so no release binary can inject faults by accident.
     #[cfg(feature = "test-faults")]
-    if !cfg!(debug_assertions) && std::env::var_os(serve::TEST_FAULTS_ENV).is_some() {
+    if !cfg!(debug_assertions)
+        && (std::env::var_os(serve::TEST_FAULTS_ENV).is_some()
+            || std::env::var_os(serve::fast_model::ENV).is_some())
+    {
         anyhow::bail!(
-            "{} is set, but fault injection runs only in debug (test) builds",
-            serve::TEST_FAULTS_ENV
+            "{} or {} is set, but fault injection and the fast model run only in debug (test) builds",
+            serve::TEST_FAULTS_ENV,
+            serve::fast_model::ENV
         );
     }
     #[cfg(feature = "test-faults")]
@@ -301,6 +314,8 @@ async fn run(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::Result
         queue,
         storage: StorageConfig {
             allow_roots: args.allow_roots.clone(),
+            allow_prefixes: args.allow_prefixes.clone(),
+            no_overwrite: args.no_overwrite,
             http_timeout: args.http_timeout,
             http_policy: HttpPolicy {
                 allow_plain: args.http_allow_plain,
@@ -323,6 +338,21 @@ async fn run(args: ServeArgs, shutdown: watch::Receiver<bool>) -> anyhow::Result
     let load = move || -> Result<Loaded, String> {
         #[cfg(feature = "test-faults")]
         serve::faults::hold_load(&faults);
+        #[cfg(feature = "test-faults")]
+        if std::env::var_os(serve::fast_model::ENV).is_some() {
+            tracing::warn!(
+                "{} is set: no model, masks filled with one colour",
+                serve::fast_model::ENV
+            );
+            return Ok(Loaded {
+                models: crate::pipeline::Models {
+                    inpainter: std::sync::Arc::new(serve::fast_model::FastInpainter),
+                    captioner: None,
+                    rules: std::sync::Arc::new(crate::pipeline::adapters::SurfaceRules),
+                },
+                gpu_memory: None,
+            });
+        }
         let loaded = load_models(&flux, &caption, Some(variant)).map_err(|e| format!("{e:#}"))?;
         Ok(Loaded {
             gpu_memory: crate::pipeline::adapters::gpu_memory(&loaded.device),

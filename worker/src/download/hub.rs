@@ -3,10 +3,20 @@
 //!
 //! A file already in the cache is not fetched again (no request at all); an interrupted download
 //! resumes from its `.part` file. `HF_ENDPOINT` points at another Hub (a mirror, or a test server).
+//!
+//! A repository may be **pinned** ([`Pin`]): its files then come from that revision, and when
+//! the pin knows their sha256 (a lock file, see [`super::lock`]) every file is verified: a
+//! download streams into a temporary file next to the cache's blobs while it is hashed, and is
+//! renamed into the cache only when the hash matches (else it is removed and the run fails
+//! naming the file); a file already in the cache is hashed again before it is used.
 
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
+
+use sha2::{Digest, Sha256};
 
 use hf_hub::api::sync::{Api, ApiBuilder, ApiError};
 use hf_hub::{Cache, Repo, RepoType};
@@ -42,6 +52,25 @@ pub enum HubError {
         file: Option<String>,
         msg: String,
     },
+    /// The file's sha256 is not the pinned one; nothing of it was kept.
+    #[error(
+        "{repo}/{file} at revision {revision}: sha256 mismatch: the lock file has {expected}, \
+         the file is {actual}; it was not kept (the lock file is wrong, or what the Hub serves \
+         is not the file that was locked)"
+    )]
+    Checksum {
+        repo: String,
+        file: String,
+        revision: String,
+        expected: String,
+        actual: String,
+    },
+    /// The repository is pinned with checksums, but not for this file.
+    #[error(
+        "{repo}/{file}: not in the lock file, so it can't be verified: record the lock again \
+         with `fetch-models --write-lock`"
+    )]
+    NotPinned { repo: String, file: String },
 }
 
 fn file_part(file: &Option<String>) -> String {
@@ -129,6 +158,37 @@ pub struct Fetched {
     pub bytes: u64,
     /// false: it was already in the cache.
     pub downloaded: bool,
+    /// Its sha256 matched the pin.
+    pub verified: bool,
+}
+
+/// What a repository's files are fetched at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pin {
+    /// A commit sha (any revision the Hub resolves works; a sha cannot move).
+    pub revision: String,
+    /// sha256 (lowercase hex) of each file, when known (a lock file). None: nothing is
+    /// verified (a `--revision` override).
+    pub sha256: Option<BTreeMap<String, String>>,
+}
+
+/// The sha256 of a file, lowercase hex.
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A repository's file list at a commit.
@@ -143,6 +203,7 @@ pub struct Hub {
     api: Api,
     cache: Cache,
     options: HubOptions,
+    pins: HashMap<String, Pin>,
     fetched: Mutex<Vec<Fetched>>,
 }
 
@@ -188,8 +249,26 @@ impl Hub {
             api,
             cache,
             options,
+            pins: HashMap::new(),
             fetched: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Fetches `repo` at `pin` from now on.
+    pub fn pin(&mut self, repo: &str, pin: Pin) {
+        self.pins.insert(repo.to_string(), pin);
+    }
+
+    /// The pin of `repo`, if any.
+    pub fn pin_of(&self, repo: &str) -> Option<&Pin> {
+        self.pins.get(repo)
+    }
+
+    fn model(&self, repo: &str) -> Repo {
+        match self.pins.get(repo) {
+            Some(p) => Repo::with_revision(repo.to_string(), RepoType::Model, p.revision.clone()),
+            None => Repo::new(repo.to_string(), RepoType::Model),
+        }
     }
 
     pub fn endpoint(&self) -> &str {
@@ -261,9 +340,9 @@ impl Hub {
         }
     }
 
-    /// The files of `repo` at `main`.
+    /// The files of `repo` at `main` (or at its pin).
     pub fn list(&self, repo: &str) -> Result<Listing, HubError> {
-        let r = self.api.repo(Repo::new(repo.to_string(), RepoType::Model));
+        let r = self.api.repo(self.model(repo));
         let info = self.retrying(repo, None, || r.info())?;
         let mut files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
         files.sort();
@@ -273,15 +352,52 @@ impl Hub {
         })
     }
 
-    /// The local path of `file` of `repo` (at `main`): from the cache when complete there, else
-    /// downloaded (resuming a partial download).
+    /// The local path of `file` of `repo` (at `main`, or at its pin): from the cache when
+    /// complete there, else downloaded (resuming a partial download; a pinned file with a
+    /// known sha256 is downloaded whole and verified, see the module docs).
     pub fn get(&self, repo: &str, file: &str) -> Result<PathBuf, HubError> {
-        let model = Repo::new(repo.to_string(), RepoType::Model);
+        let model = self.model(repo);
         let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let pin = self.pins.get(repo);
+        let expected = match pin.and_then(|p| p.sha256.as_ref()) {
+            Some(files) => Some(files.get(file).ok_or_else(|| HubError::NotPinned {
+                repo: repo.into(),
+                file: file.into(),
+            })?),
+            None => None,
+        };
         if let Some(path) = self.cache.repo(model.clone()).get(file) {
             let bytes = size(&path);
+            if let (Some(want), Some(pin)) = (expected, pin) {
+                let got = sha256_file(&path).map_err(|e| HubError::Failed {
+                    repo: repo.into(),
+                    file: Some(file.into()),
+                    msg: format!("hashing {}: {e}", path.display()),
+                })?;
+                if &got != want {
+                    // Out of the cache, so that the next run downloads it again.
+                    if let Ok(blob) = std::fs::canonicalize(&path) {
+                        let _ = std::fs::remove_file(blob);
+                    }
+                    let _ = std::fs::remove_file(&path);
+                    return Err(HubError::Checksum {
+                        repo: repo.into(),
+                        file: file.into(),
+                        revision: pin.revision.clone(),
+                        expected: want.clone(),
+                        actual: got,
+                    });
+                }
+            }
             tracing::debug!(repo, file, bytes, "already downloaded");
-            self.record(repo, file, &path, bytes, false);
+            self.record(repo, file, &path, bytes, false, expected.is_some());
+            return Ok(path);
+        }
+        if let (Some(want), Some(pin)) = (expected, pin) {
+            let path = self.download_verified(repo, &pin.revision, file, want)?;
+            let bytes = size(&path);
+            tracing::info!(repo, file, bytes, size = %human_bytes(bytes), sha256 = %want, "downloaded and verified");
+            self.record(repo, file, &path, bytes, true, true);
             return Ok(path);
         }
         let r = self.api.repo(model);
@@ -294,11 +410,116 @@ impl Hub {
         })?;
         let bytes = size(&path);
         tracing::info!(repo, file, bytes, size = %human_bytes(bytes), "downloaded");
-        self.record(repo, file, &path, bytes, true);
+        self.record(repo, file, &path, bytes, true, false);
         Ok(path)
     }
 
-    fn record(&self, repo: &str, file: &str, path: &Path, bytes: u64, downloaded: bool) {
+    /// Downloads `file` of `repo` at `revision` into a temporary file next to the cache's
+    /// blobs, hashing it on the way; renames it into the cache (blob, snapshot link, ref)
+    /// only when its sha256 is `want`, and removes it otherwise.
+    fn download_verified(
+        &self,
+        repo: &str,
+        revision: &str,
+        file: &str,
+        want: &str,
+    ) -> Result<PathBuf, HubError> {
+        let failed = |msg: String| HubError::Failed {
+            repo: repo.into(),
+            file: Some(file.into()),
+            msg,
+        };
+        let model = Repo::with_revision(repo.to_string(), RepoType::Model, revision.to_string());
+        let folder = self.cache.path().join(model.folder_name());
+        let blobs = folder.join("blobs");
+        std::fs::create_dir_all(&blobs)
+            .map_err(|e| failed(format!("creating {}: {e}", blobs.display())))?;
+        let url = format!("{}/{repo}/resolve/{revision}/{file}", self.options.endpoint);
+        let tmp = blobs.join(format!(
+            ".{want}.{}.verifying",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let streamed = self.retrying(repo, Some(file), || self.stream(repo, file, &url, &tmp));
+        let actual = match streamed {
+            Ok(actual) => actual,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        };
+        if actual != want {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(HubError::Checksum {
+                repo: repo.into(),
+                file: file.into(),
+                revision: revision.into(),
+                expected: want.into(),
+                actual,
+            });
+        }
+        let blob = blobs.join(want);
+        let snapshot = folder.join("snapshots").join(revision).join(file);
+        let placed = (|| -> std::io::Result<()> {
+            std::fs::rename(&tmp, &blob)?;
+            if let Some(dir) = snapshot.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            // snapshots/<rev>/<file> -> ../../blobs/<sha256> (one more `..` per folder of file).
+            let mut target = PathBuf::new();
+            for _ in 0..Path::new(file).components().count() + 1 {
+                target.push("..");
+            }
+            target.push("blobs");
+            target.push(want);
+            let _ = std::fs::remove_file(&snapshot);
+            symlink_file(&target, &snapshot)?;
+            self.cache.repo(model.clone()).create_ref(revision)
+        })();
+        if let Err(e) = placed {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(failed(format!(
+                "placing the verified file in the cache: {e}"
+            )));
+        }
+        Ok(snapshot)
+    }
+
+    /// One GET of `url` into `tmp` (truncated first); the sha256 of what was written.
+    fn stream(&self, repo: &str, file: &str, url: &str, tmp: &Path) -> Result<String, ApiError> {
+        let mut req = ureq::get(url);
+        if let Some(t) = &self.options.token {
+            req = req.set("Authorization", &format!("Bearer {t}"));
+        }
+        let resp = req.call().map_err(Box::new)?;
+        let size = resp
+            .header("Content-Length")
+            .and_then(|v| v.parse::<u64>().ok());
+        tracing::info!(repo, file, bytes = size, "downloading (verified)");
+        let mut reader = resp.into_reader();
+        let mut out = std::fs::File::create(tmp)?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = reader.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+            out.write_all(&buf[..n])?;
+        }
+        out.sync_all()?;
+        Ok(hex(&h.finalize()))
+    }
+
+    fn record(
+        &self,
+        repo: &str,
+        file: &str,
+        path: &Path,
+        bytes: u64,
+        downloaded: bool,
+        verified: bool,
+    ) {
         if let Ok(mut v) = self.fetched.lock() {
             v.push(Fetched {
                 repo: repo.into(),
@@ -306,6 +527,7 @@ impl Hub {
                 path: path.to_path_buf(),
                 bytes,
                 downloaded,
+                verified,
             });
         }
     }
@@ -314,6 +536,18 @@ impl Hub {
     pub fn fetched(&self) -> Vec<Fetched> {
         self.fetched.lock().map(|v| v.clone()).unwrap_or_default()
     }
+}
+
+#[cfg(unix)]
+fn symlink_file(target: &Path, link: &Path) -> std::io::Result<()> {
+    std::os::unix::fs::symlink(target, link)
+}
+
+#[cfg(not(unix))]
+fn symlink_file(target: &Path, link: &Path) -> std::io::Result<()> {
+    // No symbolic links: a copy of the blob.
+    let blob = link.parent().map(|d| d.join(target)).unwrap_or_default();
+    std::fs::copy(blob, link).map(|_| ())
 }
 
 /// The snapshot folder holding `path`, the local path of repository file `file`.

@@ -5,6 +5,8 @@
 //! an operational step of the CLI (gated repositories, tokens, resumable caches, symlinked layouts).
 //!
 //! - [`hub`]: the Hub client (the Hugging Face cache layout, resumable, `HF_TOKEN`/`HF_ENDPOINT`).
+//! - [`lock`]: `DIR/<variant>.lock`, the commit and sha256 of every file, recorded by
+//!   `fetch-models --write-lock` and verified by every later download.
 //! - [`plan`]: which files a `--variant` needs and the `models/` layout `fetch-models` makes.
 //! - [`flux`]: the FLUX.1-Fill-dev diffusers folder; [`florence`]: Florence-2.
 
@@ -14,6 +16,7 @@ use pawfect_models::florence2::Florence2Error;
 pub mod florence;
 pub mod flux;
 pub mod hub;
+pub mod lock;
 pub mod plan;
 
 pub use flux::{FluxParts, download_flux, download_flux_parts};

@@ -41,6 +41,12 @@ pub enum FailureReason {
     AddressNotAllowed,
     /// A `file://` URI outside the worker's allowed roots.
     OutsideAllowedRoots,
+    /// An `s3://`, `gs://` or `az://` URI outside the pool's allowed prefixes (or none set).
+    OutsideAllowedPrefixes,
+    /// The output names the job's photo or mask.
+    OutputIsInput,
+    /// Create-only storage and the output exists already.
+    OutputExists,
     /// The storage refused the credentials.
     AccessDenied,
     /// The output location can't be written (or is read-only, like http).
@@ -74,6 +80,9 @@ impl FailureReason {
             FailureReason::InvalidUri => "InvalidUri",
             FailureReason::UnsupportedScheme => "UnsupportedScheme",
             FailureReason::OutsideAllowedRoots => "OutsideAllowedRoots",
+            FailureReason::OutsideAllowedPrefixes => "OutsideAllowedPrefixes",
+            FailureReason::OutputIsInput => "OutputIsInput",
+            FailureReason::OutputExists => "OutputExists",
             FailureReason::AddressNotAllowed => "AddressNotAllowed",
             FailureReason::AccessDenied => "AccessDenied",
             FailureReason::OutputNotWritable => "OutputNotWritable",
@@ -129,6 +138,9 @@ impl PipelineError {
             }
             StorageError::AddressNotAllowed { .. } => FailureReason::AddressNotAllowed,
             StorageError::OutsideRoots { .. } => FailureReason::OutsideAllowedRoots,
+            StorageError::OutsidePrefixes { .. } => FailureReason::OutsideAllowedPrefixes,
+            StorageError::OverwritesInput { .. } => FailureReason::OutputIsInput,
+            StorageError::Exists { .. } => FailureReason::OutputExists,
             StorageError::AccessDenied { .. } if writing => FailureReason::OutputNotWritable,
             StorageError::AccessDenied { .. } => FailureReason::AccessDenied,
             StorageError::ReadOnly { .. } | StorageError::NotWritable { .. } => {

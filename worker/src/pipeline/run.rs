@@ -350,7 +350,11 @@ impl Pipeline {
         let output = params.spec.output.clone();
         observer.progress(Progress::stage(Stage::Fetch));
         let t = Instant::now();
-        // Refuse unwritable outputs before any work is spent.
+        // Refuse locations outside the roots and prefixes, and an output that is an input,
+        // before anything is read; then unwritable outputs, before any work is spent.
+        self.storage
+            .check_job(&params.spec.image, &params.spec.mask, &output)
+            .map_err(|(what, e)| PipelineError::storage(e, what, what == "output"))?;
         let format = OutputFormat::from_uri(&output)?;
         self.storage
             .check_writable(&output)

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
+use pawfect_api::redact_uri;
 use pawfect_queue::{Claim, Failure, JobResult, JobState, Outcome, Queue, QueueError, Standing};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -196,10 +197,11 @@ async fn run(
             spec: claim.spec().clone(),
             default_seed: seed,
         };
+        // Pre-signed URLs carry their signature in the query: never logged.
         tracing::info!(
-            image = %params.spec.image,
-            mask = %params.spec.mask,
-            output = %params.spec.output,
+            image = %redact_uri(&params.spec.image),
+            mask = %redact_uri(&params.spec.mask),
+            output = %redact_uri(&params.spec.output),
             steps = params.spec.steps,
             seed = params.seed(),
             "running"
@@ -255,7 +257,7 @@ async fn run(
 }
 
 /// The job's output is put in place only while this attempt holds the job (the attempt
-/// number is the token, see [`Claim::holds`]). While Redis cannot be reached the check is
+/// number is the token, see [`Claim::holds`]) and no cancel was requested. While Redis cannot be reached the check is
 /// retried: after an outage the queue leaves a live worker a lease to come back.
 struct ClaimFence {
     claim: Claim,
@@ -291,9 +293,22 @@ impl WriteFence for ClaimFence {
             }
             let mut backoff = Duration::from_millis(100);
             loop {
-                match self.claim.holds().await {
-                    Ok(true) => return Ok(()),
-                    Ok(false) => {
+                // The attempt must hold the job, and no cancel may have been asked for (a job
+                // deleted while it ran must not leave an output; the failure this turns into
+                // ends the job cancelled, as the queue finishes a failing job with a pending
+                // cancel). A cancel is never taken back, so reading it second misses nothing
+                // set before this check.
+                let holds = match self.claim.holds().await {
+                    Ok(true) => self.claim.is_cancelled().await.map(|c| (true, c)),
+                    Ok(false) => Ok((false, false)),
+                    Err(e) => Err(e),
+                };
+                match holds {
+                    Ok((true, false)) => return Ok(()),
+                    Ok((true, true)) => {
+                        return Err("a cancel was requested: the output is not put in place".into());
+                    }
+                    Ok((false, _)) => {
                         return Err(format!(
                             "attempt {} no longer holds the job (taken over or finished elsewhere)",
                             self.claim.attempt()
@@ -321,7 +336,7 @@ async fn finish(claim: &Claim, end: &End, shared: &Shared, retry_cap: Duration) 
         let r: Result<Outcome, QueueError> = match end {
             End::Complete(o) => {
                 let result = JobResult {
-                    output: o.output.clone(),
+                    output: redact_uri(&o.output),
                     caption: o.prompt.caption.clone(),
                     prompt: Some(o.prompt.text.clone()),
                     prompt_source: Some(o.prompt.origin.as_str().to_string()),
@@ -330,9 +345,10 @@ async fn finish(claim: &Claim, end: &End, shared: &Shared, retry_cap: Duration) 
                 claim.complete(&result).await
             }
             End::Fail(e) => {
+                // The message lands in the job's status and Events: no URI credentials.
                 let failure = Failure {
                     reason: e.reason.as_str().to_string(),
-                    message: e.message.clone(),
+                    message: redact_uri(&e.message),
                     retryable: e.retryable,
                 };
                 claim.fail(&failure).await
@@ -389,7 +405,7 @@ fn record(end: &End, outcome: &Outcome, shared: &Shared) {
             shared.metrics.observe_timings(&o.timings);
             tracing::info!(
                 ?outcome,
-                output = %o.output,
+                output = %redact_uri(&o.output),
                 prompt = %o.prompt.text,
                 prompt_source = o.prompt.origin.as_str(),
                 crops = o.crops,
@@ -401,7 +417,7 @@ fn record(end: &End, outcome: &Outcome, shared: &Shared) {
             ?outcome,
             reason = e.reason.as_str(),
             retryable = e.retryable,
-            message = %e.message,
+            message = %redact_uri(&e.message),
             "failed"
         ),
         End::Cancelled => tracing::info!(?outcome, "cancelled"),

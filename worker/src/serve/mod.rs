@@ -13,6 +13,8 @@
 //! Every log line of a job carries its uid (the `job` span).
 
 #[cfg(feature = "test-faults")]
+pub mod fast_model;
+#[cfg(feature = "test-faults")]
 pub mod faults;
 pub mod http;
 pub mod job;
@@ -36,6 +38,9 @@ pub use crate::pipeline::adapters::GpuMemoryProbe;
 /// The variable that asks for injected faults; a binary built without `test-faults` refuses to
 /// start when it is set, rather than silently running without the faults a test expects.
 pub const TEST_FAULTS_ENV: &str = "PAWFECT_TEST_FAULTS";
+/// The variable that asks for the fast stand-in model ([`fast_model`], scale tests); refused
+/// like [`TEST_FAULTS_ENV`].
+pub const TEST_FAST_MODEL_ENV: &str = "PAWFECT_TEST_FAST_MODEL";
 
 /// Everything `serve` needs besides the models.
 pub struct ServeConfig {

@@ -48,9 +48,17 @@ impl CloudStores {
         if let Some(store) = stores.get(base) {
             return Ok((store.clone(), path));
         }
-        let options = ClientOptions::new()
-            .with_timeout(config.object_store_timeout)
-            .with_connect_timeout(config.connect_timeout);
+        // These options replace the ones the builders read from the environment: keep the
+        // one that matters there, plain http to a configured endpoint (MinIO, an emulator).
+        let allow_http = |var: &str| {
+            std::env::var(var).is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+        };
+        let options = |allow: bool| {
+            ClientOptions::new()
+                .with_timeout(config.object_store_timeout)
+                .with_connect_timeout(config.connect_timeout)
+                .with_allow_http(allow)
+        };
         let retry = RetryConfig {
             max_retries: config.object_store_retries,
             retry_timeout: config.object_store_timeout,
@@ -59,19 +67,19 @@ impl CloudStores {
         let built: Result<Arc<dyn ObjectStore>, object_store::Error> = match url.scheme() {
             "s3" | "s3a" => AmazonS3Builder::from_env()
                 .with_url(base)
-                .with_client_options(options)
+                .with_client_options(options(allow_http("AWS_ALLOW_HTTP")))
                 .with_retry(retry)
                 .build()
                 .map(|s| Arc::new(s) as _),
             "gs" => GoogleCloudStorageBuilder::from_env()
                 .with_url(base)
-                .with_client_options(options)
+                .with_client_options(options(false))
                 .with_retry(retry)
                 .build()
                 .map(|s| Arc::new(s) as _),
             _ => MicrosoftAzureBuilder::from_env()
                 .with_url(base)
-                .with_client_options(options)
+                .with_client_options(options(allow_http("AZURE_ALLOW_HTTP")))
                 .with_retry(retry)
                 .build()
                 .map(|s| Arc::new(s) as _),
@@ -118,12 +126,57 @@ pub(super) async fn read(
     got.bytes().await.map_err(|e| map_err(uri, e))
 }
 
-pub(super) async fn write_atomic(
+/// `no_overwrite`'s early check: Err(Exists) when the object is there.
+pub(super) async fn check_absent(
+    uri: &str,
+    store: &dyn ObjectStore,
+    path: &ObjectPath,
+) -> Result<(), StorageError> {
+    match store.head(path).await {
+        Ok(_) => Err(StorageError::Exists {
+            uri: uri.to_string(),
+        }),
+        Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(e) => Err(map_err(uri, e)),
+    }
+}
+
+/// A put that only creates (`no_overwrite`): the store refuses it when the object exists.
+async fn create(
     uri: &str,
     store: &dyn ObjectStore,
     path: &ObjectPath,
     data: Bytes,
 ) -> Result<(), StorageError> {
+    let opts = PutOptions {
+        mode: PutMode::Create,
+        ..PutOptions::default()
+    };
+    match store.put_opts(path, data.into(), opts).await {
+        Ok(_) => Ok(()),
+        Err(
+            object_store::Error::AlreadyExists { .. } | object_store::Error::Precondition { .. },
+        ) => Err(StorageError::Exists {
+            uri: uri.to_string(),
+        }),
+        Err(e) => Err(StorageError::NotWritable {
+            uri: uri.to_string(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+pub(super) async fn write_atomic(
+    uri: &str,
+    store: &dyn ObjectStore,
+    path: &ObjectPath,
+    data: Bytes,
+    no_overwrite: bool,
+) -> Result<(), StorageError> {
+    // An object-store put is atomic by itself; the create needs no temporary object.
+    if no_overwrite {
+        return create(uri, store, path, data).await;
+    }
     let not_writable = |e: object_store::Error| match map_err(uri, e) {
         StorageError::Backend { reason, .. } | StorageError::AccessDenied { reason, .. } => {
             StorageError::NotWritable {
@@ -151,13 +204,24 @@ pub(super) async fn write_atomic(
 /// A fenced write: read the object's version, check the fence, then a conditional put on that
 /// version (create when there was none). A put refused because someone wrote in between starts
 /// over, so the fence is always checked after the version the put is conditional on was read.
+/// With `no_overwrite` only the create is tried: an object already there (or one that another
+/// writer created in between) is [`StorageError::Exists`].
 pub(super) async fn write_conditional(
     uri: &str,
     store: &dyn ObjectStore,
     path: &ObjectPath,
     data: Bytes,
     fence: &dyn WriteFence,
+    no_overwrite: bool,
 ) -> Result<(), StorageError> {
+    if no_overwrite {
+        check_absent(uri, store, path).await?;
+        fence.check().await.map_err(|reason| StorageError::Fenced {
+            uri: uri.to_string(),
+            reason,
+        })?;
+        return create(uri, store, path, data).await;
+    }
     let fenced = |reason: String| StorageError::Fenced {
         uri: uri.to_string(),
         reason,
@@ -260,7 +324,7 @@ mod tests {
 
         // Absent: created while the fence allows it.
         let f = fence(&store, &path, false, &[true]);
-        write_conditional("mem://out", &*store, &path, mine.clone(), &f)
+        write_conditional("mem://out", &*store, &path, mine.clone(), &f, false)
             .await
             .unwrap();
         assert_eq!(content(&store, &path).await, Some(mine.clone()));
@@ -271,7 +335,7 @@ mod tests {
             .await
             .unwrap();
         let f = fence(&store, &path, false, &[false]);
-        let err = write_conditional("mem://out", &*store, &path, mine.clone(), &f)
+        let err = write_conditional("mem://out", &*store, &path, mine.clone(), &f, false)
             .await
             .unwrap_err();
         assert!(matches!(err, StorageError::Fenced { .. }), "{err}");
@@ -280,7 +344,7 @@ mod tests {
         // Another writer between the version read and the put: the put is refused, and the
         // fence is asked again before the next try; refused then, the other write stays.
         let f = fence(&store, &path, true, &[true, false]);
-        let err = write_conditional("mem://out", &*store, &path, mine.clone(), &f)
+        let err = write_conditional("mem://out", &*store, &path, mine.clone(), &f, false)
             .await
             .unwrap_err();
         assert!(matches!(err, StorageError::Fenced { .. }), "{err}");
@@ -289,10 +353,61 @@ mod tests {
 
         // Allowed again, the second try writes over the version it read.
         let f = fence(&store, &path, true, &[true, true]);
-        write_conditional("mem://out", &*store, &path, mine.clone(), &f)
+        write_conditional("mem://out", &*store, &path, mine.clone(), &f, false)
             .await
             .unwrap();
         assert_eq!(f.calls.load(Ordering::SeqCst), 2);
         assert_eq!(content(&store, &path).await, Some(mine));
+    }
+
+    /// Create-only storage on the in-memory store: the first write lands, every later one
+    /// (fenced or not, or one racing in between the check and the put) is refused and the
+    /// first object stays.
+    #[tokio::test]
+    async fn create_only_writes_never_replace_an_object() {
+        let store = Arc::new(InMemory::new());
+        let path = ObjectPath::from("out/result.png");
+        let first = Bytes::from_static(b"first");
+        let uri = "mem://out/result.png";
+
+        check_absent(uri, &*store, &path).await.unwrap();
+        let f = fence(&store, &path, false, &[true]);
+        write_conditional(uri, &*store, &path, first.clone(), &f, true)
+            .await
+            .unwrap();
+        assert_eq!(content(&store, &path).await, Some(first.clone()));
+
+        let err = check_absent(uri, &*store, &path).await.unwrap_err();
+        assert!(matches!(err, StorageError::Exists { .. }), "{err}");
+        let f = fence(&store, &path, false, &[true]);
+        let err = write_conditional(uri, &*store, &path, Bytes::from_static(b"second"), &f, true)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StorageError::Exists { .. }), "{err}");
+        assert_eq!(
+            f.calls.load(Ordering::SeqCst),
+            0,
+            "refused before the fence"
+        );
+        let err = write_atomic(uri, &*store, &path, Bytes::from_static(b"third"), true)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StorageError::Exists { .. }), "{err}");
+        assert_eq!(content(&store, &path).await, Some(first.clone()));
+
+        // Another writer creates the object between the check and the put: the create fails.
+        let racy = ObjectPath::from("out/racy.png");
+        let f = fence(&store, &racy, true, &[true]);
+        let err = write_conditional(uri, &*store, &racy, first.clone(), &f, true)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StorageError::Exists { .. }), "{err}");
+        assert_eq!(content(&store, &racy).await.as_deref(), Some(&b"other"[..]));
+
+        // Without create-only the same unfenced write replaces the object.
+        write_atomic(uri, &*store, &path, Bytes::from_static(b"third"), false)
+            .await
+            .unwrap();
+        assert_eq!(content(&store, &path).await.as_deref(), Some(&b"third"[..]));
     }
 }

@@ -257,10 +257,16 @@ pub(super) async fn write_atomic(
     path: &Path,
     data: Bytes,
     fence: Option<&dyn WriteFence>,
+    no_overwrite: bool,
 ) -> Result<(), StorageError> {
-    let not_writable = |e: object_store::Error| StorageError::NotWritable {
-        uri: uri.to_string(),
-        reason: e.to_string(),
+    let not_writable = |e: object_store::Error| match e {
+        object_store::Error::AlreadyExists { .. } => StorageError::Exists {
+            uri: uri.to_string(),
+        },
+        e => StorageError::NotWritable {
+            uri: uri.to_string(),
+            reason: e.to_string(),
+        },
     };
     if let Ok(meta) = tokio::fs::metadata(path).await
         && meta.is_dir()
@@ -275,9 +281,18 @@ pub(super) async fn write_atomic(
     let tmp = object_path(uri, &dir.join(temp_name(name)))?;
     let target = object_path(uri, path)?;
     store.put(&tmp, data.into()).await.map_err(not_writable)?;
+    // Create-only: a hard link that fails when the target exists (atomic, no window).
+    let publish = async || {
+        if no_overwrite {
+            store.rename_if_not_exists(&tmp, &target).await
+        } else {
+            store.rename(&tmp, &target).await
+        }
+        .map_err(not_writable)
+    };
     let published = async {
         let Some(fence) = fence else {
-            return store.rename(&tmp, &target).await.map_err(not_writable);
+            return publish().await;
         };
         let fenced = |reason: String| StorageError::Fenced {
             uri: uri.to_string(),
@@ -288,7 +303,7 @@ pub(super) async fn write_atomic(
         fence.check().await.map_err(fenced)?;
         let _lock = lock_dir(uri, dir).await?;
         fence.check().await.map_err(fenced)?;
-        store.rename(&tmp, &target).await.map_err(not_writable)
+        publish().await
     }
     .await;
     if published.is_err() {

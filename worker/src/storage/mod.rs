@@ -5,18 +5,30 @@
 //! | scheme | read | write | notes |
 //! |---|---|---|---|
 //! | `file://` | yes | yes | only below the configured roots (`--allow-root`); `..` and symlink escapes are refused |
-//! | `s3://`, `s3a://` | yes | yes | credentials and region from the environment as the AWS SDKs read them (`AWS_*`) |
-//! | `gs://` | yes | yes | `GOOGLE_*` / service account from the environment |
-//! | `az://`, `abfs://`, `azure://` | yes | yes | `AZURE_*` from the environment |
+//! | `s3://`, `s3a://` | yes | yes | only below the allowed prefixes (`--allow-prefix`, [`prefix`]); credentials and region from the environment as the AWS SDKs read them (`AWS_*`) |
+//! | `gs://` | yes | yes | allowed prefixes as for s3; `GOOGLE_*` / service account from the environment |
+//! | `az://`, `abfs://`, `azure://` | yes | yes | allowed prefixes as for s3; `AZURE_*` from the environment |
 //! | `http://`, `https://` | yes | no | https only unless plain http is allowed; private, loopback, link-local and configured addresses refused ([`HttpPolicy`]); size and time limits; query strings (pre-signed URLs) are kept |
+//!
+//! No prefix configured: every object-store URI is refused, so a worker whose identity can
+//! reach many buckets reads and writes only those its pool names.
+//!
+//! Before a job reads anything, [`Storage::check_job`] locates its three URIs (scheme, roots,
+//! prefixes) and refuses an output that is the photo or the mask (compared parsed: the canonical
+//! path for `file://`, scheme + bucket + decoded key for object stores).
+//!
+//! With `no_overwrite` (`--no-overwrite`) an existing output is never replaced: the write is
+//! a create (`rename_if_not_exists` for `file://`, `PutMode::Create` for object stores), and
+//! [`StorageError::Exists`] when the object is there.
 //!
 //! Writes are atomic: the bytes go to a temporary object next to the target, which is then
 //! renamed into place, so a reader sees either the previous object or the whole new one.
 //!
 //! A job's result is written **fenced** ([`Storage::write_fenced`]): a [`WriteFence`] (the
-//! worker's claim, with the attempt number as the token) is asked right before the object is
-//! put in place, so an attempt that no longer holds its job (frozen past its lease, reclaimed
-//! and finished elsewhere) can never replace the output of the attempt that does:
+//! worker's claim, with the attempt number as the token, and no cancel requested) is asked
+//! right before the object is put in place, so an attempt that no longer holds its job (frozen
+//! past its lease, reclaimed and finished elsewhere) can never replace the output of the
+//! attempt that does, and a cancelled job leaves no output:
 //!
 //! - `file://`: the claim is checked, and the temporary file renamed over the target, under an
 //!   exclusive lock (`flock`) of the target's directory that every fenced writer takes, so no
@@ -30,6 +42,7 @@ mod cloud;
 mod file;
 mod http;
 pub mod netguard;
+pub mod prefix;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Once};
@@ -42,12 +55,18 @@ use url::Url;
 
 pub use file::Roots;
 pub use netguard::{Cidr, HttpPolicy};
+pub use prefix::ObjectPrefix;
 
 /// Limits and roots of a [`Storage`].
 #[derive(Clone, Debug)]
 pub struct StorageConfig {
     /// Directories `file://` URIs may point into (read and write). Empty: `file://` is refused.
     pub allow_roots: Vec<PathBuf>,
+    /// Object-store locations (`s3://`, `gs://`, `az://`) jobs may read and write. Empty:
+    /// object stores are refused.
+    pub allow_prefixes: Vec<ObjectPrefix>,
+    /// Never replace an existing output object.
+    pub no_overwrite: bool,
     /// Whole-request limit for `http(s)://` reads (connect + headers + body).
     pub http_timeout: Duration,
     /// Connect limit for `http(s)://` and object-store requests.
@@ -64,6 +83,8 @@ impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             allow_roots: Vec::new(),
+            allow_prefixes: Vec::new(),
+            no_overwrite: false,
             http_timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(5),
             object_store_timeout: Duration::from_secs(60),
@@ -84,6 +105,14 @@ pub enum StorageError {
     UnsupportedScheme { uri: String, scheme: String },
     #[error("{uri} is outside the allowed storage roots ({roots})")]
     OutsideRoots { uri: String, roots: String },
+    #[error("{uri} is outside the allowed object-store prefixes ({prefixes})")]
+    OutsidePrefixes { uri: String, prefixes: String },
+    /// The output names the job's photo or mask.
+    #[error("{uri} is the job's {input}: the output must not overwrite an input")]
+    OverwritesInput { uri: String, input: &'static str },
+    /// `no_overwrite`: the output object exists already, and is left as it is.
+    #[error("{uri} exists already and is not replaced (create-only storage)")]
+    Exists { uri: String },
     #[error("{uri} is read-only (http(s) locations can't be written)")]
     ReadOnly { uri: String },
     #[error("{uri}: access denied: {reason}")]
@@ -140,6 +169,7 @@ pub struct Storage {
 struct Inner {
     config: StorageConfig,
     roots: Roots,
+    prefixes: prefix::Prefixes,
     http: http::HttpReader,
     cloud: cloud::CloudStores,
 }
@@ -151,7 +181,18 @@ enum Location {
     Cloud {
         store: Arc<dyn ObjectStore>,
         path: ObjectPath,
+        /// Scheme, authority and key ([`prefix::object_identity`]).
+        id: Option<String>,
     },
+}
+
+/// What a location names, comparable across spellings of one object.
+fn identity(at: &Location) -> Option<String> {
+    match at {
+        Location::File(path) => Some(format!("file://{}", path.display())),
+        Location::Http(url) => Some(url.as_str().to_string()),
+        Location::Cloud { id, .. } => id.clone(),
+    }
 }
 
 static CRYPTO_PROVIDER: Once = Once::new();
@@ -175,10 +216,12 @@ impl Storage {
             config.http_policy.clone(),
         )?;
         let cloud = cloud::CloudStores::default();
+        let prefixes = prefix::Prefixes::new(config.allow_prefixes.clone());
         Ok(Storage {
             inner: Arc::new(Inner {
                 config,
                 roots,
+                prefixes,
                 http,
                 cloud,
             }),
@@ -194,19 +237,62 @@ impl Storage {
         match self.locate(uri, Access::Read)? {
             Location::File(path) => file::read(uri, &path, max_bytes).await,
             Location::Http(url) => self.inner.http.get(uri, url, max_bytes).await,
-            Location::Cloud { store, path } => cloud::read(uri, &*store, &path, max_bytes).await,
+            Location::Cloud { store, path, .. } => {
+                cloud::read(uri, &*store, &path, max_bytes).await
+            }
         }
     }
 
+    /// Checks a job's locations before anything is read: the photo and the mask may be read,
+    /// the output written (scheme, roots, prefixes), and the output is neither input. Err
+    /// names which URI (`"photo"`, `"mask"`, `"output"`) and why.
+    pub fn check_job(
+        &self,
+        image: &str,
+        mask: &str,
+        output: &str,
+    ) -> Result<(), (&'static str, StorageError)> {
+        let photo_at = self.locate(image, Access::Read).map_err(|e| ("photo", e))?;
+        let mask_at = self.locate(mask, Access::Read).map_err(|e| ("mask", e))?;
+        let out_at = self
+            .locate(output, Access::Write)
+            .map_err(|e| ("output", e))?;
+        let out_id = identity(&out_at);
+        for (input, at) in [("photo", &photo_at), ("mask", &mask_at)] {
+            if out_id.is_some() && identity(at) == out_id {
+                return Err((
+                    "output",
+                    StorageError::OverwritesInput {
+                        uri: output.to_string(),
+                        input,
+                    },
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks, before any work is spent, that `uri` names a location this worker can write
-    /// (scheme, roots, and for `file://` an existing-or-creatable, writable directory).
+    /// (scheme, roots, prefixes, and for `file://` an existing-or-creatable, writable
+    /// directory; with `no_overwrite`, that nothing is there yet).
     pub async fn check_writable(&self, uri: &str) -> Result<(), StorageError> {
+        let no_overwrite = self.inner.config.no_overwrite;
         match self.locate(uri, Access::Write)? {
-            Location::File(path) => file::check_writable(uri, &path).await,
+            Location::File(path) => {
+                if no_overwrite && tokio::fs::symlink_metadata(&path).await.is_ok() {
+                    return Err(StorageError::Exists {
+                        uri: uri.to_string(),
+                    });
+                }
+                file::check_writable(uri, &path).await
+            }
             Location::Http(_) => Err(StorageError::ReadOnly {
                 uri: uri.to_string(),
             }),
             // Object stores have no cheap write probe; permissions show at store time.
+            Location::Cloud { store, path, .. } if no_overwrite => {
+                cloud::check_absent(uri, &*store, &path).await
+            }
             Location::Cloud { .. } => Ok(()),
         }
     }
@@ -233,14 +319,17 @@ impl Storage {
         data: Bytes,
         fence: Option<&dyn WriteFence>,
     ) -> Result<(), StorageError> {
+        let no_overwrite = self.inner.config.no_overwrite;
         match self.locate(uri, Access::Write)? {
-            Location::File(path) => file::write_atomic(uri, &path, data, fence).await,
+            Location::File(path) => file::write_atomic(uri, &path, data, fence, no_overwrite).await,
             Location::Http(_) => Err(StorageError::ReadOnly {
                 uri: uri.to_string(),
             }),
-            Location::Cloud { store, path } => match fence {
-                None => cloud::write_atomic(uri, &*store, &path, data).await,
-                Some(fence) => cloud::write_conditional(uri, &*store, &path, data, fence).await,
+            Location::Cloud { store, path, .. } => match fence {
+                None => cloud::write_atomic(uri, &*store, &path, data, no_overwrite).await,
+                Some(fence) => {
+                    cloud::write_conditional(uri, &*store, &path, data, fence, no_overwrite).await
+                }
             },
         }
     }
@@ -269,8 +358,26 @@ impl Storage {
                 Ok(Location::Http(url))
             }
             "s3" | "s3a" | "gs" | "az" | "abfs" | "abfss" | "azure" => {
+                if url.host_str().is_none_or(str::is_empty) {
+                    return Err(StorageError::InvalidUri {
+                        uri: uri.to_string(),
+                        reason: "no bucket".into(),
+                    });
+                }
+                // Before any client is built or request made: nothing outside the prefixes is
+                // ever contacted.
+                if !self.inner.prefixes.allows(&url) {
+                    return Err(StorageError::OutsidePrefixes {
+                        uri: uri.to_string(),
+                        prefixes: self.inner.prefixes.describe(),
+                    });
+                }
                 let (store, path) = self.inner.cloud.resolve(uri, &url, &self.inner.config)?;
-                Ok(Location::Cloud { store, path })
+                Ok(Location::Cloud {
+                    store,
+                    path,
+                    id: prefix::object_identity(&url),
+                })
             }
             other => Err(StorageError::UnsupportedScheme {
                 uri: uri.to_string(),

@@ -128,4 +128,11 @@ impl Server {
     pub fn hits(&self, path: &str) -> u32 {
         self.hits.lock().unwrap().get(path).copied().unwrap_or(0)
     }
+
+    /// Every request target seen so far (path with query), sorted.
+    pub fn targets(&self) -> Vec<String> {
+        let mut t: Vec<String> = self.hits.lock().unwrap().keys().cloned().collect();
+        t.sort();
+        t
+    }
 }
