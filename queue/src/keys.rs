@@ -31,7 +31,7 @@ pub const WORKERS_GROUP: &str = "workers";
 /// Consumer group of the operator on the events stream.
 pub const OPERATOR_GROUP: &str = "operator";
 
-/// Fields of the job hash `{prefix}:job:{uid}`.
+/// Fields of the job hash `{prefix}:p:{pool}:job:{uid}`.
 pub mod field {
     /// `queued` | `running` | `succeeded` | `failed` | `cancelled`.
     pub const STATE: &str = "state";
