@@ -2,12 +2,14 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pawfect_api::{InpaintJobSpec, QueueDepth};
-use redis::AsyncConnectionConfig;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
+use redis::{AsyncConnectionConfig, Cmd, ErrorKind, RedisFuture, Value};
 use serde::Deserialize;
 
 use crate::config::QueueConfig;
@@ -24,13 +26,93 @@ use crate::types::{
 #[derive(Clone)]
 pub struct Queue {
     inner: Arc<Inner>,
-    conn: ConnectionManager,
 }
 
 struct Inner {
     config: QueueConfig,
     keys: Keys,
     client: redis::Client,
+    conn: SharedConn,
+}
+
+/// The shared connection: a redis-rs `ConnectionManager`, replaced by a new one once it failed
+/// to log in. The manager reconnects by itself only after I/O errors: a reconnect refused by
+/// the server (a pool's user missing while Redis restarted without an ACL file, until the
+/// operator sets it up again) would otherwise fail every later call with that same error, so a
+/// worker could never report again.
+struct SharedConn {
+    manager_config: ConnectionManagerConfig,
+    /// Generation (how many managers came before) and the current manager.
+    current: Mutex<(u64, ConnectionManager)>,
+}
+
+impl SharedConn {
+    fn get(&self, inner: &Arc<Inner>) -> Conn {
+        let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        Conn {
+            inner: inner.clone(),
+            generation: current.0,
+            manager: current.1.clone(),
+        }
+    }
+
+    /// Puts a new manager (it connects on its first call) in place of generation `failed`,
+    /// unless another call did so already.
+    fn replace(&self, client: &redis::Client, failed: u64) {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if current.0 != failed {
+            return;
+        }
+        match ConnectionManager::new_lazy_with_config(client.clone(), self.manager_config.clone()) {
+            Ok(m) => *current = (failed + 1, m),
+            Err(e) => tracing::warn!(error = %e, "cannot set up a new Redis connection"),
+        }
+    }
+}
+
+/// One use of the shared connection ([`Queue::conn`]): a call whose login was refused has the
+/// manager replaced, so the next call logs in again.
+#[derive(Clone)]
+pub(crate) struct Conn {
+    inner: Arc<Inner>,
+    generation: u64,
+    manager: ConnectionManager,
+}
+
+impl Conn {
+    fn check<T>(&self, r: redis::RedisResult<T>) -> redis::RedisResult<T> {
+        if let Err(e) = &r
+            && e.kind() == ErrorKind::AuthenticationFailed
+        {
+            self.inner.conn.replace(&self.inner.client, self.generation);
+        }
+        r
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        Box::pin(async move {
+            let r = self.manager.send_packed_command(cmd).await;
+            self.check(r)
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        Box::pin(async move {
+            let r = self.manager.send_packed_commands(cmd, offset, count).await;
+            self.check(r)
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        self.manager.get_db()
+    }
 }
 
 impl fmt::Debug for Queue {
@@ -140,8 +222,8 @@ impl Queue {
             .set_response_timeout(Some(config.response_timeout))
             .set_connection_timeout(Some(config.connect_timeout))
             .set_max_delay(config.heartbeat_interval());
-        let conn = client
-            .get_connection_manager_with_config(cm)
+        let manager = client
+            .get_connection_manager_with_config(cm.clone())
             .await
             .map_err(|source| connect_error(&config, source))?;
         Ok(Queue {
@@ -149,8 +231,11 @@ impl Queue {
                 config,
                 keys,
                 client,
+                conn: SharedConn {
+                    manager_config: cm,
+                    current: Mutex::new((0, manager)),
+                },
             }),
-            conn,
         })
     }
 
@@ -162,8 +247,8 @@ impl Queue {
         &self.inner.keys
     }
 
-    pub(crate) fn conn(&self) -> ConnectionManager {
-        self.conn.clone()
+    pub(crate) fn conn(&self) -> Conn {
+        self.inner.conn.get(&self.inner)
     }
 
     /// A dedicated connection for blocking reads whose response timeout exceeds `max_block`

@@ -385,6 +385,26 @@ async fn passwords_rotate_and_users_go_with_their_pool() {
     // Transient: a worker keeps retrying (its final report too) until the user is back, as
     // after a restart of Redis without an ACL file, when the operator sets the user up again.
     assert!(err.is_transient(), "{err:?}");
+    // Until the connection's own reconnect attempts have all been refused at login (the user
+    // stays away longer than they last, as while the operator waits for Redis to come back):
+    // the handle must still log in again afterwards, not keep that refusal for good. The
+    // attempts last at most their count times the heartbeat interval; 30 s covers them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match q.ping().await {
+            Err(e) if e.to_string().contains("authentication failed") => {
+                assert!(e.is_transient(), "{e:?}");
+                break;
+            }
+            Err(e) => assert!(e.is_transient(), "{e:?}"),
+            Ok(()) => panic!("a deleted user logged in"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no login refusal within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     admin
         .apply_pool_user(A, &[Password::Plain(&new)])
         .await

@@ -1041,7 +1041,10 @@ async fn soak_under_faults() {
             env.violation(format!("a worker not marked idle was scaled down: {t:?}"));
         }
         if t.exit != Some(Some(0)) {
-            env.violation(format!("a scaled-down worker did not exit cleanly: {t:?}"));
+            env.violation(format!(
+                "a scaled-down worker did not exit cleanly: {t:?}, last lines:\n{}",
+                tail(&env.kubelet.logs(&t.pod), 20)
+            ));
         }
         if t.busy {
             drained_busy += 1;
