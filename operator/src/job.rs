@@ -46,6 +46,7 @@ pub fn queue_view(r: &JobRecord) -> QueueJob {
         step: r.progress.as_ref().and_then(|p| p.step),
         total_steps: r.progress.as_ref().and_then(|p| p.total_steps),
         timings: r.timings.clone(),
+        work: r.work.clone(),
         caption: r.caption.clone(),
         prompt: r.prompt.clone(),
         prompt_source: r.prompt_source.clone(),

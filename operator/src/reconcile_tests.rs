@@ -10,7 +10,7 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::controller::Action;
 use pawfect_api::conditions::reasons;
-use pawfect_api::{InpaintJob, InpaintPool, JOB_FINALIZER, StageTimings};
+use pawfect_api::{InpaintJob, InpaintPool, JOB_FINALIZER, StageTimings, StageWork, WorkCounts};
 use pawfect_queue::{Failure, JobResult, JobState, Progress};
 use serde_json::{Value, json};
 
@@ -240,6 +240,23 @@ async fn queue_events_drive_the_status_to_complete() {
                 total: Some(1000),
                 ..Default::default()
             },
+            work: Some(
+                StageWork {
+                    encode: Some(WorkCounts {
+                        f16_gemm_flop: 3,
+                        memory_bound_bytes: 5,
+                        ..Default::default()
+                    }),
+                    denoise: Some(WorkCounts {
+                        f16_gemm_flop: 1 << 52,
+                        attention_flop: 1 << 40,
+                        memory_bound_bytes: 11,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }
+                .with_total(),
+            ),
         })
         .await
         .unwrap();
@@ -256,6 +273,18 @@ async fn queue_events_drive_the_status_to_complete() {
     assert_eq!(
         status["timings"],
         json!({"fetch": 12, "denoise": 900, "total": 1000})
+    );
+    // The worker's counts, per stage and summed, copied from the queue unrounded.
+    let counts = |f16: u64, att: u64, mem: u64| {
+        json!({"f16GemmFlop": f16, "int8GemmOp": 0, "attentionFlop": att, "memoryBoundBytes": mem})
+    };
+    assert_eq!(
+        status["work"],
+        json!({
+            "encode": counts(3, 0, 5),
+            "denoise": counts(1 << 52, 1 << 40, 11),
+            "total": counts((1 << 52) + 3, 1 << 40, 16),
+        })
     );
     assert!(status["completedAt"].is_string());
     assert!(status["duration"].is_string());

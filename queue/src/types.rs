@@ -5,7 +5,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use jiff::Timestamp;
-use pawfect_api::{JobPhase, JobProgress, Priority, StageTimings};
+use pawfect_api::{JobPhase, JobProgress, Priority, StageTimings, StageWork};
 use serde::{Deserialize, Serialize};
 
 use crate::error::QueueError;
@@ -154,6 +154,9 @@ pub struct JobResult {
     pub prompt_source: Option<String>,
     #[serde(default)]
     pub timings: StageTimings,
+    /// Work the model stages issued; absent from workers that do not count it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work: Option<StageWork>,
 }
 
 /// Why a job failed or stopped (payload of `failed`, `retrying` and `cancelled` events).
@@ -285,6 +288,7 @@ pub struct JobRecord {
     pub entry_id: Option<String>,
     pub progress: Option<Progress>,
     pub timings: Option<StageTimings>,
+    pub work: Option<StageWork>,
     pub caption: Option<String>,
     pub prompt: Option<String>,
     pub prompt_source: Option<String>,
@@ -316,6 +320,13 @@ impl JobRecord {
             })?),
             None => None,
         };
+        let work = match take(field::WORK) {
+            Some(t) => Some(serde_json::from_str(&t).map_err(|source| QueueError::Json {
+                what: "job work counts",
+                source,
+            })?),
+            None => None,
+        };
         Ok(JobRecord {
             uid: uid.to_string(),
             namespace: take(field::NAMESPACE).unwrap_or_default(),
@@ -334,6 +345,7 @@ impl JobRecord {
                 total_steps,
             }),
             timings,
+            work,
             caption: take(field::CAPTION),
             prompt: take(field::PROMPT),
             prompt_source: take(field::PROMPT_SOURCE),
