@@ -192,6 +192,9 @@ struct Summary {
     crops: Vec<CropSummary>,
     mask_coverage: f64,
     specks_removed: u64,
+    /// Denoise steps per crop and the T5 sequence length (text tokens), as run.
+    steps: usize,
+    max_sequence_length: usize,
     timings: StageTimings,
     /// Work the model stages issued, per stage and in total (`pawfect_models::accounting`).
     work: StageWork,
@@ -278,6 +281,8 @@ fn staged(a: &InpaintArgs) -> Result<()> {
             .collect(),
         mask_coverage: p.mask.coverage,
         specks_removed: p.mask.specks_removed,
+        steps: a.steps,
+        max_sequence_length: a.flux.max_sequence_length,
         timings,
         work: p.work.clone(),
         load_ms,
