@@ -540,9 +540,11 @@ impl Linear {
     /// Counts this linear on `x` ([`accounting`]): `2·rows·out·in`, as int8 ops for candle's
     /// quantized kernels, else as f16/f32 GEMM FLOP (dequantized GGUF weights included).
     fn count(&self, x: &Tensor) -> Result<()> {
-        let in_dim = x.dims().last().copied().ok_or_else(|| {
-            ModelError::InvalidInput("linear on a scalar".into())
-        })?;
+        let in_dim = x
+            .dims()
+            .last()
+            .copied()
+            .ok_or_else(|| ModelError::InvalidInput("linear on a scalar".into()))?;
         let rows = x.elem_count() / in_dim.max(1);
         match &self.weight {
             LinearWeight::Quant {

@@ -78,7 +78,9 @@ fn expected(cfg: &TransformerConfig, t: u64, l: u64) -> WorkCounts {
         + gemm(t, h, c_txt);
     // Double block, per stream of s tokens: modulation (H → 6H on temb), QKV (H → 3H),
     // out-proj (H → H), MLP in (H → mh) and out (mh → H).
-    let stream = |s: u64| gemm(1, 6 * h, h) + gemm(s, 3 * h, h) + gemm(s, h, h) + gemm(s, mh, h) + gemm(s, h, mh);
+    let stream = |s: u64| {
+        gemm(1, 6 * h, h) + gemm(s, 3 * h, h) + gemm(s, h, h) + gemm(s, mh, h) + gemm(s, h, mh)
+    };
     let double = stream(l) + stream(t);
     // Single block over the joint sequence: modulation (H → 3H), linear1 (H → 3H + mh),
     // linear2 (H + mh → H).

@@ -275,9 +275,7 @@ async fn queue_events_drive_the_status_to_complete() {
         json!({"fetch": 12, "denoise": 900, "total": 1000})
     );
     // The worker's counts, per stage and summed, copied from the queue unrounded.
-    let counts = |f16: u64, att: u64, mem: u64| {
-        json!({"f16GemmFlop": f16, "int8GemmOp": 0, "attentionFlop": att, "memoryBoundBytes": mem})
-    };
+    let counts = |f16: u64, att: u64, mem: u64| json!({"f16GemmFlop": f16, "int8GemmOp": 0, "attentionFlop": att, "memoryBoundBytes": mem});
     assert_eq!(
         status["work"],
         json!({

@@ -104,7 +104,10 @@ fn inpaint_json_reports_the_work_per_stage() -> R {
         .arg(examples.join("dog-on-lawn.jpg"))
         .arg("--mask")
         .arg(examples.join("leash-mask.png"))
-        .args(["--prompt", "green grass lawn, seamless continuation, no objects"])
+        .args([
+            "--prompt",
+            "green grass lawn, seamless continuation, no objects",
+        ])
         .args(["--steps", &steps.to_string()])
         // Small crops keep the CPU run quick; the counts follow whatever shapes ran.
         .args(["--crop-min-side", "128", "--crop-max-side", "256"])
@@ -118,7 +121,12 @@ fn inpaint_json_reports_the_work_per_stage() -> R {
     );
     let s: Value = serde_json::from_slice(&run.stdout)?;
     let work = &s["work"];
-    let classes = ["f16GemmFlop", "int8GemmOp", "attentionFlop", "memoryBoundBytes"];
+    let classes = [
+        "f16GemmFlop",
+        "int8GemmOp",
+        "attentionFlop",
+        "memoryBoundBytes",
+    ];
     let get = |stage: &str, class: &str| work[stage][class].as_u64();
     // A spec prompt: Florence-2 never ran.
     assert!(work.get("caption").is_none(), "{work}");
@@ -130,8 +138,14 @@ fn inpaint_json_reports_the_work_per_stage() -> R {
         assert_eq!(get("total", class), Some(sum), "total {class}: {work}");
     }
     for stage in ["encode", "denoise", "decode"] {
-        assert!(get(stage, "f16GemmFlop").unwrap_or(0) > 0, "{stage}: {work}");
-        assert!(get(stage, "memoryBoundBytes").unwrap_or(0) > 0, "{stage}: {work}");
+        assert!(
+            get(stage, "f16GemmFlop").unwrap_or(0) > 0,
+            "{stage}: {work}"
+        );
+        assert!(
+            get(stage, "memoryBoundBytes").unwrap_or(0) > 0,
+            "{stage}: {work}"
+        );
         // Dense f32 weights: no int8 GEMM anywhere.
         assert_eq!(get(stage, "int8GemmOp"), Some(0), "{stage}: {work}");
     }
@@ -151,7 +165,10 @@ fn inpaint_json_reports_the_work_per_stage() -> R {
     let attention: u64 = crops
         .iter()
         .map(|c| {
-            let (w, h) = (c["target"][0].as_u64().unwrap_or(0), c["target"][1].as_u64().unwrap_or(0));
+            let (w, h) = (
+                c["target"][0].as_u64().unwrap_or(0),
+                c["target"][1].as_u64().unwrap_or(0),
+            );
             let n = t + (w / 16) * (h / 16);
             steps * blocks * 4 * heads * n * n * d
         })

@@ -10,9 +10,9 @@
 use candle_core::{D, DType, IndexOp, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 
-use crate::accounting::{self as acct, ew, nn_linear};
 use super::config::{Activation, TextConfig};
 use super::vision::{activate, layer_norm};
+use crate::accounting::{self as acct, ew, nn_linear};
 
 /// Positions are looked up at `position + 2` (BART's learned-position offset).
 const POSITION_OFFSET: usize = 2;

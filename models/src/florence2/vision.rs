@@ -13,8 +13,8 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
 
-use crate::accounting::{self as acct, ew, nn_conv2d, nn_linear};
 use super::config::{Activation, VisionConfig};
+use crate::accounting::{self as acct, ew, nn_conv2d, nn_linear};
 
 const LN_EPS: f64 = 1e-5;
 
@@ -106,7 +106,10 @@ impl DepthwiseConv {
                 let tap = self.taps.get(dy * self.k + dx)?;
                 let shifted = rows.narrow(2, dx, w)?;
                 // One multiply-add pass: acc and the shifted input read, acc written.
-                acc = ew(&[&acc, &shifted, &tap], (&acc + shifted.broadcast_mul(&tap)?)?);
+                acc = ew(
+                    &[&acc, &shifted, &tap],
+                    (&acc + shifted.broadcast_mul(&tap)?)?,
+                );
             }
         }
         Ok(acc)

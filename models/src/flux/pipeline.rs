@@ -6,7 +6,6 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::accounting::{self, WorkCounts};
 use super::config::{SchedulerConfig, TransformerConfig, VaeConfig, read_json};
 use super::prompt_cache::{DEFAULT_PROMPT_CACHE_BYTES, PromptCacheStats};
 use super::sampling::{
@@ -15,6 +14,7 @@ use super::sampling::{
 use super::text::{Encoded, PromptEmbeds, PromptTokenizer, TextEncoders};
 use super::transformer::{FluxTransformer, Layout, Loader};
 use super::vae::AutoEncoder;
+use crate::accounting::{self, WorkCounts};
 use crate::checkpoint::{GgufStore, LinearOpts, QuantMatmul, SafetensorsStore, WeightStore};
 use crate::clip::{ClipTextConfig, ClipTextModel};
 use crate::error::{ModelError, Result};
@@ -397,7 +397,10 @@ impl FluxFill {
         let t0 = Instant::now();
         let (encoded, encode_work) = accounting::measure(|| -> Result<_> {
             let cond = self.condition(image, mask)?;
-            Ok((cond, self.text.encode_cached(prompt, opts.max_sequence_length)?))
+            Ok((
+                cond,
+                self.text.encode_cached(prompt, opts.max_sequence_length)?,
+            ))
         });
         let (
             cond,

@@ -690,9 +690,7 @@ impl FluxTransformer {
             let m = self.region("single.modulation", || {
                 chunks(&blk.modulation.forward(&vec)?, 3)
             })?;
-            let xn = self.region("single.norm_modulate", || {
-                norm_modulate(&x, &m[0], &m[1])
-            })?;
+            let xn = self.region("single.norm_modulate", || norm_modulate(&x, &m[0], &m[1]))?;
             let (qkv, mlp_h) = self.region("single.linear1_qkv_mlp_in_gelu", || {
                 blk.linear1.forward_split_gelu(&xn, 3 * h)
             })?;
@@ -706,9 +704,7 @@ impl FluxTransformer {
                 cat(&[&attn, &mlp_h], attn.rank() - 1)
             })?;
             let out = self.region("single.linear2", || blk.linear2.forward(&cat))?;
-            x = self.region("single.gated_residual", || {
-                gated(&x, &m[2], &out, true)
-            })?;
+            x = self.region("single.gated_residual", || gated(&x, &m[2], &out, true))?;
         }
         self.region("final_layer", || {
             let img = x.narrow(1, t_len, l_len)?;

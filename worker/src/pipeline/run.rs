@@ -11,11 +11,11 @@ use image::{GrayImage, RgbImage};
 use pawfect_api::{InpaintJobSpec, StageTimings, StageWork};
 use pawfect_models::accounting;
 
+use super::adapters::work_counts;
 use super::crop::{self, Crop, CropConfig};
 use super::error::{FailureReason, PipelineError};
 use super::fetch::{self, InputLimits};
 use super::geometry::Rect;
-use super::adapters::work_counts;
 use super::inpaint::{self, InpaintParams, Inpainter, ModelTimings, ModelWork, Step};
 use super::mask::{self, CleanMask, MaskConfig};
 use super::progress::{Observer, Progress, Stage};
