@@ -25,8 +25,10 @@
 //!   candle's own norm layers (GroupNorm, LayerNorm), which they do not expose, are left out: a
 //!   few vectors against activations of thousands of rows. A fused kernel counts as one op
 //!   (its inputs once, its output once), and so does the same op on the reference path, so the
-//!   count does not depend on the device. Views (reshape, narrow, transpose, chunk) move nothing
-//!   and count zero; dtype casts and device copies are not counted.
+//!   count does not depend on the device. Zero-padding counts like a concatenation. Views
+//!   (reshape, narrow, transpose, chunk) move nothing and count zero; layout copies
+//!   (`contiguous`, the latents' 2×2 packing), dtype casts, device copies and the VAE's tile
+//!   blending are not counted.
 //!
 //! Counting: [`measure`] runs a closure with a fresh counter for the current thread and returns
 //! what it issued; the model code adds to the innermost counter of its thread ([`gemm`],

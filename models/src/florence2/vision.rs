@@ -98,7 +98,7 @@ impl DepthwiseConv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (_, h, w, _) = x.dims4()?;
         let p = self.k / 2;
-        let xp = x.pad_with_zeros(1, p, p)?.pad_with_zeros(2, p, p)?;
+        let xp = ew(&[x], x.pad_with_zeros(1, p, p)?.pad_with_zeros(2, p, p)?);
         let mut acc = x.zeros_like()?.broadcast_add(&self.bias)?;
         for dy in 0..self.k {
             let rows = xp.narrow(1, dy, h)?;
@@ -165,7 +165,14 @@ impl WindowAttention {
         let ws = self.window;
         let pad_r = (ws - w % ws) % ws;
         let pad_b = (ws - h % ws) % ws;
-        let x = x.pad_with_zeros(2, 0, pad_r)?.pad_with_zeros(1, 0, pad_b)?;
+        let x = if pad_r > 0 || pad_b > 0 {
+            ew(
+                &[x],
+                x.pad_with_zeros(2, 0, pad_r)?.pad_with_zeros(1, 0, pad_b)?,
+            )
+        } else {
+            x.clone()
+        };
         let (hp, wp) = (h + pad_b, w + pad_r);
         let (nh, nw) = (hp / ws, wp / ws);
         let t = ws * ws;
