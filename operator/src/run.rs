@@ -126,6 +126,12 @@ pub struct RunArgs {
     /// cluster whose pool authors may do that should turn this on.
     #[arg(long, env = "PAWFECT_ALLOW_HOST_PATH_MODELS")]
     pub allow_host_path_models: bool,
+    /// Job reconciles run at once. A reconcile mostly waits on the API server (its status
+    /// write), so the job rate the operator keeps up with is this ÷ the reconcile duration ÷ 3
+    /// (reconciles per job): raise it when `pawfect_operator_reconcile_queue_wait_seconds`
+    /// grows while the API server has room.
+    #[arg(long, env = "PAWFECT_JOB_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
+    pub job_concurrency: u16,
     /// Namespace of the Lease (default: POD_NAMESPACE, else --namespace, else the client's namespace).
     #[arg(long, env = "PAWFECT_LEASE_NAMESPACE")]
     pub lease_namespace: Option<String>,
@@ -558,7 +564,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_config(
             controller::Config::default()
                 .debounce(Duration::from_millis(200))
-                .concurrency(32),
+                .concurrency(args.job_concurrency),
         )
         .shutdown_on_signal()
         .run(job::reconcile, job::error_policy, ctx.clone())
@@ -725,6 +731,21 @@ mod tests {
     }
 
     #[test]
+    fn job_concurrency_is_at_least_one() {
+        let parse = |v: &str| {
+            Cli::try_parse_from(["pawfect-operator", "run", "--job-concurrency", v]).map(|c| {
+                let Command::Run(a) = c.command else {
+                    panic!("not run")
+                };
+                a.job_concurrency
+            })
+        };
+        assert_eq!(parse("128").unwrap(), 128);
+        assert!(parse("0").is_err());
+        assert!(parse("70000").is_err());
+    }
+
+    #[test]
     fn defaults_keep_the_lease_name_and_refuse_host_paths() {
         let Command::Run(a) = Cli::try_parse_from(["pawfect-operator", "run"])
             .unwrap()
@@ -734,6 +755,7 @@ mod tests {
         };
         assert_eq!(a.lease_name, LEASE_NAME);
         assert!(!a.allow_host_path_models);
+        assert_eq!(a.job_concurrency, 32);
         assert_eq!(a.log_format, LogFormat::Text);
         assert_eq!(LogFormat::Text.as_str(), "text");
     }

@@ -70,15 +70,19 @@ fn env_num(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// `apiserver_request_total` by (resource[/subresource], verb), from the server's `/metrics`.
-async fn api_requests(client: &Client) -> BTreeMap<(String, String), f64> {
+/// kube-apiserver's own `/metrics` text.
+async fn api_metrics(client: &Client) -> String {
     let req = http::Request::get("/metrics")
         .body(Vec::new())
         .expect("a request");
-    let text = client.request_text(req).await.unwrap_or_default();
+    client.request_text(req).await.unwrap_or_default()
+}
+
+/// Sum of the samples of `name` by (resource[/subresource], verb).
+fn by_resource_verb(text: &str, name: &str) -> BTreeMap<(String, String), f64> {
     let mut out = BTreeMap::new();
     for line in text.lines() {
-        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+        let Some(rest) = line.strip_prefix(name).and_then(|r| r.strip_prefix('{')) else {
             continue;
         };
         let Some((labels, value)) = rest.rsplit_once("} ") else {
@@ -98,6 +102,49 @@ async fn api_requests(client: &Client) -> BTreeMap<(String, String), f64> {
         }
         let v: f64 = value.trim().parse().unwrap_or(0.0);
         *out.entry((resource, label("verb"))).or_default() += v;
+    }
+    out
+}
+
+/// `apiserver_request_total` by (resource[/subresource], verb).
+fn api_requests(text: &str) -> BTreeMap<(String, String), f64> {
+    by_resource_verb(text, "apiserver_request_total")
+}
+
+/// Mean server-side latency (s) of the requests between two scrapes, for the verbs and
+/// resources the operator writes: how long kube-apiserver itself took (APF queueing, etcd and
+/// its CPU included), which the operator's reconciles wait on.
+fn server_latency(before: &str, after: &str) -> BTreeMap<String, f64> {
+    let d = |name: &str| {
+        let (b, a) = (
+            by_resource_verb(before, name),
+            by_resource_verb(after, name),
+        );
+        a.into_iter()
+            .map(|(k, v)| {
+                let old = b.get(&k).copied().unwrap_or(0.0);
+                (k, v - old)
+            })
+            .collect::<BTreeMap<_, _>>()
+    };
+    let (sum, count) = (
+        d("apiserver_request_duration_seconds_sum"),
+        d("apiserver_request_duration_seconds_count"),
+    );
+    let mut out = BTreeMap::new();
+    for (res, verb) in [
+        ("inpaintjobs/status", "APPLY"),
+        ("inpaintjobs/status", "PATCH"),
+        ("inpaintjobs", "PATCH"),
+        ("events", "POST"),
+        ("inpaintjobs", "POST"),
+    ] {
+        let k = (res.to_string(), verb.to_string());
+        if let (Some(s), Some(&n)) = (sum.get(&k), count.get(&k))
+            && n > 0.0
+        {
+            out.insert(format!("{verb} {res}"), s / n);
+        }
     }
     out
 }
@@ -398,7 +445,8 @@ async fn scale_many_jobs() {
     };
     let machine_before = machine_jiffies();
 
-    let before = api_requests(&client).await;
+    let before_text = api_metrics(&client).await;
+    let before = api_requests(&before_text);
     let create_started = Instant::now();
     let api_of =
         |i: usize| -> Api<InpaintJob> { Api::namespaced(client.clone(), &namespaces[i].0) };
@@ -446,7 +494,8 @@ async fn scale_many_jobs() {
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let after = api_requests(&client).await;
+    let after_text = api_metrics(&client).await;
+    let after = api_requests(&after_text);
     sampler.abort();
     system_sampler.abort();
     let machine_after = machine_jiffies();
@@ -556,6 +605,7 @@ async fn scale_many_jobs() {
         "cpu_s_by_role": cpu_by_role,
         "machine": {"cores": cores, "busy_fraction": busy},
         "api_requests": requests,
+        "api_server_latency_mean_s": server_latency(&before_text, &after_text),
         "seconds": started.elapsed().as_secs(),
     });
     println!("scale-summary: {summary}");
@@ -563,6 +613,7 @@ async fn scale_many_jobs() {
         std::fs::write(p, format!("{summary}\n")).unwrap();
         // The operators' last /metrics, kept next to the summary for a closer look.
         std::fs::write(p.with_extension("metrics.txt"), operator_texts.join("\n")).unwrap();
+        std::fs::write(p.with_extension("apiserver-metrics.txt"), &after_text).unwrap();
     }
     stop_tx.send_replace(true);
     for t in kubelet_tasks {
