@@ -300,6 +300,47 @@ async fn queue_events_drive_the_status_to_complete() {
 }
 
 #[tokio::test]
+async fn the_reconcile_that_finishes_a_job_sets_its_ttl_timer() {
+    // Status-only watch events do not trigger reconciles (`job::trigger`), so the write of the
+    // terminal status itself must schedule the deletion.
+    let mut env = TestEnv::new().await;
+    let j = finalized(job(0, json!({"ttlSecondsAfterFinished": 60})));
+    let j = enqueue(&mut env, &j).await;
+    let mut session = env.queue.worker(&qpool(), "t4-worker-a").await.unwrap();
+    let claim = session
+        .claim(Duration::from_millis(100))
+        .await
+        .unwrap()
+        .expect("claimed");
+    let h = run_job(&env, &j).await;
+    let (_, j) = expect_status(&mut env, &j).await;
+    expect_event(&mut env, reasons::CLAIMED, "Normal").await;
+    done(h).await;
+    claim
+        .complete(&JobResult {
+            output: "file:///data/rex-out.png".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let h = run_job(&env, &j).await;
+    let (status, _) = expect_status(&mut env, &j).await;
+    assert_eq!(status["phase"], "Succeeded");
+    expect_event(&mut env, reasons::SUCCEEDED, "Normal").await;
+    // `Action` keeps its delay private; its Debug form shows it (`requeue_after: Some(59.9…s)`).
+    let action = format!("{:?}", done(h).await);
+    let after: f64 = action
+        .split("Some(")
+        .nth(1)
+        .and_then(|r| r.split("s)").next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("a finished job with a TTL is requeued for it: {action}"));
+    // 60 s from completedAt (written this reconcile) + the 50 ms margin; the test's own
+    // run time comes off it.
+    assert!(after <= 60.05 && after > 55.0, "{action}");
+}
+
+#[tokio::test]
 async fn worker_failure_fails_the_job() {
     let mut env = TestEnv::new().await;
     let j = finalized(job(0, json!({})));

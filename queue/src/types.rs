@@ -276,7 +276,10 @@ pub struct JobRecord {
     pub namespace: String,
     pub name: String,
     pub pool: String,
-    pub priority: Priority,
+    /// `None`: a priority this version does not know (a newer operator wrote it). The record
+    /// stays readable so that the job's status can show what happened to it (a worker fails
+    /// such a job at its claim with `InvalidInput`).
+    pub priority: Option<Priority>,
     pub state: JobState,
     /// Attempts started (each claim or reclaim adds one; a hand-back gives it back).
     pub attempt: u32,
@@ -309,7 +312,7 @@ impl JobRecord {
         let state: JobState = take(field::STATE)
             .ok_or_else(|| QueueError::protocol("job hash", format!("job {uid} has no state")))?
             .parse()?;
-        let priority = parse_priority(take(field::PRIORITY).as_deref().unwrap_or("normal"))?;
+        let priority = parse_priority(take(field::PRIORITY).as_deref().unwrap_or("normal")).ok();
         let stage = take(field::STAGE);
         let step = parse_opt_u32("step", take(field::STEP))?;
         let total_steps = parse_opt_u32("total_steps", take(field::TOTAL_STEPS))?;
@@ -334,8 +337,16 @@ impl JobRecord {
             pool: take(field::POOL).unwrap_or_default(),
             priority,
             state,
-            attempt: parse_opt_u32("attempt", take(field::ATTEMPT))?.unwrap_or(0),
-            max_attempts: parse_opt_u32("max_attempts", take(field::MAX_ATTEMPTS))?.unwrap_or(1),
+            // Counters another version or a person wrote as something else than a number read
+            // as their defaults, for the same reason (the claim refused such a job).
+            attempt: parse_opt_u32("attempt", take(field::ATTEMPT))
+                .ok()
+                .flatten()
+                .unwrap_or(0),
+            max_attempts: parse_opt_u32("max_attempts", take(field::MAX_ATTEMPTS))
+                .ok()
+                .flatten()
+                .unwrap_or(1),
             worker: take(field::WORKER),
             stream: take(field::STREAM),
             entry_id: take(field::ENTRY),
@@ -479,7 +490,7 @@ mod tests {
         .collect();
         let r = JobRecord::from_hash("u1", h).unwrap();
         assert_eq!(r.state, JobState::Running);
-        assert_eq!(r.priority, Priority::High);
+        assert_eq!(r.priority, Some(Priority::High));
         assert_eq!(r.attempt, 2);
         assert_eq!(r.worker.as_deref(), Some("w-1"));
         assert_eq!(
@@ -490,11 +501,18 @@ mod tests {
         assert!(r.cancel_requested);
         assert_eq!(r.enqueued_at.unwrap().as_millisecond(), 1_700_000_000_123);
         assert_eq!(r.caption, None);
-        let bad: HashMap<String, String> = [
-            ("state".to_string(), "running".to_string()),
+        // Fields another version may write differently stay readable (their defaults);
+        // a hash without a state is not a job.
+        let odd: HashMap<String, String> = [
+            ("state".to_string(), "failed".to_string()),
             ("attempt".to_string(), "x".to_string()),
+            ("max_attempts".to_string(), "three".to_string()),
+            ("priority".to_string(), "low".to_string()),
         ]
         .into();
-        assert!(JobRecord::from_hash("u", bad).is_err());
+        let r = JobRecord::from_hash("u", odd).unwrap();
+        assert_eq!((r.attempt, r.max_attempts, r.priority), (0, 1, None));
+        let stateless: HashMap<String, String> = [("attempt".to_string(), "1".to_string())].into();
+        assert!(JobRecord::from_hash("u", stateless).is_err());
     }
 }
