@@ -6,11 +6,13 @@
 # `scale` with the machine and the date.
 #
 #   bench/scale.sh                      # JOBS=10000 POOLS=5 RATE=50
+#   KEY=scale_rate20 RATE=20 JOBS=3000 bench/scale.sh   # another key of results.json
 set -euo pipefail
 cd "$(dirname "$0")/.."
 JOBS=${JOBS:-10000}
 POOLS=${POOLS:-5}
 RATE=${RATE:-50}
+KEY=${KEY:-scale}
 out=$(mktemp -d)
 PAWFECT_SCALE_JOBS=$JOBS PAWFECT_SCALE_POOLS=$POOLS PAWFECT_SCALE_RATE=$RATE \
   PAWFECT_SCALE_SUMMARY="$out/run.json" \
@@ -29,5 +31,5 @@ print(json.dumps({
     **run,
 }))
 PY
-python3 bench/merge_results.py scale "$out/scale.json"
-echo "::: merged into bench/results.json (key scale); log: $out/scale.log"
+python3 bench/merge_results.py "$KEY" "$out/scale.json"
+echo "::: merged into bench/results.json (key $KEY); log and the last /metrics of the operators and kube-apiserver: $out"

@@ -325,6 +325,71 @@ pub struct StageTimings {
     pub total: Option<u64>,
 }
 
+/// Work one stage issued, by class, as the worker counted it where the model code issues each
+/// op (the rules: `pawfect_models::accounting`).
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkCounts {
+    /// Dense GEMM FLOP in f16/bf16/f32 (dequantized GGUF weights included): `2·M·N·K` per matmul.
+    #[serde(default)]
+    pub f16_gemm_flop: u64,
+    /// 8-bit integer GEMM ops (`2·M·N·K`); zero unless GGUF weights use the quantized kernels.
+    #[serde(default)]
+    pub int8_gemm_op: u64,
+    /// Scaled-dot-product attention FLOP: `4·B·H·Lq·Lk·D`.
+    #[serde(default)]
+    pub attention_flop: u64,
+    /// Bytes read and written by elementwise, normalization, RoPE, modulation, residual and
+    /// softmax ops outside fused attention.
+    #[serde(default)]
+    pub memory_bound_bytes: u64,
+}
+
+impl std::ops::AddAssign for WorkCounts {
+    fn add_assign(&mut self, o: Self) {
+        self.f16_gemm_flop = self.f16_gemm_flop.saturating_add(o.f16_gemm_flop);
+        self.int8_gemm_op = self.int8_gemm_op.saturating_add(o.int8_gemm_op);
+        self.attention_flop = self.attention_flop.saturating_add(o.attention_flop);
+        self.memory_bound_bytes = self.memory_bound_bytes.saturating_add(o.memory_bound_bytes);
+    }
+}
+
+/// Work issued per model stage of an attempt, and their sum.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct StageWork {
+    /// Florence-2 captioning (absent when the prompt came from the spec).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caption: Option<WorkCounts>,
+    /// VAE encode of the masked crop, T5 and CLIP (T5 and CLIP skipped on a prompt-cache hit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encode: Option<WorkCounts>,
+    /// The FLUX transformer over every step (with its conditioning and the Euler steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denoise: Option<WorkCounts>,
+    /// VAE decode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decode: Option<WorkCounts>,
+    /// The sum of the stages above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<WorkCounts>,
+}
+
+impl StageWork {
+    /// Sets `total` to the sum of the stages.
+    pub fn with_total(mut self) -> Self {
+        let mut t = WorkCounts::default();
+        for s in [self.caption, self.encode, self.denoise, self.decode]
+            .into_iter()
+            .flatten()
+        {
+            t += s;
+        }
+        self.total = Some(t);
+        self
+    }
+}
+
 /// Observed state of an InpaintJob. Written only by the operator.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -364,6 +429,9 @@ pub struct InpaintJobStatus {
     pub prompt_source: Option<PromptOrigin>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timings: Option<StageTimings>,
+    /// Work the model stages issued (GEMM and attention FLOP, memory-bound bytes), per stage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work: Option<StageWork>,
     /// Where the result was written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output: Option<String>,

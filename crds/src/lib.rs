@@ -11,7 +11,7 @@ pub mod redact;
 pub use conditions::ConditionStatus;
 pub use job::{
     InpaintJob, InpaintJobSpec, InpaintJobStatus, JobPhase, JobProgress, Priority, PromptOrigin,
-    PromptSource, StageTimings,
+    PromptSource, StageTimings, StageWork, WorkCounts,
 };
 pub use limits::{LimitError, check_limits};
 pub use pool::{

@@ -12,6 +12,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
 use pawfect_kernels as k;
 
+use crate::accounting;
 use crate::error::{ModelError, Result};
 
 /// How GGUF-quantized weights are multiplied.
@@ -536,8 +537,32 @@ impl Linear {
         self.bias.as_ref()
     }
 
+    /// Counts this linear on `x` ([`accounting`]): `2·rows·out·in`, as int8 ops for candle's
+    /// quantized kernels, else as f16/f32 GEMM FLOP (dequantized GGUF weights included).
+    fn count(&self, x: &Tensor) -> Result<()> {
+        let in_dim = x
+            .dims()
+            .last()
+            .copied()
+            .ok_or_else(|| ModelError::InvalidInput("linear on a scalar".into()))?;
+        let rows = x.elem_count() / in_dim.max(1);
+        match &self.weight {
+            LinearWeight::Quant {
+                mode: QuantMatmul::Native,
+                ..
+            } => accounting::int8_gemm(rows, self.out_dim, in_dim),
+            _ => accounting::gemm(rows, self.out_dim, in_dim),
+        }
+        Ok(())
+    }
+
     /// `x·Wᵀ` without the bias; output in the compute dtype.
     pub fn matmul(&self, x: &Tensor) -> Result<Tensor> {
+        self.count(x)?;
+        self.matmul_uncounted(x)
+    }
+
+    fn matmul_uncounted(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let Some((&in_dim, lead)) = dims.split_last() else {
             return Err(ModelError::InvalidInput("linear on a scalar".into()));
@@ -581,6 +606,7 @@ impl Linear {
             return Err(ModelError::InvalidInput("linear on a scalar".into()));
         };
         let rows: usize = lead.iter().product();
+        accounting::gemm(rows, self.out_dim, in_dim);
         let y = x
             .to_dtype(DType::F32)?
             .reshape((rows, in_dim))?
@@ -626,10 +652,11 @@ impl Linear {
 
     /// `x·Wᵀ + b`. On CUDA in f16/bf16 one cuBLASLt matmul with the bias in its epilogue.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.count(x)?;
         if let Some((w, b)) = self.fused_weight(x)? {
             return Ok(k::linear_bias(&x.to_dtype(self.dtype)?, &w, b)?);
         }
-        let y = self.matmul(x)?;
+        let y = self.matmul_uncounted(x)?;
         match &self.bias {
             Some(b) => Ok(y.broadcast_add(b)?),
             None => Ok(y),
@@ -639,10 +666,11 @@ impl Linear {
     /// `gelu_tanh(x·Wᵀ + b)` (FLUX's MLP input). On CUDA in f16/bf16 the bias and the GELU run in
     /// the cuBLASLt epilogue; otherwise a matmul and the (fused where possible) bias+GELU op.
     pub fn forward_gelu(&self, x: &Tensor) -> Result<Tensor> {
+        self.count(x)?;
         if let Some((w, b)) = self.fused_weight(x)? {
             return Ok(k::linear_bias_gelu_tanh(&x.to_dtype(self.dtype)?, &w, b)?);
         }
-        let h = self.matmul(x)?;
+        let h = self.matmul_uncounted(x)?;
         match &self.bias {
             Some(b) => Ok(k::bias_gelu_tanh(&h, b)?),
             None => Ok(h.gelu()?),
@@ -653,6 +681,7 @@ impl Linear {
     /// `linear1` (q, k, v | MLP input). On CUDA in f16/bf16 two cuBLASLt matmuls over row views of
     /// the weight, each with its epilogue; otherwise one matmul, split afterwards.
     pub fn forward_split_gelu(&self, x: &Tensor, n_plain: usize) -> Result<(Tensor, Tensor)> {
+        self.count(x)?;
         let n_gelu = self.out_dim.checked_sub(n_plain).ok_or_else(|| {
             ModelError::InvalidInput(format!(
                 "split at {n_plain} of a linear with {} outputs",
@@ -669,7 +698,7 @@ impl Linear {
             )?;
             return Ok((plain, gelu));
         }
-        let y = self.matmul(x)?;
+        let y = self.matmul_uncounted(x)?;
         let last = y.rank() - 1;
         Ok(match &self.bias {
             Some(b) => (

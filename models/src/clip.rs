@@ -8,6 +8,7 @@ use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 use pawfect_kernels as k;
 use serde::Deserialize;
 
+use crate::accounting::{self as acct, ew, nn_linear};
 use crate::error::{ModelError, Result};
 
 /// `text_encoder/config.json`.
@@ -135,11 +136,13 @@ impl ClipTextModel {
         &self.device
     }
 
+    /// The MLP activation, counted as one memory-bound op.
     fn act(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(match self.cfg.hidden_act.as_str() {
+        let y = match self.cfg.hidden_act.as_str() {
             "gelu" => x.gelu_erf()?,
             _ => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
-        })
+        };
+        Ok(ew(&[x], y))
     }
 
     /// Final-LayerNorm hidden states `[B, S, D]` for ids `[B, S]`.
@@ -154,19 +157,18 @@ impl ClipTextModel {
         }
         let (d, h) = (self.cfg.hidden_size, self.cfg.num_attention_heads);
         let hd = d / h;
-        let mut x = self
-            .token
-            .forward(&ids)?
-            .broadcast_add(&self.position.narrow(0, 0, s)?)?;
+        let tok = self.token.forward(&ids)?;
+        let pos = self.position.narrow(0, 0, s)?;
+        let mut x = ew(&[&tok, &pos], tok.broadcast_add(&pos)?);
         for l in &self.layers {
-            let n = l.ln1.forward(&x)?;
+            let n = ew(&[&x], l.ln1.forward(&x)?);
             let heads = |lin: &Linear| -> Result<Tensor> {
-                Ok(lin
-                    .forward(&n)?
+                Ok(nn_linear(lin, &n)?
                     .reshape((b, s, h, hd))?
                     .transpose(1, 2)?
                     .contiguous()?)
             };
+            acct::attention(b, h, s, s, hd);
             let a = k::attention(
                 &heads(&l.q)?,
                 &heads(&l.k)?,
@@ -175,11 +177,13 @@ impl ClipTextModel {
                 true,
             )?;
             let a = a.transpose(1, 2)?.reshape((b, s, d))?;
-            x = (x + l.out.forward(&a)?)?;
-            let n = l.ln2.forward(&x)?;
-            x = (&x + l.fc2.forward(&self.act(&l.fc1.forward(&n)?)?)?)?;
+            let o = nn_linear(&l.out, &a)?;
+            x = ew(&[&x, &o], (&x + &o)?);
+            let n = ew(&[&x], l.ln2.forward(&x)?);
+            let m = nn_linear(&l.fc2, &self.act(&nn_linear(&l.fc1, &n)?)?)?;
+            x = ew(&[&x, &m], (&x + &m)?);
         }
-        Ok(self.final_ln.forward(&x)?)
+        Ok(ew(&[&x], self.final_ln.forward(&x)?))
     }
 
     /// Index of the pooled token for each row of `ids`.

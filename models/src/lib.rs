@@ -11,10 +11,13 @@
 //! - [`weights`]: where a model's files are in a models directory (diffusers folders, single
 //!   files, GGUF variants) and checking that a directory is complete.
 //! - [`error`]: the library's error type.
+//! - [`accounting`]: per-stage counts of the work a model call issued (GEMM and attention FLOP,
+//!   memory-bound bytes), counted where the ops are issued.
 //!
 //! The library has no runtime: no async, no network, no Kubernetes or queue types. Downloading
 //! weights and running jobs belong to the applications (`pawfect-worker`, benchmarks).
 
+pub mod accounting;
 pub mod checkpoint;
 pub mod clip;
 pub mod error;

@@ -9,6 +9,7 @@
 use candle_core::{D, DType, Device, Tensor};
 use serde::Deserialize;
 
+use crate::accounting::{self as acct, ew};
 use crate::checkpoint::{Linear, LinearOpts, WeightStore};
 use crate::error::{ModelError, Result};
 
@@ -291,7 +292,8 @@ impl T5Encoder {
         Ok(n.broadcast_mul(w)?)
     }
 
-    /// The layer norm cast to the model dtype (clamped into the f16 range for f16).
+    /// The layer norm cast to the model dtype (clamped into the f16 range for f16); counted as
+    /// one memory-bound op.
     fn norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let n = self.norm_f32(x, w)?;
         let n = if self.dtype == DType::F16 {
@@ -299,15 +301,16 @@ impl T5Encoder {
         } else {
             n
         };
-        Ok(n.to_dtype(self.dtype)?)
+        Ok(ew(&[x, w], n.to_dtype(self.dtype)?))
     }
 
     fn act(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(match self.act {
+        let y = match self.act {
             Act::GeluTanh => x.gelu()?,
             Act::Relu => x.relu()?,
             Act::Silu => x.silu()?,
-        })
+        };
+        Ok(ew(&[x], y))
     }
 
     /// Last hidden state `[B, S, d_model]` (in the model dtype) for token ids `[B, S]`.
@@ -331,21 +334,31 @@ impl T5Encoder {
                     .contiguous()?)
             };
             let (q, k, v) = (heads(&blk.q)?, heads(&blk.k)?, heads(&blk.v)?);
-            let scores = q.matmul(&k.t()?)?.broadcast_add(&bias)?;
-            let p = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+            acct::attention(b, h, s, s, dk);
+            let qk = q.matmul(&k.t()?)?;
+            let scores = ew(&[&qk, &bias], qk.broadcast_add(&bias)?);
+            let p = ew(
+                &[&scores],
+                candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?,
+            );
             let a = p
                 .matmul(&v.to_dtype(self.dtype)?)?
                 .transpose(1, 2)?
                 .reshape((b, s, h * dk))?;
-            x = (x + blk.o.forward(&a)?.to_dtype(DType::F32)?)?;
+            let o = blk.o.forward(&a)?.to_dtype(DType::F32)?;
+            x = ew(&[&x, &o], (&x + &o)?);
 
             let n = self.norm(&x, &blk.ffn_norm)?;
             let g = self.act(&blk.wi_0.forward(&n)?.to_dtype(DType::F32)?)?;
             let hcat = match &blk.wi_1 {
-                Some(w1) => (g * w1.forward(&n)?.to_dtype(DType::F32)?)?,
+                Some(w1) => {
+                    let u = w1.forward(&n)?.to_dtype(DType::F32)?;
+                    ew(&[&g, &u], (&g * &u)?)
+                }
                 None => g,
             };
-            x = (x + blk.wo.forward_f32(&hcat)?)?;
+            let o = blk.wo.forward_f32(&hcat)?;
+            x = ew(&[&x, &o], (&x + &o)?);
         }
         self.norm(&x, &self.final_norm)
     }

@@ -46,6 +46,7 @@ pub fn queue_view(r: &JobRecord) -> QueueJob {
         step: r.progress.as_ref().and_then(|p| p.step),
         total_steps: r.progress.as_ref().and_then(|p| p.total_steps),
         timings: r.timings.clone(),
+        work: r.work.clone(),
         caption: r.caption.clone(),
         prompt: r.prompt.clone(),
         prompt_source: r.prompt_source.clone(),
@@ -100,6 +101,8 @@ pub fn waiting_for_pool<'a>(
 
 /// Reconciles one InpaintJob (entry point of the controller).
 pub async fn reconcile(job: Arc<InpaintJob>, ctx: Arc<Context>) -> Result<Action> {
+    ctx.job_backlog
+        .start(&kube::runtime::reflector::ObjectRef::from_obj(&*job));
     let _timer = ctx.metrics.reconcile("job");
     let ns = namespace(&job)?;
     let api: Api<InpaintJob> = Api::namespaced(ctx.client.clone(), &ns);
@@ -147,8 +150,7 @@ async fn apply(job: &InpaintJob, ctx: &Context) -> Result<Action> {
     let new = match record {
         Some(r) => status::from_queue(job, old, &queue_view(&r), now),
         None => {
-            let pools: Api<InpaintPool> = Api::namespaced(ctx.client.clone(), &ns);
-            if pools.get_opt(&job.spec.pool).await?.is_none() {
+            if !pool_exists(ctx, &ns, &job.spec.pool).await? {
                 let new = status::pool_not_found(job, old, now);
                 write_status(job, ctx, new).await?;
                 return Ok(Action::requeue(ctx.settings.pool_missing_retry));
@@ -173,15 +175,29 @@ async fn apply(job: &InpaintJob, ctx: &Context) -> Result<Action> {
     } else {
         ctx.settings.queued_resync
     };
-    write_status(job, ctx, new).await?;
     if finished {
-        // The watch event of the status just written brings the job back for its TTL.
-        return Ok(Action::await_change());
+        return finished_with(job, ctx, new, now).await;
     }
+    write_status(job, ctx, new).await?;
     let to_deadline = status::deadline(job).map_or(resync, |d| until(now, d));
     Ok(Action::requeue(
         to_deadline.min(resync) + Duration::from_millis(50),
     ))
+}
+
+/// Whether the job's InpaintPool exists: yes when the operator's pool cache has it, else asked
+/// of the API server (a cache still filling, or a pool created a moment ago, must not fail a
+/// job as PoolNotFound).
+async fn pool_exists(ctx: &Context, ns: &str, pool: &str) -> Result<bool> {
+    let cached = ctx.pools.as_ref().is_some_and(|s| {
+        s.get(&kube::runtime::reflector::ObjectRef::new(pool).within(ns))
+            .is_some()
+    });
+    if cached {
+        return Ok(true);
+    }
+    let pools: Api<InpaintPool> = Api::namespaced(ctx.client.clone(), ns);
+    Ok(pools.get_opt(pool).await?.is_some())
 }
 
 /// Records a queue outage on the job (once) and fails the reconcile so it is retried.
@@ -223,8 +239,42 @@ async fn timed_out(job: &InpaintJob, ctx: &Context, uid: &str, now: Timestamp) -
         }
         None => status::deadline_exceeded(job, old, now),
     };
+    finished_with(job, ctx, new, now).await
+}
+
+/// Writes a terminal status and schedules the job's `ttlSecondsAfterFinished`: the watch does
+/// not bring a job back for its status (see `trigger`), so its expiry is a timer set here.
+async fn finished_with(
+    job: &InpaintJob,
+    ctx: &Context,
+    new: InpaintJobStatus,
+    now: Timestamp,
+) -> Result<Action> {
+    let mut done = job.clone();
+    done.status = Some(new.clone());
     write_status(job, ctx, new).await?;
-    Ok(Action::await_change())
+    Ok(match status::expiry(&done) {
+        Some(at) => Action::requeue(until(now, at) + Duration::from_millis(50)),
+        None => Action::await_change(),
+    })
+}
+
+/// What of a job's watch events deserves a reconcile: a new spec (generation), the start of
+/// its deletion, or its finalizer added or gone. Status-only updates — nearly all of them are
+/// the operator's own writes, two or more per job — do not: the status is derived from the
+/// queue, whose events and the reconciles' timers bring the job back when it matters. (Used as
+/// a `predicate_filter`: an event whose value equals the last one seen is dropped.)
+pub fn trigger(job: &InpaintJob) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let m = job.meta();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    m.generation.hash(&mut h);
+    m.deletion_timestamp.is_some().hash(&mut h);
+    m.finalizers
+        .as_ref()
+        .is_some_and(|f| f.iter().any(|x| x == JOB_FINALIZER))
+        .hash(&mut h);
+    Some(h.finish())
 }
 
 /// A finished job: deleted `ttlSecondsAfterFinished` after it finished.
@@ -354,6 +404,38 @@ mod tests {
     use super::*;
     use crate::fixtures;
     use serde_json::json;
+
+    #[test]
+    fn only_spec_deletion_and_finalizer_changes_trigger_a_reconcile() {
+        let base = fixtures::job(0, json!({}));
+        let mut with_status = base.clone();
+        with_status.status = Some(crate::status::enqueued(&base, None, Timestamp::now()));
+        with_status.metadata.resource_version = Some("42".into());
+        assert_eq!(trigger(&base), trigger(&with_status), "status-only update");
+
+        let mut new_spec = base.clone();
+        new_spec.metadata.generation = Some(base.metadata.generation.unwrap_or(0) + 1);
+        let mut deleting = base.clone();
+        deleting.metadata.deletion_timestamp = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()),
+        );
+        let mut finalized = base.clone();
+        finalized.metadata.finalizers = Some(vec![JOB_FINALIZER.into()]);
+        let mut other_finalizer = base.clone();
+        other_finalizer.metadata.finalizers = Some(vec!["example.com/other".into()]);
+        for (what, j) in [
+            ("new generation", &new_spec),
+            ("deletion started", &deleting),
+            ("our finalizer added", &finalized),
+        ] {
+            assert_ne!(trigger(&base), trigger(j), "{what}");
+        }
+        assert_eq!(
+            trigger(&base),
+            trigger(&other_finalizer),
+            "someone else's finalizer"
+        );
+    }
 
     #[test]
     fn a_new_pool_wakes_only_the_jobs_waiting_for_it() {

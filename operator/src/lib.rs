@@ -12,6 +12,7 @@
 //! - [`run`]: the `pawfect-operator run` process (controllers, HTTP, leader election).
 
 pub mod autoscaler;
+pub mod backlog;
 pub mod default_pool;
 pub mod deployment;
 pub mod events;
@@ -140,6 +141,12 @@ pub struct Context {
     /// kept by the pool reconcile; off: they get the shared password. `pawfect-operator run`
     /// sets it from `--pool-redis-users`.
     pub pool_redis_users: bool,
+    /// The pool controller's cache of InpaintPools (a job's pool is looked up here before the
+    /// API server is asked); `None` asks the API server every time.
+    pub pools: Option<kube::runtime::reflector::Store<InpaintPool>>,
+    /// Jobs and pools waiting for their reconcile (the reconcile queue depth metrics).
+    pub job_backlog: Arc<backlog::Backlog<InpaintJob>>,
+    pub pool_backlog: Arc<backlog::Backlog<InpaintPool>>,
 }
 
 impl Context {
@@ -155,6 +162,9 @@ impl Context {
             instance: reporter_instance,
         };
         Context {
+            pools: None,
+            job_backlog: Arc::new(backlog::Backlog::new("job", metrics.clone())),
+            pool_backlog: Arc::new(backlog::Backlog::new("pool", metrics.clone())),
             recorder: Recorder::new(client.clone(), reporter),
             client,
             queue,

@@ -242,6 +242,8 @@ fn to_u32(v: Option<i32>) -> u32 {
 
 /// Reconciles one InpaintPool (entry point of the controller).
 pub async fn reconcile(pool: Arc<InpaintPool>, ctx: Arc<Context>) -> Result<Action> {
+    ctx.pool_backlog
+        .start(&kube::runtime::reflector::ObjectRef::from_obj(&*pool));
     let _timer = ctx.metrics.reconcile("pool");
     let now = Timestamp::now();
     let ns = namespace(&pool)?;

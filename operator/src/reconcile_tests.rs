@@ -10,7 +10,7 @@ use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::runtime::controller::Action;
 use pawfect_api::conditions::reasons;
-use pawfect_api::{InpaintJob, InpaintPool, JOB_FINALIZER, StageTimings};
+use pawfect_api::{InpaintJob, InpaintPool, JOB_FINALIZER, StageTimings, StageWork, WorkCounts};
 use pawfect_queue::{Failure, JobResult, JobState, Progress};
 use serde_json::{Value, json};
 
@@ -240,6 +240,23 @@ async fn queue_events_drive_the_status_to_complete() {
                 total: Some(1000),
                 ..Default::default()
             },
+            work: Some(
+                StageWork {
+                    encode: Some(WorkCounts {
+                        f16_gemm_flop: 3,
+                        memory_bound_bytes: 5,
+                        ..Default::default()
+                    }),
+                    denoise: Some(WorkCounts {
+                        f16_gemm_flop: 1 << 52,
+                        attention_flop: 1 << 40,
+                        memory_bound_bytes: 11,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }
+                .with_total(),
+            ),
         })
         .await
         .unwrap();
@@ -257,6 +274,16 @@ async fn queue_events_drive_the_status_to_complete() {
         status["timings"],
         json!({"fetch": 12, "denoise": 900, "total": 1000})
     );
+    // The worker's counts, per stage and summed, copied from the queue unrounded.
+    let counts = |f16: u64, att: u64, mem: u64| json!({"f16GemmFlop": f16, "int8GemmOp": 0, "attentionFlop": att, "memoryBoundBytes": mem});
+    assert_eq!(
+        status["work"],
+        json!({
+            "encode": counts(3, 0, 5),
+            "denoise": counts(1 << 52, 1 << 40, 11),
+            "total": counts((1 << 52) + 3, 1 << 40, 16),
+        })
+    );
     assert!(status["completedAt"].is_string());
     assert!(status["duration"].is_string());
     assert_eq!(cond(&status, "Complete")["status"], "True");
@@ -270,6 +297,47 @@ async fn queue_events_drive_the_status_to_complete() {
     let h = run_job(&env, &j).await;
     env.api.expect_silence().await;
     assert_eq!(done(h).await, Action::await_change());
+}
+
+#[tokio::test]
+async fn the_reconcile_that_finishes_a_job_sets_its_ttl_timer() {
+    // Status-only watch events do not trigger reconciles (`job::trigger`), so the write of the
+    // terminal status itself must schedule the deletion.
+    let mut env = TestEnv::new().await;
+    let j = finalized(job(0, json!({"ttlSecondsAfterFinished": 60})));
+    let j = enqueue(&mut env, &j).await;
+    let mut session = env.queue.worker(&qpool(), "t4-worker-a").await.unwrap();
+    let claim = session
+        .claim(Duration::from_millis(100))
+        .await
+        .unwrap()
+        .expect("claimed");
+    let h = run_job(&env, &j).await;
+    let (_, j) = expect_status(&mut env, &j).await;
+    expect_event(&mut env, reasons::CLAIMED, "Normal").await;
+    done(h).await;
+    claim
+        .complete(&JobResult {
+            output: "file:///data/rex-out.png".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let h = run_job(&env, &j).await;
+    let (status, _) = expect_status(&mut env, &j).await;
+    assert_eq!(status["phase"], "Succeeded");
+    expect_event(&mut env, reasons::SUCCEEDED, "Normal").await;
+    // `Action` keeps its delay private; its Debug form shows it (`requeue_after: Some(59.9…s)`).
+    let action = format!("{:?}", done(h).await);
+    let after: f64 = action
+        .split("Some(")
+        .nth(1)
+        .and_then(|r| r.split("s)").next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("a finished job with a TTL is requeued for it: {action}"));
+    // 60 s from completedAt (written this reconcile) + the 50 ms margin; the test's own
+    // run time comes off it.
+    assert!(after <= 60.05 && after > 55.0, "{action}");
 }
 
 #[tokio::test]

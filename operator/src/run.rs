@@ -12,7 +12,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
 use kube_lease_manager::LeaseManagerBuilder;
 use pawfect_api::{InpaintJob, InpaintPool};
@@ -133,6 +133,12 @@ pub struct RunArgs {
     /// cluster whose pool authors may do that should turn this on.
     #[arg(long, env = "PAWFECT_ALLOW_HOST_PATH_MODELS")]
     pub allow_host_path_models: bool,
+    /// Job reconciles run at once. A reconcile mostly waits on the API server (its status
+    /// write), so the job rate the operator keeps up with is this ÷ the reconcile duration ÷ 3
+    /// (reconciles per job): raise it when `pawfect_operator_reconcile_queue_wait_seconds`
+    /// grows while the API server has room.
+    #[arg(long, env = "PAWFECT_JOB_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
+    pub job_concurrency: u16,
     /// Namespace of the Lease (default: POD_NAMESPACE, else --namespace, else the client's namespace).
     #[arg(long, env = "PAWFECT_LEASE_NAMESPACE")]
     pub lease_namespace: Option<String>,
@@ -582,6 +588,8 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(me.clone()),
     );
     ctx.pool_wake = Some(pool_tx.clone());
+    let (pool_store, pool_writer) = reflector::store();
+    ctx.pools = Some(pool_store.clone());
     ctx.worker_log_format = Some(args.log_format.as_str());
     ctx.allow_host_path_models = args.allow_host_path_models;
     ctx.pool_redis_users = args.pool_redis_users;
@@ -597,45 +605,99 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let pools_api: Api<InpaintPool> = scoped(&client, namespace);
     let deploys_api: Api<Deployment> = scoped(&client, namespace);
 
-    let job_controller = Controller::new(jobs_api, watcher::Config::default().any_semantic());
-    let jobs = job_controller.store();
-    let job_controller = job_controller
+    // The controllers' triggers go through the backlogs (reconcile queue depth metrics): the
+    // jobs' own watch, the pools' watch mapped to waiting jobs, and the queue's wake-ups.
+    let (job_store, job_writer) = reflector::store();
+    let job_backlog = ctx.job_backlog.clone();
+    let job_watch = reflector::reflector(
+        job_writer,
+        watcher(jobs_api, watcher::Config::default().any_semantic()),
+    )
+    .applied_objects()
+    .predicate_filter(job::trigger, Default::default())
+    .inspect(move |j| {
+        if let Ok(j) = j {
+            job_backlog.mark(&ObjectRef::from_obj(j));
+        }
+    });
+    let jobs = job_store.clone();
+    let (mapped_backlog, queue_backlog) = (ctx.job_backlog.clone(), ctx.job_backlog.clone());
+    let job_controller = Controller::for_stream(job_watch, job_store)
         // A pool that appears (or changes) wakes the jobs that wait for it.
         .watches(
             pools_api.clone(),
             watcher::Config::default(),
             move |p: InpaintPool| {
                 let all = jobs.state();
-                job::waiting_for_pool(&p, all.iter().map(|j| j.as_ref()))
+                let woken = job::waiting_for_pool(&p, all.iter().map(|j| j.as_ref()));
+                for j in &woken {
+                    mapped_backlog.mark(j);
+                }
+                woken
             },
         )
-        .reconcile_on(job_rx)
+        .reconcile_on(job_rx.inspect(move |j| queue_backlog.mark(j)))
         .with_config(
             controller::Config::default()
                 .debounce(Duration::from_millis(200))
-                .concurrency(32),
+                .concurrency(args.job_concurrency),
         )
         .shutdown_on_signal()
         .run(job::reconcile, job::error_policy, ctx.clone())
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::debug!(%e, "job controller");
+        .for_each(|r| {
+            match r {
+                Err(controller::Error::ObjectNotFound(gone)) => ctx
+                    .job_backlog
+                    .forget_named(&gone.name, gone.namespace.as_deref()),
+                Err(e) => tracing::debug!(%e, "job controller"),
+                Ok(_) => {}
             }
+            std::future::ready(())
         });
 
-    let pool_controller = Controller::new(pools_api, watcher::Config::default().any_semantic())
-        .owns(
+    let pool_backlog = ctx.pool_backlog.clone();
+    let pool_watch = reflector::reflector(
+        pool_writer,
+        watcher(pools_api, watcher::Config::default().any_semantic()),
+    )
+    .applied_objects()
+    .inspect(move |p| {
+        if let Ok(p) = p {
+            pool_backlog.mark(&ObjectRef::from_obj(p));
+        }
+    });
+    let (owned_backlog, wake_backlog) = (ctx.pool_backlog.clone(), ctx.pool_backlog.clone());
+    let pool_controller = Controller::for_stream(pool_watch, pool_store)
+        .watches(
             deploys_api,
             watcher::Config::default().labels("app.kubernetes.io/managed-by=pawfect-operator"),
+            move |d: Deployment| {
+                // What `owns` does: the InpaintPools named in the Deployment's owner references.
+                let ns = d.namespace();
+                let owners: Vec<ObjectRef<InpaintPool>> = d
+                    .owner_references()
+                    .iter()
+                    .filter_map(|o| ObjectRef::from_owner_ref(ns.as_deref(), o, ()))
+                    .collect();
+                for r in &owners {
+                    owned_backlog.mark(r);
+                }
+                owners
+            },
         )
-        .reconcile_on(pool_rx)
+        .reconcile_on(pool_rx.inspect(move |p| wake_backlog.mark(p)))
         .with_config(controller::Config::default().debounce(Duration::from_millis(500)))
         .shutdown_on_signal()
         .run(pool::reconcile, pool::error_policy, ctx.clone())
-        .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::debug!(%e, "pool controller");
+        .for_each(|r| {
+            match r {
+                Err(controller::Error::ObjectNotFound(gone)) => ctx
+                    .pool_backlog
+                    .forget_named(&gone.name, gone.namespace.as_deref()),
+                Err(e) => tracing::debug!(%e, "pool controller"),
+                Ok(_) => {}
             }
+            std::future::ready(())
         });
 
     let events_metrics = metrics.clone();
@@ -764,6 +826,21 @@ mod tests {
     }
 
     #[test]
+    fn job_concurrency_is_at_least_one() {
+        let parse = |v: &str| {
+            Cli::try_parse_from(["pawfect-operator", "run", "--job-concurrency", v]).map(|c| {
+                let Command::Run(a) = c.command else {
+                    panic!("not run")
+                };
+                a.job_concurrency
+            })
+        };
+        assert_eq!(parse("128").unwrap(), 128);
+        assert!(parse("0").is_err());
+        assert!(parse("70000").is_err());
+    }
+
+    #[test]
     fn defaults_keep_the_lease_name_and_refuse_host_paths() {
         let Command::Run(a) = Cli::try_parse_from(["pawfect-operator", "run"])
             .unwrap()
@@ -773,6 +850,7 @@ mod tests {
         };
         assert_eq!(a.lease_name, LEASE_NAME);
         assert!(!a.allow_host_path_models);
+        assert_eq!(a.job_concurrency, 32);
         assert_eq!(a.log_format, LogFormat::Text);
         assert_eq!(LogFormat::Text.as_str(), "text");
     }

@@ -12,7 +12,7 @@ use pawfect_api::conditions::{self, ConditionStatus, reasons};
 use pawfect_api::job::format_duration;
 use pawfect_api::redact_uri;
 use pawfect_api::{
-    InpaintJob, InpaintJobStatus, JobPhase, JobProgress, PromptOrigin, StageTimings,
+    InpaintJob, InpaintJobStatus, JobPhase, JobProgress, PromptOrigin, StageTimings, StageWork,
 };
 
 /// State of a job in its queue hash.
@@ -40,6 +40,8 @@ pub struct QueueJob {
     pub step: Option<u32>,
     pub total_steps: Option<u32>,
     pub timings: Option<StageTimings>,
+    /// Work the model stages issued (the worker's counts).
+    pub work: Option<StageWork>,
     pub caption: Option<String>,
     pub prompt: Option<String>,
     /// The queue's word for where the prompt came from (`PromptOrigin::as_str`).
@@ -265,6 +267,9 @@ pub fn from_queue(
     }
     if q.timings.is_some() {
         s.timings = q.timings.clone();
+    }
+    if q.work.is_some() {
+        s.work = q.work.clone();
     }
     if q.caption.is_some() {
         s.caption = q.caption.clone();
@@ -523,6 +528,7 @@ mod tests {
             step: None,
             total_steps: None,
             timings: None,
+            work: None,
             caption: None,
             prompt: None,
             prompt_source: None,
@@ -613,6 +619,16 @@ mod tests {
                 total: Some(61_000),
                 ..Default::default()
             }),
+            work: Some(
+                StageWork {
+                    denoise: Some(pawfect_api::WorkCounts {
+                        f16_gemm_flop: 1_000_000_000_000_000,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }
+                .with_total(),
+            ),
             caption: Some("a dog on green grass".into()),
             prompt: Some("green grass, seamless continuation, no objects".into()),
             prompt_source: Some("caption".into()),
@@ -633,6 +649,7 @@ mod tests {
         assert_eq!(s3.duration.as_deref(), Some("1m5s"));
         assert_eq!(s3.output.as_deref(), Some("s3://b/rex-out.png"));
         assert_eq!(s3.timings.as_ref().and_then(|t| t.total), Some(61_000));
+        assert_eq!(s3.work, done.work);
         assert_eq!(s3.caption.as_deref(), Some("a dog on green grass"));
         assert_eq!(s3.prompt_source, Some(PromptOrigin::Caption));
         assert_eq!(events(Some(&s2), &s3)[0].reason, reasons::SUCCEEDED);

@@ -56,6 +56,8 @@ pub mod field {
     pub const TOTAL_STEPS: &str = "total_steps";
     /// `StageTimings` as JSON.
     pub const TIMINGS: &str = "timings";
+    /// `StageWork` as JSON: the work the model stages issued (FLOP and bytes per stage).
+    pub const WORK: &str = "work";
     pub const CAPTION: &str = "caption";
     pub const PROMPT: &str = "prompt";
     pub const PROMPT_SOURCE: &str = "prompt_source";

@@ -15,7 +15,8 @@
 //!   `uid, namespace, name, attempt, spec` (spec = the `InpaintJobSpec` as JSON).
 //! - `{p}:p:{pool}:job:{uid}`: the job hash: `state`, identity, `priority`, `attempt`/`max_attempts`,
 //!   `worker`, the `stream` and `entry` id of its current entry, progress (`stage`, `step`,
-//!   `total_steps`), result (`timings` JSON, `caption`, `prompt`, `prompt_source`, `output`),
+//!   `total_steps`), result (`timings` JSON, `work` JSON (the per-stage work counts; absent
+//!   from workers that do not count), `caption`, `prompt`, `prompt_source`, `output`),
 //!   `reason`/`message`, the `cancel` flag and `enqueued_at`/`claimed_at`/`heartbeat_at`/
 //!   `finished_at` (ms, Redis clock). It expires `finished_ttl` (24 h) after the job finished.
 //! - `{p}:p:{pool}:events`: what happened to the pool's jobs (claimed, progress, succeeded,

@@ -369,7 +369,8 @@ local ts = now_ms()
 
 /// Complete: accepted from any worker that ran the job while it is not finished (first
 /// result wins); acks this entry and the job's current one.
-/// ARGV (after the head): output, caption, prompt, prompt source, timings json, payload json.
+/// ARGV (after the head): output, caption, prompt, prompt source, timings json, payload json,
+/// work json (empty: not counted, the field is removed).
 pub(crate) static COMPLETE: LazyLock<Script> = LazyLock::new(|| {
     script(&format!(
         r#"{TERMINAL_HEAD}
@@ -378,6 +379,11 @@ if job.entry and job.entry ~= entry then ackdel(job.stream, job.entry) end
 local holder = job.worker or ''
 redis.call('HSET', KEYS[1], 'worker', worker, 'output', ARGV[8], 'caption', ARGV[9],
   'prompt', ARGV[10], 'prompt_source', ARGV[11], 'timings', ARGV[12])
+if ARGV[14] and ARGV[14] ~= '' then
+  redis.call('HSET', KEYS[1], 'work', ARGV[14])
+else
+  redis.call('HDEL', KEYS[1], 'work')
+end
 redis.call('HDEL', KEYS[1], 'reason', 'message')
 finish(KEYS[1], 'succeeded', ts, ctx.ttl)
 set_registry(ctx.registry, worker, '', ts)

@@ -5,7 +5,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use jiff::Timestamp;
-use pawfect_api::{JobPhase, JobProgress, Priority, StageTimings};
+use pawfect_api::{JobPhase, JobProgress, Priority, StageTimings, StageWork};
 use serde::{Deserialize, Serialize};
 
 use crate::error::QueueError;
@@ -154,6 +154,9 @@ pub struct JobResult {
     pub prompt_source: Option<String>,
     #[serde(default)]
     pub timings: StageTimings,
+    /// Work the model stages issued; absent from workers that do not count it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work: Option<StageWork>,
 }
 
 /// Why a job failed or stopped (payload of `failed`, `retrying` and `cancelled` events).
@@ -273,7 +276,10 @@ pub struct JobRecord {
     pub namespace: String,
     pub name: String,
     pub pool: String,
-    pub priority: Priority,
+    /// `None`: a priority this version does not know (a newer operator wrote it). The record
+    /// stays readable so that the job's status can show what happened to it (a worker fails
+    /// such a job at its claim with `InvalidInput`).
+    pub priority: Option<Priority>,
     pub state: JobState,
     /// Attempts started (each claim or reclaim adds one; a hand-back gives it back).
     pub attempt: u32,
@@ -285,6 +291,7 @@ pub struct JobRecord {
     pub entry_id: Option<String>,
     pub progress: Option<Progress>,
     pub timings: Option<StageTimings>,
+    pub work: Option<StageWork>,
     pub caption: Option<String>,
     pub prompt: Option<String>,
     pub prompt_source: Option<String>,
@@ -305,13 +312,20 @@ impl JobRecord {
         let state: JobState = take(field::STATE)
             .ok_or_else(|| QueueError::protocol("job hash", format!("job {uid} has no state")))?
             .parse()?;
-        let priority = parse_priority(take(field::PRIORITY).as_deref().unwrap_or("normal"))?;
+        let priority = parse_priority(take(field::PRIORITY).as_deref().unwrap_or("normal")).ok();
         let stage = take(field::STAGE);
         let step = parse_opt_u32("step", take(field::STEP))?;
         let total_steps = parse_opt_u32("total_steps", take(field::TOTAL_STEPS))?;
         let timings = match take(field::TIMINGS) {
             Some(t) => Some(serde_json::from_str(&t).map_err(|source| QueueError::Json {
                 what: "job timings",
+                source,
+            })?),
+            None => None,
+        };
+        let work = match take(field::WORK) {
+            Some(t) => Some(serde_json::from_str(&t).map_err(|source| QueueError::Json {
+                what: "job work counts",
                 source,
             })?),
             None => None,
@@ -323,8 +337,16 @@ impl JobRecord {
             pool: take(field::POOL).unwrap_or_default(),
             priority,
             state,
-            attempt: parse_opt_u32("attempt", take(field::ATTEMPT))?.unwrap_or(0),
-            max_attempts: parse_opt_u32("max_attempts", take(field::MAX_ATTEMPTS))?.unwrap_or(1),
+            // Counters another version or a person wrote as something else than a number read
+            // as their defaults, for the same reason (the claim refused such a job).
+            attempt: parse_opt_u32("attempt", take(field::ATTEMPT))
+                .ok()
+                .flatten()
+                .unwrap_or(0),
+            max_attempts: parse_opt_u32("max_attempts", take(field::MAX_ATTEMPTS))
+                .ok()
+                .flatten()
+                .unwrap_or(1),
             worker: take(field::WORKER),
             stream: take(field::STREAM),
             entry_id: take(field::ENTRY),
@@ -334,6 +356,7 @@ impl JobRecord {
                 total_steps,
             }),
             timings,
+            work,
             caption: take(field::CAPTION),
             prompt: take(field::PROMPT),
             prompt_source: take(field::PROMPT_SOURCE),
@@ -467,7 +490,7 @@ mod tests {
         .collect();
         let r = JobRecord::from_hash("u1", h).unwrap();
         assert_eq!(r.state, JobState::Running);
-        assert_eq!(r.priority, Priority::High);
+        assert_eq!(r.priority, Some(Priority::High));
         assert_eq!(r.attempt, 2);
         assert_eq!(r.worker.as_deref(), Some("w-1"));
         assert_eq!(
@@ -478,11 +501,18 @@ mod tests {
         assert!(r.cancel_requested);
         assert_eq!(r.enqueued_at.unwrap().as_millisecond(), 1_700_000_000_123);
         assert_eq!(r.caption, None);
-        let bad: HashMap<String, String> = [
-            ("state".to_string(), "running".to_string()),
+        // Fields another version may write differently stay readable (their defaults);
+        // a hash without a state is not a job.
+        let odd: HashMap<String, String> = [
+            ("state".to_string(), "failed".to_string()),
             ("attempt".to_string(), "x".to_string()),
+            ("max_attempts".to_string(), "three".to_string()),
+            ("priority".to_string(), "low".to_string()),
         ]
         .into();
-        assert!(JobRecord::from_hash("u", bad).is_err());
+        let r = JobRecord::from_hash("u", odd).unwrap();
+        assert_eq!((r.attempt, r.max_attempts, r.priority), (0, 1, None));
+        let stateless: HashMap<String, String> = [("attempt".to_string(), "1".to_string())].into();
+        assert!(JobRecord::from_hash("u", stateless).is_err());
     }
 }

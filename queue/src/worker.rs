@@ -637,6 +637,10 @@ impl Claim {
     /// ([`Outcome::AlreadyFinished`], no second `succeeded` event).
     pub async fn complete(&self, result: &JobResult) -> Result<Outcome> {
         let timings = to_json("timings", &result.timings)?;
+        let work = match &result.work {
+            Some(w) => to_json("work", w)?,
+            None => String::new(),
+        };
         let payload = to_json("result", result)?;
         let mut inv = self.h.terminal(&scripts::COMPLETE);
         inv.arg(&result.output)
@@ -644,7 +648,8 @@ impl Claim {
             .arg(result.prompt.as_deref().unwrap_or(""))
             .arg(result.prompt_source.as_deref().unwrap_or(""))
             .arg(timings)
-            .arg(payload);
+            .arg(payload)
+            .arg(work);
         let r = self.h.queue.invoke("complete", &inv).await?;
         outcome(&r)
     }

@@ -67,6 +67,7 @@ fn result() -> JobResult {
         prompt: Some("grass".into()),
         prompt_source: Some("prompt".into()),
         timings: StageTimings::default(),
+        ..Default::default()
     }
 }
 

@@ -22,8 +22,7 @@ async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
         .unwrap()
 }
 
-/// Reason and message of a job, read from the hash itself (a hash with an unknown priority is
-/// exactly what `get_job` cannot represent).
+/// State, reason and message of a job, read from the hash itself.
 async fn reason(
     conn: &mut redis::aio::MultiplexedConnection,
     q: &Queue,
@@ -157,6 +156,19 @@ async fn jobs_a_worker_cannot_run_fail_at_the_first_claim() {
         assert_eq!(reason_.as_deref(), Some("InvalidInput"), "{uid}");
         let msg = msg.unwrap_or_default();
         assert!(msg.contains(message), "{uid}: {msg}");
+        // The operator reads the same through `get_job`, whatever field was unreadable, so the
+        // job's status can say it failed and why.
+        let rec = q
+            .get_job("p", uid)
+            .await
+            .unwrap_or_else(|e| panic!("{uid}: get_job: {e}"))
+            .unwrap_or_else(|| panic!("{uid}: no record"));
+        assert_eq!(rec.state, JobState::Failed, "{uid}");
+        assert_eq!(rec.reason.as_deref(), Some("InvalidInput"), "{uid}");
+        assert_eq!(rec.message.as_deref(), Some(msg.as_str()), "{uid}");
+        if uid == "prio" {
+            assert_eq!(rec.priority, None, "an unknown priority reads as None");
+        }
         if uid == "attempt" {
             // Its events carry the unreadable attempt: readers skip them as malformed.
             continue;

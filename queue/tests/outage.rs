@@ -21,6 +21,7 @@ fn result(output: &str) -> JobResult {
         prompt: Some("grass".into()),
         prompt_source: Some("prompt".into()),
         timings: StageTimings::default(),
+        work: None,
     }
 }
 

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{all_events, count, job, setup, spec};
-use pawfect_api::{Priority, QueueDepth, StageTimings};
+use pawfect_api::{Priority, QueueDepth, StageTimings, StageWork, WorkCounts};
 use pawfect_queue::{
     CancelOutcome, EventKind, Failure, JobResult, JobState, Outcome, Progress, Standing,
 };
@@ -24,6 +24,17 @@ fn result(output: &str) -> JobResult {
             total: Some(1500),
             ..Default::default()
         },
+        work: Some(
+            StageWork {
+                denoise: Some(WorkCounts {
+                    f16_gemm_flop: 1 << 50,
+                    attention_flop: 7,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+            .with_total(),
+        ),
     }
 }
 
@@ -463,6 +474,14 @@ async fn a_reclaimed_job_completed_twice_shows_one_success() {
         .unwrap();
     assert_eq!(s.result().unwrap().output, "file:///slow");
     assert_eq!(s.result().unwrap().timings.denoise, Some(1200));
+    // The work counts travel in the event and stay in the job hash, unrounded (2⁵⁰ FLOP).
+    assert_eq!(s.result().unwrap().work, result("").work);
+    let rec = q.get_job("p", "j2").await.unwrap().unwrap();
+    assert_eq!(rec.work, result("").work);
+    assert_eq!(
+        rec.work.and_then(|w| w.total).map(|t| t.f16_gemm_flop),
+        Some(1 << 50)
+    );
 }
 
 #[tokio::test]

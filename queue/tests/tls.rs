@@ -46,6 +46,7 @@ async fn round_trip_over_tls_with_the_ca() {
             prompt: Some("grass".into()),
             prompt_source: Some("prompt".into()),
             timings: StageTimings::default(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -18,6 +18,8 @@ pub struct Replica {
     /// While set, an exited process is not started again.
     hold: Arc<AtomicBool>,
     starts: Arc<AtomicU32>,
+    /// Port of `--http-addr` (metrics, probes), when the args name one.
+    http_port: Option<u16>,
     log: PathBuf,
     supervisor: Option<std::thread::JoinHandle<()>>,
 }
@@ -34,6 +36,11 @@ impl Replica {
         log_dir: &Path,
     ) -> Replica {
         let log = log_dir.join(format!("{identity}.log"));
+        let http_port = args
+            .iter()
+            .find_map(|a| a.strip_prefix("--http-addr="))
+            .and_then(|a| a.rsplit_once(':'))
+            .and_then(|(_, p)| p.parse().ok());
         let child = Arc::new(Mutex::new(None::<Child>));
         let stop = Arc::new(AtomicBool::new(false));
         let hold = Arc::new(AtomicBool::new(false));
@@ -92,9 +99,15 @@ impl Replica {
             stop,
             hold,
             starts,
+            http_port,
             log,
             supervisor: Some(supervisor),
         }
+    }
+
+    /// Port of the replica's HTTP server (`/metrics`).
+    pub fn http_port(&self) -> Option<u16> {
+        self.http_port
     }
 
     /// Process id of the running process.

@@ -13,6 +13,12 @@
 //! - status lag: from the job's `finished_at` in the queue (Redis clock) to the moment a watch
 //!   on the API server sees `status.phase: Succeeded` (same host clock), p50 / p99 / max;
 //! - throughput: jobs Succeeded per second between the first and the last.
+//! - the reconcile queue: the operators' `pawfect_operator_reconcile_queue_depth` sampled every
+//!   second (max and mean, per controller) and the `…_queue_wait_seconds` histogram at the end
+//!   (p50/p99 as the upper bound of their bucket);
+//! - where the machine's CPU went: CPU seconds of every process by role (kube-apiserver, etcd,
+//!   kube-controller-manager, redis, operator, workers, this harness) and the machine's busy
+//!   fraction over the run, which says whether a target missed is the operator's or the host's.
 //!
 //! Every job must end Succeeded. One JSON line `scale-summary: {…}` (and `PAWFECT_SCALE_SUMMARY`).
 //! Ignored in the test command (it takes many minutes); `bench/scale.sh` runs it.
@@ -34,6 +40,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::jobs::Inputs;
+use common::process::http_get;
 use futures::StreamExt;
 use kube::api::{Api, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -63,15 +70,19 @@ fn env_num(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// `apiserver_request_total` by (resource[/subresource], verb), from the server's `/metrics`.
-async fn api_requests(client: &Client) -> BTreeMap<(String, String), f64> {
+/// kube-apiserver's own `/metrics` text.
+async fn api_metrics(client: &Client) -> String {
     let req = http::Request::get("/metrics")
         .body(Vec::new())
         .expect("a request");
-    let text = client.request_text(req).await.unwrap_or_default();
+    client.request_text(req).await.unwrap_or_default()
+}
+
+/// Sum of the samples of `name` by (resource[/subresource], verb).
+fn by_resource_verb(text: &str, name: &str) -> BTreeMap<(String, String), f64> {
     let mut out = BTreeMap::new();
     for line in text.lines() {
-        let Some(rest) = line.strip_prefix("apiserver_request_total{") else {
+        let Some(rest) = line.strip_prefix(name).and_then(|r| r.strip_prefix('{')) else {
             continue;
         };
         let Some((labels, value)) = rest.rsplit_once("} ") else {
@@ -95,6 +106,49 @@ async fn api_requests(client: &Client) -> BTreeMap<(String, String), f64> {
     out
 }
 
+/// `apiserver_request_total` by (resource[/subresource], verb).
+fn api_requests(text: &str) -> BTreeMap<(String, String), f64> {
+    by_resource_verb(text, "apiserver_request_total")
+}
+
+/// Mean server-side latency (s) of the requests between two scrapes, for the verbs and
+/// resources the operator writes: how long kube-apiserver itself took (APF queueing, etcd and
+/// its CPU included), which the operator's reconciles wait on.
+fn server_latency(before: &str, after: &str) -> BTreeMap<String, f64> {
+    let d = |name: &str| {
+        let (b, a) = (
+            by_resource_verb(before, name),
+            by_resource_verb(after, name),
+        );
+        a.into_iter()
+            .map(|(k, v)| {
+                let old = b.get(&k).copied().unwrap_or(0.0);
+                (k, v - old)
+            })
+            .collect::<BTreeMap<_, _>>()
+    };
+    let (sum, count) = (
+        d("apiserver_request_duration_seconds_sum"),
+        d("apiserver_request_duration_seconds_count"),
+    );
+    let mut out = BTreeMap::new();
+    for (res, verb) in [
+        ("inpaintjobs/status", "APPLY"),
+        ("inpaintjobs/status", "PATCH"),
+        ("inpaintjobs", "PATCH"),
+        ("events", "POST"),
+        ("inpaintjobs", "POST"),
+    ] {
+        let k = (res.to_string(), verb.to_string());
+        if let (Some(s), Some(&n)) = (sum.get(&k), count.get(&k))
+            && n > 0.0
+        {
+            out.insert(format!("{verb} {res}"), s / n);
+        }
+    }
+    out
+}
+
 /// CPU seconds (user + system) and peak RSS (MiB) of a process, from `/proc`.
 fn proc_usage(pid: u32) -> Option<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -114,6 +168,102 @@ fn proc_usage(pid: u32) -> Option<(f64, f64)> {
         .parse()
         .ok()?;
     Some((cpu, hwm_kib / 1024.0))
+}
+
+/// CPU seconds of every process on the machine by role, from `/proc` (pid -> role and the last
+/// value seen, so processes that exit between samples keep what they had used at the last one).
+fn sample_roles(seen: &mut HashMap<u32, (&'static str, f64)>) {
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        // `comm` is the executable name cut at 15 bytes.
+        let role = match comm.trim() {
+            _ if pid == me => "harness",
+            "kube-apiserver" => "kube-apiserver",
+            "etcd" => "etcd",
+            c if c.starts_with("kube-controller") => "kube-controller-manager",
+            "redis-server" => "redis",
+            c if c.starts_with("pawfect-operato") => "operator",
+            c if c.starts_with("pawfect-worker") => "workers",
+            _ => continue,
+        };
+        if let Some((cpu, _)) = proc_usage(pid) {
+            seen.insert(pid, (role, cpu));
+        }
+    }
+}
+
+/// (busy, total) jiffies of all CPUs since boot, from the first line of `/proc/stat`.
+fn machine_jiffies() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: f64 = f.iter().sum();
+    // idle and iowait are the 4th and 5th fields.
+    let idle = f.get(3).copied().unwrap_or(0.0) + f.get(4).copied().unwrap_or(0.0);
+    (total - idle, total)
+}
+
+/// Value of the series `name{labels}` in an OpenMetrics text.
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Cumulative buckets `(le, count)` of histogram `name` with `labels`, summed over `texts`.
+fn histogram(texts: &[String], name: &str, labels: &str) -> Vec<(f64, f64)> {
+    let mut out: BTreeMap<u64, (f64, f64)> = BTreeMap::new();
+    let prefix = format!("{name}_bucket{{");
+    for text in texts {
+        for l in text.lines() {
+            let Some(rest) = l.strip_prefix(&prefix) else {
+                continue;
+            };
+            let Some((set, count)) = rest.split_once("} ") else {
+                continue;
+            };
+            if !set.split(',').any(|kv| kv == labels) {
+                continue;
+            }
+            let Some(le) = set.split(',').find_map(|kv| kv.strip_prefix("le=")) else {
+                continue;
+            };
+            let le = match le.trim_matches('"') {
+                "+Inf" => f64::INFINITY,
+                v => v.parse().unwrap_or(f64::INFINITY),
+            };
+            let count: f64 = count.trim().parse().unwrap_or(0.0);
+            out.entry(le.to_bits()).or_insert((le, 0.0)).1 += count;
+        }
+    }
+    let mut v: Vec<(f64, f64)> = out.into_values().collect();
+    v.sort_by(|a, b| a.0.total_cmp(&b.0));
+    v
+}
+
+/// Upper bound of the bucket that holds quantile `q` (a histogram's resolution: one bucket).
+fn bucket_quantile(buckets: &[(f64, f64)], q: f64) -> f64 {
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    if total == 0.0 {
+        return f64::NAN;
+    }
+    buckets
+        .iter()
+        .find(|b| b.1 >= q * total)
+        .map_or(f64::NAN, |b| b.0)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -263,7 +413,40 @@ async fn scale_many_jobs() {
         task
     };
 
-    let before = api_requests(&client).await;
+    // Every process's CPU by role, the machine's CPU, and the operators' reconcile queues.
+    let roles: Arc<Mutex<HashMap<u32, (&'static str, f64)>>> = Arc::default();
+    let depths: Arc<Mutex<Vec<(f64, f64)>>> = Arc::default();
+    let ports: Vec<u16> = operators.iter().filter_map(|o| o.http_port()).collect();
+    let system_sampler = {
+        let (roles, depths, ports) = (roles.clone(), depths.clone(), ports.clone());
+        tokio::spawn(async move {
+            loop {
+                sample_roles(&mut roles.lock().unwrap());
+                let (mut job, mut pool) = (0.0_f64, 0.0_f64);
+                for &port in &ports {
+                    if let Some((200, text)) = http_get(port, "/metrics").await {
+                        let d = |c: &str| {
+                            metric(
+                                &text,
+                                &format!(
+                                    "pawfect_operator_reconcile_queue_depth{{controller=\"{c}\"}}"
+                                ),
+                            )
+                            .unwrap_or(0.0)
+                        };
+                        job = job.max(d("job"));
+                        pool = pool.max(d("pool"));
+                    }
+                }
+                depths.lock().unwrap().push((job, pool));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    };
+    let machine_before = machine_jiffies();
+
+    let before_text = api_metrics(&client).await;
+    let before = api_requests(&before_text);
     let create_started = Instant::now();
     let api_of =
         |i: usize| -> Api<InpaintJob> { Api::namespaced(client.clone(), &namespaces[i].0) };
@@ -311,8 +494,17 @@ async fn scale_many_jobs() {
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let after = api_requests(&client).await;
+    let after_text = api_metrics(&client).await;
+    let after = api_requests(&after_text);
     sampler.abort();
+    system_sampler.abort();
+    let machine_after = machine_jiffies();
+    let mut operator_texts = Vec::new();
+    for &port in &ports {
+        if let Some((200, text)) = http_get(port, "/metrics").await {
+            operator_texts.push(text);
+        }
+    }
 
     let queue = connect().await;
     let seen = seen.lock().unwrap().clone();
@@ -355,6 +547,45 @@ async fn scale_many_jobs() {
         .map(|(_, v)| v)
         .sum();
     let (cpu_s, peak_rss_mib) = *usage.lock().unwrap();
+    let mut cpu_by_role: BTreeMap<&str, f64> = BTreeMap::new();
+    for (role, cpu) in roles.lock().unwrap().values() {
+        *cpu_by_role.entry(role).or_default() += cpu;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let busy = (machine_after.0 - machine_before.0) / (machine_after.1 - machine_before.1);
+    let depths = depths.lock().unwrap().clone();
+    let depth_stats = |i: usize| {
+        let v: Vec<f64> = depths
+            .iter()
+            .map(|d| if i == 0 { d.0 } else { d.1 })
+            .collect();
+        let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+        json!({"max": v.iter().copied().fold(0.0, f64::max), "mean": mean, "samples": v.len()})
+    };
+    let wait = |c: &str| {
+        let b = histogram(
+            &operator_texts,
+            "pawfect_operator_reconcile_queue_wait_seconds",
+            &format!("controller=\"{c}\""),
+        );
+        let series = |m: &str| -> f64 {
+            operator_texts
+                .iter()
+                .filter_map(|t| metric(t, &format!("pawfect_operator_{m}{{controller=\"{c}\"}}")))
+                .sum()
+        };
+        let (n, sum) = (
+            series("reconcile_duration_seconds_count"),
+            series("reconcile_duration_seconds_sum"),
+        );
+        json!({
+            "reconciles": series("reconcile_total"),
+            "reconciles_per_job": series("reconcile_total") / jobs as f64,
+            "reconcile_mean_s": if n > 0.0 { sum / n } else { f64::NAN },
+            "queue_wait_p50_le_s": bucket_quantile(&b, 0.5),
+            "queue_wait_p99_le_s": bucket_quantile(&b, 0.99),
+        })
+    };
     let span_s = (last - first) as f64 / 1000.0;
     let summary = json!({
         "jobs": jobs,
@@ -370,12 +601,20 @@ async fn scale_many_jobs() {
         "operator_cpu_s": cpu_s,
         "operator_peak_rss_mib": peak_rss_mib,
         "operator_job_requests_per_job": operator_job_requests / jobs as f64,
+        "reconcile_queue_depth": {"job": depth_stats(0), "pool": depth_stats(1)},
+        "reconciles": {"job": wait("job"), "pool": wait("pool")},
+        "cpu_s_by_role": cpu_by_role,
+        "machine": {"cores": cores, "busy_fraction": busy},
         "api_requests": requests,
+        "api_server_latency_mean_s": server_latency(&before_text, &after_text),
         "seconds": started.elapsed().as_secs(),
     });
     println!("scale-summary: {summary}");
     if let Some(p) = &summary_path {
         std::fs::write(p, format!("{summary}\n")).unwrap();
+        // The operators' last /metrics, kept next to the summary for a closer look.
+        std::fs::write(p.with_extension("metrics.txt"), operator_texts.join("\n")).unwrap();
+        std::fs::write(p.with_extension("apiserver-metrics.txt"), &after_text).unwrap();
     }
     stop_tx.send_replace(true);
     for t in kubelet_tasks {

@@ -86,3 +86,93 @@ fn flux_parity_cli_binary() -> R {
     assert!(mae <= 1.0, "cli image mean abs error {mae} / 255");
     Ok(())
 }
+
+/// `inpaint --json` on the example photo with the tiny fixture models: the work counts per
+/// stage and in total, and the denoise attention FLOP equal to the formula for the crops and
+/// text length the run reports (`4·heads·N²·D` per block and step, N = text + image tokens).
+#[test]
+fn inpaint_json_reports_the_work_per_stage() -> R {
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("out.png");
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/photo");
+    let steps = 2u64;
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_pawfect-worker"))
+        .args(["inpaint", "--json", "--device", "cpu", "--dtype", "f32"])
+        .arg("--models")
+        .arg(fixtures().join("pipeline"))
+        .arg("--image")
+        .arg(examples.join("dog-on-lawn.jpg"))
+        .arg("--mask")
+        .arg(examples.join("leash-mask.png"))
+        .args([
+            "--prompt",
+            "green grass lawn, seamless continuation, no objects",
+        ])
+        .args(["--steps", &steps.to_string()])
+        // Small crops keep the CPU run quick; the counts follow whatever shapes ran.
+        .args(["--crop-min-side", "128", "--crop-max-side", "256"])
+        .arg("--out")
+        .arg(&out)
+        .output()?;
+    assert!(
+        run.status.success(),
+        "inpaint failed: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let s: Value = serde_json::from_slice(&run.stdout)?;
+    let work = &s["work"];
+    let classes = [
+        "f16GemmFlop",
+        "int8GemmOp",
+        "attentionFlop",
+        "memoryBoundBytes",
+    ];
+    let get = |stage: &str, class: &str| work[stage][class].as_u64();
+    // A spec prompt: Florence-2 never ran.
+    assert!(work.get("caption").is_none(), "{work}");
+    for class in classes {
+        let sum: u64 = ["encode", "denoise", "decode"]
+            .iter()
+            .map(|st| get(st, class).unwrap_or(0))
+            .sum();
+        assert_eq!(get("total", class), Some(sum), "total {class}: {work}");
+    }
+    for stage in ["encode", "denoise", "decode"] {
+        assert!(
+            get(stage, "f16GemmFlop").unwrap_or(0) > 0,
+            "{stage}: {work}"
+        );
+        assert!(
+            get(stage, "memoryBoundBytes").unwrap_or(0) > 0,
+            "{stage}: {work}"
+        );
+        // Dense f32 weights: no int8 GEMM anywhere.
+        assert_eq!(get(stage, "int8GemmOp"), Some(0), "{stage}: {work}");
+    }
+    // T5 and CLIP ran (no cache across processes): the encode stage attends.
+    assert!(get("encode", "attentionFlop").unwrap_or(0) > 0, "{work}");
+
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(
+        fixtures().join("pipeline/transformer/config.json"),
+    )?)?;
+    let num = |k: &str| cfg[k].as_u64().ok_or(format!("config has no {k}"));
+    let blocks = num("num_layers")? + num("num_single_layers")?;
+    let (heads, d) = (num("num_attention_heads")?, num("attention_head_dim")?);
+    let t = s["maxSequenceLength"].as_u64().ok_or("maxSequenceLength")?;
+    assert_eq!(s["steps"].as_u64(), Some(steps));
+    let crops = s["crops"].as_array().ok_or("crops")?;
+    assert!(!crops.is_empty());
+    let attention: u64 = crops
+        .iter()
+        .map(|c| {
+            let (w, h) = (
+                c["target"][0].as_u64().unwrap_or(0),
+                c["target"][1].as_u64().unwrap_or(0),
+            );
+            let n = t + (w / 16) * (h / 16);
+            steps * blocks * 4 * heads * n * n * d
+        })
+        .sum();
+    assert_eq!(get("denoise", "attentionFlop"), Some(attention), "{s}");
+    Ok(())
+}

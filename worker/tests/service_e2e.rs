@@ -191,6 +191,33 @@ async fn bad_inputs_then_a_good_job_in_one_process() {
         t.encode.is_some() && t.denoise.is_some() && t.decode.is_some() && t.total.is_some(),
         "{t:?}"
     );
+    // Work counts: the same in the event and in the job hash (what the operator copies into
+    // the InpaintJob status), every model stage counted (no prompt in the spec: Florence-2
+    // captioned), the total their sum, and the denoise stage 3 steps over one crop's fixed
+    // shapes, so a multiple of 3 in every class.
+    let work = done[0].result().unwrap().work.clone().expect("work counts");
+    assert_eq!(rec.work.as_ref(), Some(&work));
+    let stages = [work.caption, work.encode, work.denoise, work.decode];
+    let mut sum = pawfect_api::WorkCounts::default();
+    for (name, s) in ["caption", "encode", "denoise", "decode"]
+        .iter()
+        .zip(stages)
+    {
+        let s = s.unwrap_or_else(|| panic!("{name} not counted: {work:?}"));
+        assert!(
+            s.f16_gemm_flop > 0 && s.memory_bound_bytes > 0,
+            "{name}: {s:?}"
+        );
+        // GGUF Q8_0 dequantized for the matmuls (the CPU default): no int8 GEMM.
+        assert_eq!(s.int8_gemm_op, 0, "{name}: {s:?}");
+        sum += s;
+    }
+    assert_eq!(work.total, Some(sum));
+    let d = work.denoise.unwrap_or_default();
+    assert!(d.attention_flop > 0, "{d:?}");
+    for v in [d.f16_gemm_flop, d.attention_flop, d.memory_bound_bytes] {
+        assert_eq!(v % 3, 0, "denoise over 3 equal steps: {d:?}");
+    }
 
     let (status, metrics) = http_get(w.http, "/metrics").await.unwrap();
     assert_eq!(status, 200);

@@ -75,6 +75,7 @@ impl Inpainter for Filler {
                 denoise_ms: t.elapsed().as_millis() as u64,
                 decode_ms: 1,
             },
+            work: Default::default(),
         })
     }
 }

@@ -1724,6 +1724,8 @@ fn exported_metrics() -> Exported {
     drop(op.reconcile("pool"));
     op.reconcile_failed("pool", "queue");
     op.queue_event("claimed");
+    op.reconcile_queue_depth("job", 3);
+    op.reconcile_queue_wait("job", 0.25);
     let w = pawfect_worker::serve::Metrics::new();
     w.job_finished("failed", "OutOfMemory");
     w.observe_timings(&pawfect_api::StageTimings {

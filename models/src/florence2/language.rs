@@ -12,6 +12,7 @@ use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
 
 use super::config::{Activation, TextConfig};
 use super::vision::{activate, layer_norm};
+use crate::accounting::{self as acct, ew, nn_linear};
 
 /// Positions are looked up at `position + 2` (BART's learned-position offset).
 const POSITION_OFFSET: usize = 2;
@@ -49,19 +50,27 @@ impl Attention {
 
     fn kv(&self, x: &Tensor) -> Result<(Tensor, Tensor)> {
         Ok((
-            self.split(&self.k.forward(x)?)?,
-            self.split(&self.v.forward(x)?)?,
+            self.split(&nn_linear(&self.k, x)?)?,
+            self.split(&nn_linear(&self.v, x)?)?,
         ))
     }
 
     /// Attends `x` (`[B, T, D]`) to keys/values `[B, H, S, hd]`.
     fn attend(&self, x: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
-        let q = self.split(&self.q.forward(x)?)?;
+        let q = self.split(&nn_linear(&self.q, x)?)?;
+        let (b, h, t, d) = q.dims4()?;
+        acct::attention(b, h, t, k.dim(2)?, d);
         let scale = (self.head_dim as f64).powf(-0.5);
         // `[B, T, H·hd]` straight from the kernel (no transpose copy on CUDA).
         let o = pawfect_kernels::attention_merged_heads(&q, k, v, scale, causal)?;
-        self.out.forward(&o)
+        nn_linear(&self.out, &o)
     }
+}
+
+/// `norm(a + b)` (`b` broadcast), the add and the norm counted as one memory-bound op each.
+fn add_norm(norm: &LayerNorm, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let s = ew(&[a, b], a.broadcast_add(b)?);
+    Ok(ew(&[&s], norm.forward(&s)?))
 }
 
 struct FeedForward {
@@ -80,8 +89,8 @@ impl FeedForward {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2
-            .forward(&activate(&self.fc1.forward(x)?, self.act)?)
+        let h = nn_linear(&self.fc1, x)?;
+        nn_linear(&self.fc2, &ew(&[&h], activate(&h, self.act)?))
     }
 }
 
@@ -106,9 +115,9 @@ impl EncoderLayer {
     fn forward(&self, h: &Tensor) -> Result<Tensor> {
         let (k, v) = self.self_attn.kv(h)?;
         let a = self.self_attn.attend(h, &k, &v, false)?;
-        let h = self.self_attn_layer_norm.forward(&(h + a)?)?;
+        let h = add_norm(&self.self_attn_layer_norm, h, &a)?;
         let f = self.ffn.forward(&h)?;
-        let h = self.final_layer_norm.forward(&(h + f)?)?;
+        let h = add_norm(&self.final_layer_norm, &h, &f)?;
         if h.dtype() == DType::F16 {
             h.clamp(-F16_CLAMP, F16_CLAMP)
         } else {
@@ -143,19 +152,22 @@ impl DecoderLayer {
     fn forward(&self, h: &Tensor, cache: &mut LayerCache) -> Result<Tensor> {
         let (k, v) = self.self_attn.kv(h)?;
         let (k, v) = match cache.self_kv.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            Some((pk, pv)) => (
+                ew(&[&pk, &k], Tensor::cat(&[&pk, &k], 2)?),
+                ew(&[&pv, &v], Tensor::cat(&[&pv, &v], 2)?),
+            ),
             None => (k, v),
         };
         let causal = h.dim(1)? > 1;
         let a = self.self_attn.attend(h, &k, &v, causal)?;
         cache.self_kv = Some((k, v));
-        let h = self.self_attn_layer_norm.forward(&(h + a)?)?;
+        let h = add_norm(&self.self_attn_layer_norm, h, &a)?;
         let c = self
             .encoder_attn
             .attend(&h, &cache.cross_k, &cache.cross_v, false)?;
-        let h = self.encoder_attn_layer_norm.forward(&(h + c)?)?;
+        let h = add_norm(&self.encoder_attn_layer_norm, &h, &c)?;
         let f = self.ffn.forward(&h)?;
-        self.final_layer_norm.forward(&(h + f)?)
+        add_norm(&self.final_layer_norm, &h, &f)
     }
 }
 
@@ -299,7 +311,7 @@ impl LanguageModel {
     pub fn encode(&self, inputs_embeds: &Tensor) -> Result<Tensor> {
         let s = inputs_embeds.dim(1)?;
         let pos = self.positions(&self.enc_positions, 0, s, inputs_embeds)?;
-        let mut h = self.enc_ln.forward(&inputs_embeds.broadcast_add(&pos)?)?;
+        let mut h = add_norm(&self.enc_ln, inputs_embeds, &pos)?;
         for layer in &self.enc_layers {
             h = layer.forward(&h)?;
         }
@@ -334,7 +346,7 @@ impl LanguageModel {
         let t = ids.dim(1)?;
         let e = self.embed_tokens(ids)?;
         let pos = self.positions(&self.dec_positions, cache.len, t, &e)?;
-        let mut h = self.dec_ln.forward(&e.broadcast_add(&pos)?)?;
+        let mut h = add_norm(&self.dec_ln, &e, &pos)?;
         for (layer, lc) in self.dec_layers.iter().zip(cache.layers.iter_mut()) {
             h = layer.forward(&h, lc)?;
         }
@@ -347,6 +359,7 @@ impl LanguageModel {
         let mut dims = hidden.dims().to_vec();
         let d = dims.pop().unwrap_or(0);
         let rows = hidden.elem_count() / d.max(1);
+        acct::gemm(rows, self.vocab_size, d);
         let logits = hidden.reshape((rows, d))?.matmul(&self.lm_head.t()?)?;
         dims.push(self.vocab_size);
         let logits = logits.reshape(dims)?;

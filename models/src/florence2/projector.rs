@@ -82,7 +82,8 @@ impl Projector {
         let x = x.broadcast_add(&self.temporal0)?;
         let pooled = mean_tokens(&x)?;
         let tokens = Tensor::cat(&[pooled, x], 1)?;
-        self.norm.forward(&self.projection.forward(&tokens)?)
+        let p = crate::accounting::nn_linear(&self.projection, &tokens)?;
+        Ok(crate::accounting::ew(&[&p], self.norm.forward(&p)?))
     }
 }
 

@@ -14,6 +14,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
 
 use super::config::{Activation, VisionConfig};
+use crate::accounting::{self as acct, ew, nn_conv2d, nn_linear};
 
 const LN_EPS: f64 = 1e-5;
 
@@ -62,16 +63,16 @@ impl ConvEmbed {
     /// `[B, H, W, Cin]` → `[B, H', W', Cout]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x = if self.pre_norm {
-            self.norm.forward(x)?
+            ew(&[x], self.norm.forward(x)?)
         } else {
             x.clone()
         };
-        let x = self.conv.forward(&x.permute((0, 3, 1, 2))?.contiguous()?)?;
+        let x = nn_conv2d(&self.conv, &x.permute((0, 3, 1, 2))?.contiguous()?)?;
         let x = x.permute((0, 2, 3, 1))?.contiguous()?;
         if self.pre_norm {
             Ok(x)
         } else {
-            self.norm.forward(&x)
+            Ok(ew(&[&x], self.norm.forward(&x)?))
         }
     }
 }
@@ -97,13 +98,18 @@ impl DepthwiseConv {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (_, h, w, _) = x.dims4()?;
         let p = self.k / 2;
-        let xp = x.pad_with_zeros(1, p, p)?.pad_with_zeros(2, p, p)?;
+        let xp = ew(&[x], x.pad_with_zeros(1, p, p)?.pad_with_zeros(2, p, p)?);
         let mut acc = x.zeros_like()?.broadcast_add(&self.bias)?;
         for dy in 0..self.k {
             let rows = xp.narrow(1, dy, h)?;
             for dx in 0..self.k {
                 let tap = self.taps.get(dy * self.k + dx)?;
-                acc = (acc + rows.narrow(2, dx, w)?.broadcast_mul(&tap)?)?;
+                let shifted = rows.narrow(2, dx, w)?;
+                // One multiply-add pass: acc and the shifted input read, acc written.
+                acc = ew(
+                    &[&acc, &shifted, &tap],
+                    (&acc + shifted.broadcast_mul(&tap)?)?,
+                );
             }
         }
         Ok(acc)
@@ -126,8 +132,8 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2
-            .forward(&activate(&self.fc1.forward(x)?, self.act)?)
+        let h = nn_linear(&self.fc1, x)?;
+        nn_linear(&self.fc2, &ew(&[&h], activate(&h, self.act)?))
     }
 }
 
@@ -159,7 +165,14 @@ impl WindowAttention {
         let ws = self.window;
         let pad_r = (ws - w % ws) % ws;
         let pad_b = (ws - h % ws) % ws;
-        let x = x.pad_with_zeros(2, 0, pad_r)?.pad_with_zeros(1, 0, pad_b)?;
+        let x = if pad_r > 0 || pad_b > 0 {
+            ew(
+                &[x],
+                x.pad_with_zeros(2, 0, pad_r)?.pad_with_zeros(1, 0, pad_b)?,
+            )
+        } else {
+            x.clone()
+        };
         let (hp, wp) = (h + pad_b, w + pad_r);
         let (nh, nw) = (hp / ws, wp / ws);
         let t = ws * ws;
@@ -170,16 +183,14 @@ impl WindowAttention {
             .contiguous()?
             .reshape((bw, t, c))?;
         let hd = c / self.heads;
-        let qkv = self
-            .qkv
-            .forward(&windows)?
-            .reshape(vec![bw, t, 3, self.heads, hd])?;
+        let qkv = nn_linear(&self.qkv, &windows)?.reshape(vec![bw, t, 3, self.heads, hd])?;
         let qkv = qkv.permute(vec![2, 0, 3, 1, 4])?;
         // Strided `[bw, heads, t, hd]` views: the CUDA kernel reads them in place, the reference
         // path copies them; the output comes back as `[bw, t, heads·hd]`.
         let (q, k, v) = (qkv.get(0)?, qkv.get(1)?, qkv.get(2)?);
+        acct::attention(bw, self.heads, t, t, hd);
         let o = pawfect_kernels::attention_merged_heads(&q, &k, &v, (hd as f64).powf(-0.5), false)?;
-        let o = self.proj.forward(&o)?;
+        let o = nn_linear(&self.proj, &o)?;
         let o = o
             .reshape(vec![b, nh, nw, ws, ws, c])?
             .permute(vec![0, 1, 3, 2, 4, 5])?
@@ -219,19 +230,20 @@ impl ChannelAttention {
         let (b, n, c) = x.dims3()?;
         let g = self.groups;
         let cg = c / g;
-        let qkv = self
-            .qkv
-            .forward(x)?
+        let qkv = nn_linear(&self.qkv, x)?
             .reshape(vec![b, n, 3, g, cg])?
             .permute(vec![2, 0, 3, 1, 4])?;
         let q = (qkv.get(0)? * (n as f64).powf(-0.5))?;
         let k = qkv.get(1)?.contiguous()?;
         let v = qkv.get(2)?.contiguous()?;
         let qt = q.transpose(2, 3)?.contiguous()?;
-        let attn = candle_nn::ops::softmax_last_dim(&qt.matmul(&k)?)?;
+        // An attention over channels: `cg` queries and keys, the N tokens as its head dim.
+        acct::attention(b, g, cg, cg, n);
+        let scores = qt.matmul(&k)?;
+        let attn = ew(&[&scores], candle_nn::ops::softmax_last_dim(&scores)?);
         let o = v.matmul(&attn.t()?.contiguous()?)?;
         let o = o.transpose(1, 2)?.reshape((b, n, c))?;
-        self.proj.forward(&o)
+        nn_linear(&self.proj, &o)
     }
 }
 
@@ -275,18 +287,21 @@ impl Block {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, h, w, c) = x.dims4()?;
-        let x = (x + self.conv1.forward(x)?)?;
-        let n = self.norm1.forward(&x)?;
+        let d1 = self.conv1.forward(x)?;
+        let x = ew(&[x, &d1], (x + &d1)?);
+        let n = ew(&[&x], self.norm1.forward(&x)?);
         let a = match &self.mixer {
             Mixer::Window(m) => m.forward(&n)?,
             Mixer::Channel(m) => m
                 .forward(&n.reshape((b, h * w, c))?)?
                 .reshape((b, h, w, c))?,
         };
-        let x = (x + a)?;
-        let x = (&x + self.conv2.forward(&x)?)?;
-        let f = self.ffn.forward(&self.norm2.forward(&x)?)?;
-        x + f
+        let x = ew(&[&x, &a], (&x + &a)?);
+        let d2 = self.conv2.forward(&x)?;
+        let x = ew(&[&x, &d2], (&x + &d2)?);
+        let n2 = ew(&[&x], self.norm2.forward(&x)?);
+        let f = self.ffn.forward(&n2)?;
+        Ok(ew(&[&x, &f], (&x + &f)?))
     }
 }
 

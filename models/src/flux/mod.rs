@@ -32,6 +32,7 @@ pub mod vae;
 pub use crate::checkpoint::QuantMatmul;
 pub use crate::error::ModelError;
 pub use pipeline::{
-    FillOutput, FillTimings, FillTrace, FluxFill, FluxLoadOptions, InpaintOptions, Placement, Step,
+    FillOutput, FillTimings, FillTrace, FillWork, FluxFill, FluxLoadOptions, InpaintOptions,
+    Placement, Step,
 };
 pub use prompt_cache::{DEFAULT_PROMPT_CACHE_BYTES, PromptCacheStats};

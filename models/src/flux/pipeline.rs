@@ -14,6 +14,7 @@ use super::sampling::{
 use super::text::{Encoded, PromptEmbeds, PromptTokenizer, TextEncoders};
 use super::transformer::{FluxTransformer, Layout, Loader};
 use super::vae::AutoEncoder;
+use crate::accounting::{self, WorkCounts};
 use crate::checkpoint::{GgufStore, LinearOpts, QuantMatmul, SafetensorsStore, WeightStore};
 use crate::clip::{ClipTextConfig, ClipTextModel};
 use crate::error::{ModelError, Result};
@@ -113,11 +114,23 @@ pub struct FillTimings {
     pub decode_ms: f64,
 }
 
+/// Work issued per stage ([`crate::accounting`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FillWork {
+    /// VAE encode of the masked image, and T5 + CLIP unless the prompt cache had the prompt.
+    pub encode: WorkCounts,
+    /// Every denoise step: conditioning, transformer, Euler step.
+    pub denoise: WorkCounts,
+    /// VAE decode.
+    pub decode: WorkCounts,
+}
+
 /// Result of `FluxFill::inpaint`.
 #[derive(Debug, Clone)]
 pub struct FillOutput {
     pub image: image::RgbImage,
     pub timings: FillTimings,
+    pub work: FillWork,
     /// The prompt's embeddings came from the prompt cache.
     pub prompt_cached: bool,
 }
@@ -382,11 +395,20 @@ impl FluxFill {
         let dtype = self.transformer.dtype();
         let (w, h) = (image.width() as usize, image.height() as usize);
         let t0 = Instant::now();
-        let cond = self.condition(image, mask)?;
-        let Encoded {
-            embeds: emb,
-            cached: prompt_cached,
-        } = self.text.encode_cached(prompt, opts.max_sequence_length)?;
+        let (encoded, encode_work) = accounting::measure(|| -> Result<_> {
+            let cond = self.condition(image, mask)?;
+            Ok((
+                cond,
+                self.text.encode_cached(prompt, opts.max_sequence_length)?,
+            ))
+        });
+        let (
+            cond,
+            Encoded {
+                embeds: emb,
+                cached: prompt_cached,
+            },
+        ) = encoded?;
         sync(&dev)?;
         let encode_ms = elapsed_ms(t0);
 
@@ -426,12 +448,18 @@ impl FluxFill {
             &dev,
         )?;
         let cond = cond.to_dtype(dtype)?;
+        let mut denoise_work = WorkCounts::default();
         for (i, &t) in ts.iter().enumerate() {
-            let (tm, gm) = model_time_inputs(t, opts.guidance, time_dtype);
-            let temb = self.transformer.conditioning(&[tm], Some(&[gm]), &pooled)?;
-            let x = Tensor::cat(&[latents.to_dtype(dtype)?, cond.clone()], 2)?;
-            let v = self.transformer.forward(&x, &t5, &temb, &rope)?;
-            latents = euler_step(&latents, &v, sig[i], sig[i + 1])?;
+            let (next, step_work) = accounting::measure(|| -> Result<Tensor> {
+                let (tm, gm) = model_time_inputs(t, opts.guidance, time_dtype);
+                let temb = self.transformer.conditioning(&[tm], Some(&[gm]), &pooled)?;
+                let lat = latents.to_dtype(dtype)?;
+                let x = accounting::ew(&[&lat, &cond], Tensor::cat(&[&lat, &cond], 2)?);
+                let v = self.transformer.forward(&x, &t5, &temb, &rope)?;
+                euler_step(&latents, &v, sig[i], sig[i + 1])
+            });
+            latents = next?;
+            denoise_work += step_work;
             sync(&dev)?;
             if !progress(Step {
                 step: i + 1,
@@ -443,13 +471,16 @@ impl FluxFill {
         let denoise_ms = elapsed_ms(t1);
 
         let t2 = Instant::now();
-        let z = self
-            .vae
-            .unscale_latents(&unpack_latents(&latents, lh, lw)?)?;
-        let img = self.vae.decode(&z)?;
-        let img = ((img * 0.5)? + 0.5)?
-            .clamp(0f32, 1f32)?
-            .to_device(&Device::Cpu)?;
+        let (img, decode_work) = accounting::measure(|| -> Result<Tensor> {
+            let z = self
+                .vae
+                .unscale_latents(&unpack_latents(&latents, lh, lw)?)?;
+            let img = self.vae.decode(&z)?;
+            let out = ((&img * 0.5)? + 0.5)?.clamp(0f32, 1f32)?;
+            accounting::elementwise(&[&img], &out);
+            Ok(out)
+        });
+        let img = img?.to_device(&Device::Cpu)?;
         let data = img.flatten_all()?.to_vec1::<f32>()?;
         let mut out = image::RgbImage::new(w as u32, h as u32);
         for (x, y, p) in out.enumerate_pixels_mut() {
@@ -472,6 +503,11 @@ impl FluxFill {
                     encode_ms,
                     denoise_ms,
                     decode_ms,
+                },
+                work: FillWork {
+                    encode: encode_work,
+                    denoise: denoise_work,
+                    decode: decode_work,
                 },
                 prompt_cached,
             },

@@ -228,7 +228,9 @@ pub fn euler_step(
 ) -> Result<Tensor> {
     let dt = sigma_next - sigma;
     let v = velocity.to_dtype(DType::F32)?.affine(dt as f64, 0.0)?;
-    Ok((latents.to_dtype(DType::F32)? + v)?)
+    let out = (latents.to_dtype(DType::F32)? + v)?;
+    crate::accounting::elementwise(&[latents, velocity], &out);
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ use pawfect_kernels as k;
 use super::config::TransformerConfig;
 use super::profile::{Profiler, RegionTime, region};
 use super::sampling::{Rope, timestep_embedding};
+use crate::accounting::{self as acct, ew};
 use crate::checkpoint::{Linear, LinearOpts, WeightStore};
 use crate::error::{ModelError, Result};
 
@@ -290,8 +291,27 @@ impl MlpEmbedder {
         })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.out_layer.forward(&self.in_layer.forward(x)?.silu()?)
+        let h = self.in_layer.forward(x)?;
+        self.out_layer.forward(&ew(&[&h], h.silu()?))
     }
+}
+
+/// LayerNorm (no affine) + `(1 + scale)·x + shift`, counted as one memory-bound op.
+fn norm_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    Ok(ew(
+        &[x, shift, scale],
+        k::layer_norm_modulate(x, shift, scale, LN_EPS)?,
+    ))
+}
+
+/// `x + gate·y`, counted as one memory-bound op.
+fn gated(x: &Tensor, gate: &Tensor, y: &Tensor, clamp_f16: bool) -> Result<Tensor> {
+    Ok(ew(&[x, gate, y], k::gated_residual(x, gate, y, clamp_f16)?))
+}
+
+/// A concatenation, counted as a copy (its parts read, the result written).
+fn cat(parts: &[&Tensor], dim: usize) -> Result<Tensor> {
+    Ok(ew(parts, Tensor::cat(parts, dim)?))
 }
 
 /// The 3 (or 6) modulation vectors `[B, H]` of an AdaLN-Zero layer.
@@ -340,8 +360,13 @@ fn qkv_heads(
     let qkv = qkv.reshape((b, n, 3, heads, hd))?;
     let part =
         |i: usize| -> Result<Tensor> { Ok(qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2)?) };
-    let q = k::qk_rmsnorm_rope(&part(0)?, q_norm, cos, sin, QK_EPS)?;
-    let kk = k::qk_rmsnorm_rope(&part(1)?, k_norm, cos, sin, QK_EPS)?;
+    let norm_rope = |x: &Tensor, gain: &Tensor| -> Result<Tensor> {
+        let y = k::qk_rmsnorm_rope(x, gain, cos, sin, QK_EPS)?;
+        acct::elementwise(&[x, gain, cos, sin], &y);
+        Ok(y)
+    };
+    let q = norm_rope(&part(0)?, q_norm)?;
+    let kk = norm_rope(&part(1)?, k_norm)?;
     Ok((q, kk, part(2)?))
 }
 
@@ -365,6 +390,8 @@ fn attend(
     scale: f64,
     f32_mode: F32Attention,
 ) -> Result<Tensor> {
+    let (b, h, lq, d) = q.dims4()?;
+    acct::attention(b, h, lq, kk.dim(2)?, d);
     if q.dtype() == DType::F32 && q.device().is_cuda() && f32_mode == F32Attention::F16 {
         let h = DType::F16;
         let o = k::attention_merged_heads(
@@ -526,7 +553,8 @@ impl FluxTransformer {
             .forward(&timestep_embedding(t, 256, &self.device)?.to_dtype(dt)?)?;
         let temb = match (&self.guidance_in, guidance) {
             (Some(g_in), Some(g)) => {
-                (temb + g_in.forward(&timestep_embedding(g, 256, &self.device)?.to_dtype(dt)?)?)?
+                let g = g_in.forward(&timestep_embedding(g, 256, &self.device)?.to_dtype(dt)?)?;
+                ew(&[&temb, &g], (&temb + &g)?)
             }
             (Some(_), None) => {
                 return Err(ModelError::InvalidInput(
@@ -535,10 +563,10 @@ impl FluxTransformer {
             }
             (None, _) => temb,
         };
-        Ok((temb
-            + self
-                .vector_in
-                .forward(&pooled.to_device(&self.device)?.to_dtype(dt)?)?)?)
+        let v = self
+            .vector_in
+            .forward(&pooled.to_device(&self.device)?.to_dtype(dt)?)?;
+        Ok(ew(&[&temb, &v], (&temb + &v)?))
     }
 
     /// Velocity `[B, L, out_channels]` for packed image tokens `img` `[B, L, in_channels]` and T5
@@ -573,7 +601,7 @@ impl FluxTransformer {
         }
         let (cos_t, sin_t) = rope.rows(0, t_len)?;
         let (cos_i, sin_i) = rope.rows(t_len, l_len)?;
-        let vec = self.region("embed.silu_temb", || Ok(temb.silu()?))?;
+        let vec = self.region("embed.silu_temb", || Ok(ew(&[temb], temb.silu()?)))?;
 
         for blk in &self.double {
             let (im, tm) = self.region("double.modulation", || {
@@ -584,8 +612,8 @@ impl FluxTransformer {
             })?;
             let (img_n, txt_n) = self.region("double.norm_modulate", || {
                 Ok((
-                    k::layer_norm_modulate(&img, &im[0], &im[1], LN_EPS)?,
-                    k::layer_norm_modulate(&txt, &tm[0], &tm[1], LN_EPS)?,
+                    norm_modulate(&img, &im[0], &im[1])?,
+                    norm_modulate(&txt, &tm[0], &tm[1])?,
                 ))
             })?;
             let (iqkv, tqkv) = self.region("double.qkv_linear", || {
@@ -613,9 +641,9 @@ impl FluxTransformer {
             })?;
             let (q, kk, v) = self.region("double.cat_qkv", || {
                 Ok((
-                    Tensor::cat(&[tq, iq], 2)?,
-                    Tensor::cat(&[tk, ik], 2)?,
-                    Tensor::cat(&[tv, iv], 2)?,
+                    cat(&[&tq, &iq], 2)?,
+                    cat(&[&tk, &ik], 2)?,
+                    cat(&[&tv, &iv], 2)?,
                 ))
             })?;
             let attn = self.region("double.attention", || {
@@ -629,14 +657,14 @@ impl FluxTransformer {
             })?;
             (img, txt) = self.region("double.gated_residual", || {
                 Ok((
-                    k::gated_residual(&img, &im[2], &img_o, false)?,
-                    k::gated_residual(&txt, &tm[2], &txt_o, false)?,
+                    gated(&img, &im[2], &img_o, false)?,
+                    gated(&txt, &tm[2], &txt_o, false)?,
                 ))
             })?;
             let (img_n2, txt_n2) = self.region("double.norm_modulate", || {
                 Ok((
-                    k::layer_norm_modulate(&img, &im[3], &im[4], LN_EPS)?,
-                    k::layer_norm_modulate(&txt, &tm[3], &tm[4], LN_EPS)?,
+                    norm_modulate(&img, &im[3], &im[4])?,
+                    norm_modulate(&txt, &tm[3], &tm[4])?,
                 ))
             })?;
             let (img_h, txt_h) = self.region("double.mlp_in_gelu", || {
@@ -650,21 +678,19 @@ impl FluxTransformer {
             })?;
             (img, txt) = self.region("double.gated_residual", || {
                 Ok((
-                    k::gated_residual(&img, &im[5], &img_m, false)?,
-                    k::gated_residual(&txt, &tm[5], &txt_m, true)?,
+                    gated(&img, &im[5], &img_m, false)?,
+                    gated(&txt, &tm[5], &txt_m, true)?,
                 ))
             })?;
         }
 
         let h = self.cfg.hidden_size();
-        let mut x = self.region("single.cat_txt_img", || Ok(Tensor::cat(&[txt, img], 1)?))?;
+        let mut x = self.region("single.cat_txt_img", || cat(&[&txt, &img], 1))?;
         for blk in &self.single {
             let m = self.region("single.modulation", || {
                 chunks(&blk.modulation.forward(&vec)?, 3)
             })?;
-            let xn = self.region("single.norm_modulate", || {
-                Ok(k::layer_norm_modulate(&x, &m[0], &m[1], LN_EPS)?)
-            })?;
+            let xn = self.region("single.norm_modulate", || norm_modulate(&x, &m[0], &m[1]))?;
             let (qkv, mlp_h) = self.region("single.linear1_qkv_mlp_in_gelu", || {
                 blk.linear1.forward_split_gelu(&xn, 3 * h)
             })?;
@@ -675,17 +701,15 @@ impl FluxTransformer {
                 attend(&q, &kk, &v, scale, self.f32_attention)
             })?;
             let cat = self.region("single.cat_attn_mlp", || {
-                Ok(Tensor::cat(&[attn, mlp_h], D::Minus1)?)
+                cat(&[&attn, &mlp_h], attn.rank() - 1)
             })?;
             let out = self.region("single.linear2", || blk.linear2.forward(&cat))?;
-            x = self.region("single.gated_residual", || {
-                Ok(k::gated_residual(&x, &m[2], &out, true)?)
-            })?;
+            x = self.region("single.gated_residual", || gated(&x, &m[2], &out, true))?;
         }
         self.region("final_layer", || {
             let img = x.narrow(1, t_len, l_len)?;
             let m = chunks(&self.final_mod.forward(&vec)?, 2)?;
-            let img = k::layer_norm_modulate(&img, &m[0], &m[1], LN_EPS)?;
+            let img = norm_modulate(&img, &m[0], &m[1])?;
             self.final_linear.forward(&img)
         })
     }

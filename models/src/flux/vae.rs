@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Shape, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+
+use crate::accounting::{self as acct, ew, nn_conv2d, nn_linear};
 use pawfect_kernels as k;
 
 use super::config::VaeConfig;
@@ -135,6 +137,18 @@ fn gn(groups: usize, c: usize, vb: VarBuilder) -> Result<GroupNorm> {
     Ok(candle_nn::group_norm(groups, c, EPS, vb)?)
 }
 
+/// GroupNorm then SiLU, each counted as one memory-bound op (the norm's own gain and bias are
+/// a few vectors: left out).
+fn norm_silu(norm: &GroupNorm, x: &Tensor) -> Result<Tensor> {
+    let n = ew(&[x], norm.forward(x)?);
+    Ok(ew(&[&n], n.silu()?))
+}
+
+/// `a + b`, counted as one memory-bound op.
+fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(ew(&[a, b], (a + b)?))
+}
+
 struct Resnet {
     norm1: GroupNorm,
     conv1: Conv2d,
@@ -158,13 +172,13 @@ impl Resnet {
         })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = nn_conv2d(&self.conv1, &norm_silu(&self.norm1, x)?)?;
+        let h = nn_conv2d(&self.conv2, &norm_silu(&self.norm2, &h)?)?;
         let s = match &self.shortcut {
-            Some(c) => c.forward(x)?,
+            Some(c) => nn_conv2d(c, x)?,
             None => x.clone(),
         };
-        Ok((s + h)?)
+        add(&s, &h)
     }
 }
 
@@ -188,23 +202,20 @@ impl Attention {
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
-        let n = self
-            .norm
-            .forward(x)?
+        let n = ew(&[x], self.norm.forward(x)?)
             .reshape((b, c, h * w))?
             .transpose(1, 2)?
             .contiguous()?;
         let heads = |t: Tensor| -> Result<Tensor> { Ok(t.unsqueeze(1)?.contiguous()?) };
-        let q = heads(self.q.forward(&n)?)?;
-        let kk = heads(self.k.forward(&n)?)?;
-        let v = heads(self.v.forward(&n)?)?;
+        let q = heads(nn_linear(&self.q, &n)?)?;
+        let kk = heads(nn_linear(&self.k, &n)?)?;
+        let v = heads(nn_linear(&self.v, &n)?)?;
+        acct::attention(b, 1, h * w, h * w, c);
         let a = k::attention(&q, &kk, &v, 1.0 / (c as f64).sqrt(), false)?.squeeze(1)?;
-        let a = self
-            .out
-            .forward(&a)?
+        let a = nn_linear(&self.out, &a)?
             .transpose(1, 2)?
             .reshape((b, c, h, w))?;
-        Ok((a + x)?)
+        add(&a, x)
     }
 }
 
@@ -279,18 +290,19 @@ impl Encoder {
         })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = self.conv_in.forward(x)?;
+        let mut h = nn_conv2d(&self.conv_in, x)?;
         for (resnets, ds) in &self.down {
             for r in resnets {
                 h = r.forward(&h)?;
             }
             if let Some(d) = ds {
                 // diffusers Downsample2D(padding=0): pad right and bottom by one, then stride 2.
-                h = d.forward(&h.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)?;
+                let padded = ew(&[&h], h.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?);
+                h = nn_conv2d(d, &padded)?;
             }
         }
         let h = self.mid.forward(&h)?;
-        Ok(self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)?)
+        Ok(nn_conv2d(&self.conv_out, &norm_silu(&self.norm_out, &h)?)?)
     }
 }
 
@@ -338,17 +350,18 @@ impl Decoder {
         })
     }
     fn forward(&self, z: &Tensor) -> Result<Tensor> {
-        let mut h = self.mid.forward(&self.conv_in.forward(z)?)?;
+        let mut h = self.mid.forward(&nn_conv2d(&self.conv_in, z)?)?;
         for (resnets, us) in &self.up {
             for r in resnets {
                 h = r.forward(&h)?;
             }
             if let Some(u) = us {
                 let (_, _, hh, ww) = h.dims4()?;
-                h = u.forward(&h.upsample_nearest2d(hh * 2, ww * 2)?)?;
+                let up = ew(&[&h], h.upsample_nearest2d(hh * 2, ww * 2)?);
+                h = nn_conv2d(u, &up)?;
             }
         }
-        Ok(self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)?)
+        Ok(nn_conv2d(&self.conv_out, &norm_silu(&self.norm_out, &h)?)?)
     }
 }
 

@@ -21,7 +21,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
 use clap::Args;
-use pawfect_api::{InpaintJobSpec, Priority, StageTimings};
+use pawfect_api::{InpaintJobSpec, Priority, StageTimings, StageWork};
 use serde::Serialize;
 
 use super::models::{CaptionArgs, FluxArgs, parse_dtype};
@@ -192,7 +192,12 @@ struct Summary {
     crops: Vec<CropSummary>,
     mask_coverage: f64,
     specks_removed: u64,
+    /// Denoise steps per crop and the T5 sequence length (text tokens), as run.
+    steps: usize,
+    max_sequence_length: usize,
     timings: StageTimings,
+    /// Work the model stages issued, per stage and in total (`pawfect_models::accounting`).
+    work: StageWork,
     load_ms: u64,
 }
 
@@ -276,7 +281,10 @@ fn staged(a: &InpaintArgs) -> Result<()> {
             .collect(),
         mask_coverage: p.mask.coverage,
         specks_removed: p.mask.specks_removed,
+        steps: a.steps,
+        max_sequence_length: a.flux.max_sequence_length,
         timings,
+        work: p.work.clone(),
         load_ms,
     };
     if a.json {
@@ -348,6 +356,25 @@ fn print_summary(s: &Summary) {
             "{name:<8} {:>6}",
             v.map(|v| v.to_string()).unwrap_or_default()
         );
+    }
+    println!("stage    GEMM FLOP  int8 op  attn FLOP  mem bytes");
+    let w = &s.work;
+    for (name, c) in [
+        ("caption", w.caption),
+        ("encode", w.encode),
+        ("denoise", w.denoise),
+        ("decode", w.decode),
+        ("total", w.total),
+    ] {
+        if let Some(c) = c {
+            println!(
+                "{name:<8} {:>9.3e} {:>8.3e} {:>10.3e} {:>10.3e}",
+                c.f16_gemm_flop as f64,
+                c.int8_gemm_op as f64,
+                c.attention_flop as f64,
+                c.memory_bound_bytes as f64
+            );
+        }
     }
     println!("(models loaded in {} ms)", s.load_ms);
     println!("wrote {}", s.output);

@@ -6,7 +6,8 @@ use candle_core::Device;
 use image::{GrayImage, RgbImage};
 
 use super::inpaint::{
-    InpaintError, InpaintParams, Inpainted, Inpainter, ModelTimings, PromptCacheUsage, Step,
+    InpaintError, InpaintParams, Inpainted, Inpainter, ModelTimings, ModelWork, PromptCacheUsage,
+    Step,
 };
 use super::prompt::{CaptionError, Captioner, PromptRules, RulePrompt};
 use crate::surface_prompt::SurfacePrompt;
@@ -65,6 +66,11 @@ impl Inpainter for FluxInpainter {
                     denoise_ms: out.timings.denoise_ms.round() as u64,
                     decode_ms: out.timings.decode_ms.round() as u64,
                 },
+                work: ModelWork {
+                    encode: work_counts(out.work.encode),
+                    denoise: work_counts(out.work.denoise),
+                    decode: work_counts(out.work.decode),
+                },
             }),
             Err(ModelError::Cancelled) => Err(InpaintError::Cancelled),
             Err(ModelError::InvalidInput(m)) => Err(InpaintError::InvalidInput(m)),
@@ -82,6 +88,16 @@ impl Inpainter for FluxInpainter {
             bytes: s.bytes as u64,
             budget: s.budget as u64,
         })
+    }
+}
+
+/// The models library's work counts in the API's form (the same four classes).
+pub fn work_counts(w: pawfect_models::accounting::WorkCounts) -> pawfect_api::WorkCounts {
+    pawfect_api::WorkCounts {
+        f16_gemm_flop: w.f16_gemm_flop,
+        int8_gemm_op: w.int8_gemm_op,
+        attention_flop: w.attention_flop,
+        memory_bound_bytes: w.memory_bound_bytes,
     }
 }
 

@@ -9,6 +9,8 @@
 use image::imageops::{self, FilterType};
 use image::{GrayImage, RgbImage};
 
+use pawfect_api::WorkCounts;
+
 use super::crop::Crop;
 
 /// Sampling parameters of one model call.
@@ -42,11 +44,29 @@ impl std::ops::AddAssign for ModelTimings {
     }
 }
 
+/// Work the model issued per stage (`pawfect_models::accounting`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ModelWork {
+    pub encode: WorkCounts,
+    pub denoise: WorkCounts,
+    pub decode: WorkCounts,
+}
+
+impl std::ops::AddAssign for ModelWork {
+    fn add_assign(&mut self, o: Self) {
+        self.encode += o.encode;
+        self.denoise += o.denoise;
+        self.decode += o.decode;
+    }
+}
+
 /// A model's result: the filled image, at the input's size.
 #[derive(Clone, Debug)]
 pub struct Inpainted {
     pub image: RgbImage,
     pub timings: ModelTimings,
+    /// What the model counted (zero for models that do not count).
+    pub work: ModelWork,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -37,7 +37,8 @@ pub use error::{FailureReason, PipelineError};
 pub use fetch::{DecodeError, InputLimits, MaskSizePolicy};
 pub use geometry::Rect;
 pub use inpaint::{
-    InpaintError, InpaintParams, Inpainted, Inpainter, ModelTimings, PromptCacheUsage, Step,
+    InpaintError, InpaintParams, Inpainted, Inpainter, ModelTimings, ModelWork, PromptCacheUsage,
+    Step,
 };
 pub use mask::{CleanMask, MaskConfig, MaskError};
 pub use pawfect_api::PromptOrigin;

@@ -8,13 +8,15 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use image::{GrayImage, RgbImage};
-use pawfect_api::{InpaintJobSpec, StageTimings};
+use pawfect_api::{InpaintJobSpec, StageTimings, StageWork};
+use pawfect_models::accounting;
 
+use super::adapters::work_counts;
 use super::crop::{self, Crop, CropConfig};
 use super::error::{FailureReason, PipelineError};
 use super::fetch::{self, InputLimits};
 use super::geometry::Rect;
-use super::inpaint::{self, InpaintParams, Inpainter, ModelTimings, Step};
+use super::inpaint::{self, InpaintParams, Inpainter, ModelTimings, ModelWork, Step};
 use super::mask::{self, CleanMask, MaskConfig};
 use super::progress::{Observer, Progress, Stage};
 use super::prompt::{self, Captioner, Prompt, PromptRules};
@@ -64,6 +66,8 @@ pub struct Processed {
     pub crops: Vec<Crop>,
     pub mask: CleanMask,
     pub timings: StageTimings,
+    /// Work the model stages issued (caption, encode, denoise, decode, total).
+    pub work: StageWork,
 }
 
 /// A finished job.
@@ -73,6 +77,7 @@ pub struct JobOutcome {
     pub prompt: Prompt,
     pub crops: usize,
     pub timings: StageTimings,
+    pub work: StageWork,
 }
 
 fn ms(since: Instant) -> u64 {
@@ -149,11 +154,24 @@ impl Pipeline {
         let crops = timed(observer, Stage::Crop, &mut timings.crop, || {
             Ok(self.plan_crops(&photo, &clean))
         })?;
-        let prompt = timed(observer, Stage::Caption, &mut timings.caption, || {
-            Ok(self.choose_prompt(&photo, &clean, &crops[0], params))
+        let (prompt, caption_work) = timed(observer, Stage::Caption, &mut timings.caption, || {
+            Ok(accounting::measure(|| {
+                self.choose_prompt(&photo, &clean, &crops[0], params)
+            }))
         })?;
-        let (image, model, stitch_ms) =
+        let caption_work = work_counts(caption_work);
+        let (image, model, model_work, stitch_ms) =
             self.fill(photo, &clean, &crops, &prompt, params, observer)?;
+        let work = StageWork {
+            // Only when Florence-2 ran (a spec prompt or labels skip it).
+            caption: (prompt.caption.is_some() || caption_work != Default::default())
+                .then_some(caption_work),
+            encode: Some(model_work.encode),
+            denoise: Some(model_work.denoise),
+            decode: Some(model_work.decode),
+            total: None,
+        }
+        .with_total();
         timings.encode = Some(model.encode_ms);
         timings.denoise = Some(model.denoise_ms);
         timings.decode = Some(model.decode_ms);
@@ -164,6 +182,7 @@ impl Pipeline {
             crops,
             mask: clean,
             timings,
+            work,
         })
     }
 
@@ -223,8 +242,8 @@ impl Pipeline {
 
     /// Stages 5–7 per crop, in order: the model fills the crop (`inpaint.rs`: encode, denoise,
     /// decode) and the result is stitched into the composite (`stitch.rs`), so that a later crop
-    /// sees the earlier ones' fill. Returns the composite, the model's timings summed over the
-    /// crops and the stitch time.
+    /// sees the earlier ones' fill. Returns the composite, the model's timings and work summed
+    /// over the crops and the stitch time.
     fn fill(
         &self,
         photo: RgbImage,
@@ -233,10 +252,11 @@ impl Pipeline {
         prompt: &Prompt,
         params: &JobParams,
         observer: &mut dyn Observer,
-    ) -> Result<(RgbImage, ModelTimings, u64), PipelineError> {
+    ) -> Result<(RgbImage, ModelTimings, ModelWork, u64), PipelineError> {
         let steps = params.spec.steps.max(1);
         let total = steps * crops.len() as u32;
         let mut model = ModelTimings::default();
+        let mut work = ModelWork::default();
         let mut stitch_ms = 0u64;
         let mut composite = photo;
         for (i, crop) in crops.iter().enumerate() {
@@ -245,13 +265,14 @@ impl Pipeline {
             let out =
                 self.fill_crop(&composite, clean, crop, i, prompt, params, total, observer)?;
             model += out.timings;
+            work += out.work;
             let mut slot = None;
             composite = timed(observer, Stage::Stitch, &mut slot, || {
                 Ok(self.stitch(composite, out.image, crop, clean))
             })?;
             stitch_ms += slot.unwrap_or(0);
         }
-        Ok((composite, model, stitch_ms))
+        Ok((composite, model, work, stitch_ms))
     }
 
     /// The model on crop `index` of `total` steps in all, reporting each step.
@@ -401,6 +422,7 @@ impl Pipeline {
             prompt: p.prompt,
             crops: p.crops.len(),
             timings,
+            work: p.work,
         })
     }
 }

@@ -56,6 +56,7 @@ impl Inpainter for FastInpainter {
         Ok(Inpainted {
             image: out,
             timings: ModelTimings::default(),
+            work: Default::default(),
         })
     }
 }

@@ -341,6 +341,7 @@ async fn finish(claim: &Claim, end: &End, shared: &Shared, retry_cap: Duration) 
                     prompt: Some(o.prompt.text.clone()),
                     prompt_source: Some(o.prompt.origin.as_str().to_string()),
                     timings: o.timings.clone(),
+                    work: Some(o.work.clone()),
                 };
                 claim.complete(&result).await
             }
