@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use kube::Resource;
+use kube::runtime::controller;
 use kube::runtime::reflector::ObjectRef;
 
 use crate::metrics::Metrics;
@@ -73,6 +74,22 @@ impl<K: Resource<DynamicType = ()>> Backlog<K> {
             Some(ns) => obj.within(ns),
             None => obj,
         });
+    }
+
+    /// What the controller reports after a reconcile: an object it found gone is forgotten,
+    /// other failures (already counted by the error policy) are logged at debug level.
+    pub fn settle<T, E1, E2>(&self, r: &Result<T, controller::Error<E1, E2>>)
+    where
+        E1: std::error::Error + 'static,
+        E2: std::error::Error + 'static,
+    {
+        match r {
+            Err(controller::Error::ObjectNotFound(gone)) => {
+                self.forget_named(&gone.name, gone.namespace.as_deref())
+            }
+            Err(e) => tracing::debug!(%e, controller = self.controller, "controller"),
+            Ok(_) => {}
+        }
     }
 
     /// Objects waiting now.

@@ -41,6 +41,17 @@ fn qpool() -> String {
     queue_pool(NS, POOL)
 }
 
+/// Worker `t4-worker-a` of the pool claims the queued job (the session is kept alive with it).
+async fn claim_as_worker_a(env: &TestEnv) -> (pawfect_queue::WorkerSession, pawfect_queue::Claim) {
+    let mut session = env.queue.worker(&qpool(), "t4-worker-a").await.unwrap();
+    let claim = session
+        .claim(Duration::from_millis(100))
+        .await
+        .unwrap()
+        .expect("claimed");
+    (session, claim)
+}
+
 /// Applies a status patch: asserts the SSA envelope and returns the job with that status.
 async fn expect_status(env: &mut TestEnv, j: &InpaintJob) -> (Value, InpaintJob) {
     let uri = status_uri::<InpaintJob>(NS, JOB);
@@ -194,12 +205,7 @@ async fn queue_events_drive_the_status_to_complete() {
     let j = enqueue(&mut env, &j).await;
 
     // A worker claims the job.
-    let mut session = env.queue.worker(&qpool(), "t4-worker-a").await.unwrap();
-    let claim = session
-        .claim(Duration::from_millis(100))
-        .await
-        .unwrap()
-        .expect("claimed");
+    let (_session, claim) = claim_as_worker_a(&env).await;
     let h = run_job(&env, &j).await;
     let (status, j) = expect_status(&mut env, &j).await;
     assert_eq!(status["phase"], "Running");
@@ -306,12 +312,7 @@ async fn the_reconcile_that_finishes_a_job_sets_its_ttl_timer() {
     let mut env = TestEnv::new().await;
     let j = finalized(job(0, json!({"ttlSecondsAfterFinished": 60})));
     let j = enqueue(&mut env, &j).await;
-    let mut session = env.queue.worker(&qpool(), "t4-worker-a").await.unwrap();
-    let claim = session
-        .claim(Duration::from_millis(100))
-        .await
-        .unwrap()
-        .expect("claimed");
+    let (_session, claim) = claim_as_worker_a(&env).await;
     let h = run_job(&env, &j).await;
     let (_, j) = expect_status(&mut env, &j).await;
     expect_event(&mut env, reasons::CLAIMED, "Normal").await;
@@ -409,12 +410,7 @@ async fn deleting_a_running_job_asks_its_worker_to_stop() {
     let mut env = TestEnv::new().await;
     let j = finalized(job(0, json!({})));
     let j = enqueue(&mut env, &j).await;
-    let mut session = env.queue.worker(&qpool(), "t4-worker-a").await.unwrap();
-    let claim = session
-        .claim(Duration::from_millis(100))
-        .await
-        .unwrap()
-        .expect("claimed");
+    let (_session, claim) = claim_as_worker_a(&env).await;
     let h = run_job(&env, &deleting(j.clone())).await;
     let ev = expect_event(&mut env, reasons::CANCELLED, "Normal").await;
     assert!(ev["note"].as_str().unwrap().contains("running"), "{ev}");
@@ -439,12 +435,7 @@ async fn timeout_cancels_and_fails_with_deadline_exceeded() {
     // Created 10 minutes and 5 seconds ago with a 600 s timeout; queued and claimed.
     let j = finalized(job(605, json!({})));
     let j = enqueue_without_reconcile_checks(&mut env, &j).await;
-    let mut session = env.queue.worker(&qpool(), "t4-worker-a").await.unwrap();
-    let claim = session
-        .claim(Duration::from_millis(100))
-        .await
-        .unwrap()
-        .expect("claimed");
+    let (_session, claim) = claim_as_worker_a(&env).await;
     let h = run_job(&env, &j).await;
     let (status, _) = expect_status(&mut env, &j).await;
     assert_eq!(status["phase"], "Failed");

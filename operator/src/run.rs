@@ -645,13 +645,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .shutdown_on_signal()
         .run(job::reconcile, job::error_policy, ctx.clone())
         .for_each(|r| {
-            match r {
-                Err(controller::Error::ObjectNotFound(gone)) => ctx
-                    .job_backlog
-                    .forget_named(&gone.name, gone.namespace.as_deref()),
-                Err(e) => tracing::debug!(%e, "job controller"),
-                Ok(_) => {}
-            }
+            ctx.job_backlog.settle(&r);
             std::future::ready(())
         });
 
@@ -690,13 +684,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         .shutdown_on_signal()
         .run(pool::reconcile, pool::error_policy, ctx.clone())
         .for_each(|r| {
-            match r {
-                Err(controller::Error::ObjectNotFound(gone)) => ctx
-                    .pool_backlog
-                    .forget_named(&gone.name, gone.namespace.as_deref()),
-                Err(e) => tracing::debug!(%e, "pool controller"),
-                Ok(_) => {}
-            }
+            ctx.pool_backlog.settle(&r);
             std::future::ready(())
         });
 
