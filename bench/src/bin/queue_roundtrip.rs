@@ -47,6 +47,7 @@ fn result(i: usize) -> JobResult {
         prompt: Some("grass, seamless continuation, no objects".into()),
         prompt_source: Some("sceneLabels".into()),
         timings: Default::default(),
+        work: None,
     }
 }
 
