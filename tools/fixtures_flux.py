@@ -431,6 +431,78 @@ def _gguf_exact(path: str):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+FBC_STEPS = 8
+
+
+def _first_block_cache(pipe, call: dict, ref: str) -> dict:
+    """Runs the pipeline with diffusers' First-Block Cache at a threshold that skips steps.
+
+    Records the relative change diffusers measured at each step and its decision (a wrapper around
+    FBCHeadBlockHook._should_compute_remaining_blocks that recomputes the same expression), so the
+    parity test can check that the same steps are skipped for the same reasons. The threshold is
+    chosen from this seed's own changes: the smallest midpoint between two of the dense run's
+    changes whose cached run skips at least one step, computes at least one step after a skip, and
+    keeps every observed change at least 1 % away from the threshold (f32 reductions in two
+    implementations differ by ~1e-6 relative, so no decision sits on a rounding edge).
+    """
+    from diffusers.hooks import FirstBlockCacheConfig
+    from diffusers.hooks import first_block_cache as fbc
+
+    log = []
+    orig = fbc.FBCHeadBlockHook._should_compute_remaining_blocks
+
+    def logged(self, r):
+        prev = self.state_manager.get_state().head_block_residual
+        d = None if prev is None else ((r - prev).abs().mean() / prev.abs().mean()).item()
+        decision = orig(self, r)
+        log.append((d, bool(decision)))
+        return decision
+
+    fbc.FBCHeadBlockHook._should_compute_remaining_blocks = logged
+    tr = pipe.transformer
+    tr_forward = tr.forward
+
+    def in_context(*a, **k):  # FluxFillPipeline does not open a cache context itself (FluxPipeline does)
+        with tr.cache_context("cond"):
+            return tr_forward(*a, **k)
+
+    def run(threshold: float):
+        log.clear()
+        tr.enable_cache(FirstBlockCacheConfig(threshold=threshold))
+        tr.forward = in_context
+        try:
+            lat = pipe(**{**call, "num_inference_steps": FBC_STEPS}, output_type="latent").images
+        finally:
+            del tr.forward
+            tr.disable_cache()
+        return lat, list(log)
+
+    try:
+        _, dense_log = run(0.0)
+        assert all(c for _, c in dense_log), "threshold 0 skipped a step"
+        changes = sorted(d for d, _ in dense_log if d is not None)
+        for lo, hi in zip(changes, changes[1:]):
+            threshold = (lo + hi) / 2
+            lat, steps = run(threshold)
+            skipped = [i for i, (_, c) in enumerate(steps) if not c]
+            late = skipped and any(c for _, c in steps[skipped[0] + 1:])
+            margin = all(d is None or abs(d - threshold) >= 0.01 * threshold for d, _ in steps)
+            if skipped and late and margin:
+                break
+        else:
+            raise SystemExit(f"no first-block-cache threshold skips and recomputes for this seed: {changes}")
+    finally:
+        fbc.FBCHeadBlockHook._should_compute_remaining_blocks = orig
+    dense = pipe(**{**call, "num_inference_steps": FBC_STEPS}, output_type="latent").images
+    _save(lat, os.path.join(ref, "latents_fbcache.safetensors"))
+    _save(dense, os.path.join(ref, "latents_fbcache_dense.safetensors"))
+    rel = ((lat - dense).norm() / dense.norm()).item()
+    print(f"first-block cache: threshold {threshold:.4g} skips {skipped} of {FBC_STEPS} steps; "
+          f"rel. L2 vs dense {rel:.3e}", file=sys.stderr)
+    return {"steps": FBC_STEPS, "threshold": threshold, "skipped": skipped,
+            "changes": [d for d, _ in steps], "vs_dense_rel": rel}
+
+
 def main(seed: int, out: str) -> None:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxFillPipeline, FluxTransformer2DModel
     from diffusers.pipelines.flux import pipeline_flux_fill
@@ -616,6 +688,9 @@ def main(seed: int, out: str) -> None:
     _save(out_pt, os.path.join(ref, "image_2steps.safetensors"))
     pil = pipe(**call, output_type="pil").images[0]
     pil.save(os.path.join(out, "expected_2steps.png"))
+
+    # -- First-Block Cache: diffusers' FirstBlockCacheConfig on the same pipeline -------------------------------------
+    manifest["fbcache"] = _first_block_cache(pipe, call, ref)
 
     # -- BFL single files -----------------------------------------------------------------------------------------
     bfl_dir = os.path.join(out, "bfl")

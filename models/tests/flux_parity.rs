@@ -925,6 +925,108 @@ fn flux_parity_pipeline_two_steps() -> R {
     Ok(())
 }
 
+/// First-Block Cache against diffusers' `FirstBlockCacheConfig` on the same pipeline
+/// (`manifest.fbcache`: a threshold the generator chose from this seed's own changes, at least 1 %
+/// away from every change it observed, skipping at least one step and computing one after it).
+#[test]
+fn flux_parity_first_block_cache() -> R {
+    let m = manifest()?;
+    let fb = &m["fbcache"];
+    let steps = fb["steps"].as_u64().ok_or("fbcache.steps")? as usize;
+    let threshold = fb["threshold"].as_f64().ok_or("fbcache.threshold")?;
+    let skipped: Vec<usize> = serde_json::from_value(fb["skipped"].clone())?;
+    let changes: Vec<Option<f64>> = serde_json::from_value(fb["changes"].clone())?;
+    let fill = pipeline()?;
+    let (image, mask) = inputs()?;
+    let opts = InpaintOptions {
+        steps,
+        cache_threshold: Some(threshold as f32),
+        ..fixture_opts()?
+    };
+    let (out, trace) = fill.inpaint_traced(&image, &mask, &prompt()?, &opts, &mut |_| true)?;
+    assert_eq!(out.steps_skipped, skipped, "steps skipped");
+    assert_eq!(
+        trace.cache_diffs.len(),
+        changes.len(),
+        "one change per step"
+    );
+    for (i, (ours, theirs)) in trace.cache_diffs.iter().zip(&changes).enumerate() {
+        match (ours, theirs) {
+            (None, None) => {}
+            (Some(a), Some(b)) => {
+                // A ratio of two f32 means of the same residuals, each side within the dense
+                // transformer's 1e-4 of the other: 10× that leaves the latents' growth over steps.
+                let e = (*a as f64 - b).abs() / b.abs();
+                eprintln!("step {i}: change {a:.6} vs diffusers {b:.6} (rel {e:.2e})");
+                assert!(e <= 1e-3, "step {i}: change {a} vs diffusers {b}");
+            }
+            _ => panic!("step {i}: change {ours:?} vs diffusers {theirs:?}"),
+        }
+    }
+    // The 2-step run's bound (10 × DENSE_TOL for 2 calls), scaled by the 4× more transformer calls
+    // whose errors add up through the Euler steps.
+    let bound = 4.0 * 1e-3;
+    let want = load("ref/latents_fbcache.safetensors")?;
+    check(
+        "latents with the first-block cache",
+        &trace.latents,
+        &want,
+        bound,
+    )?;
+    let err = rel_err(&trace.latents, &want)?;
+    let dense = InpaintOptions {
+        cache_threshold: None,
+        ..opts
+    };
+    let (_, dense) = fill.inpaint_traced(&image, &mask, &prompt()?, &dense, &mut |_| true)?;
+    check(
+        "latents without the cache",
+        &dense.latents,
+        &load("ref/latents_fbcache_dense.safetensors")?,
+        bound,
+    )?;
+    assert!(dense.cache_diffs.is_empty());
+    // The skipped steps changed the result by far more than our distance to diffusers' cached
+    // run: the comparison above did tell a cached run from a dense one.
+    let moved = rel_err(&trace.latents, &dense.latents)?;
+    eprintln!("cached vs dense: rel {moved:.3e}");
+    assert!(
+        moved > 10.0 * err,
+        "cached vs dense {moved:e}, vs diffusers {err:e}"
+    );
+    Ok(())
+}
+
+/// A threshold of 0 computes every step (a change is never ≤ 0 unless the head block's residual
+/// did not move at all), and gives the dense result bit for bit.
+#[test]
+fn flux_first_block_cache_threshold_zero_is_dense() -> R {
+    let fill = pipeline()?;
+    let (image, mask) = inputs()?;
+    let opts = fixture_opts()?;
+    let cached = InpaintOptions {
+        cache_threshold: Some(0.0),
+        ..opts.clone()
+    };
+    let (a, ta) = fill.inpaint_traced(&image, &mask, &prompt()?, &cached, &mut |_| true)?;
+    let (_, tb) = fill.inpaint_traced(&image, &mask, &prompt()?, &opts, &mut |_| true)?;
+    assert!(a.steps_skipped.is_empty());
+    assert!(same_bits(&ta.latents, &tb.latents)?);
+    // Bad thresholds are refused before any work.
+    for bad in [-1.0, f32::NAN] {
+        let o = InpaintOptions {
+            cache_threshold: Some(bad),
+            ..opts.clone()
+        };
+        let e = fill.inpaint(&image, &mask, &prompt()?, &o, &mut |_| true);
+        assert!(
+            matches!(e, Err(ModelError::InvalidInput(_))),
+            "{bad}: {e:?}"
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn flux_parity_cancel_stops_the_loop() -> R {
     let fill = pipeline()?;

@@ -21,6 +21,7 @@
 //! ```
 
 pub mod config;
+pub mod first_block_cache;
 pub mod pipeline;
 pub mod profile;
 pub mod prompt_cache;

@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{SchedulerConfig, TransformerConfig, VaeConfig, read_json};
+use super::first_block_cache::FirstBlockCache;
 use super::prompt_cache::{DEFAULT_PROMPT_CACHE_BYTES, PromptCacheStats};
 use super::sampling::{
     Rope, euler_step, model_time_inputs, pack_latents, pack_mask, sigmas, timesteps, unpack_latents,
@@ -84,6 +85,9 @@ pub struct InpaintOptions {
     /// Dtype of the timestep/guidance rounding chain (see `model_time_inputs`). `None`: bf16 when
     /// the transformer runs in f16/bf16 (the shipped bf16 recipe), f32 in f32 (diffusers in f32).
     pub time_dtype: Option<DType>,
+    /// First-Block Cache threshold ([`super::first_block_cache`]); `None` computes every block
+    /// of every step.
+    pub cache_threshold: Option<f32>,
 }
 
 impl Default for InpaintOptions {
@@ -95,6 +99,7 @@ impl Default for InpaintOptions {
             noise: None,
             max_sequence_length: 512,
             time_dtype: None,
+            cache_threshold: None,
         }
     }
 }
@@ -133,6 +138,8 @@ pub struct FillOutput {
     pub work: FillWork,
     /// The prompt's embeddings came from the prompt cache.
     pub prompt_cached: bool,
+    /// Denoise steps (0-based) the First-Block Cache skipped; empty without it.
+    pub steps_skipped: Vec<usize>,
 }
 
 /// Intermediate tensors of one run (for parity tests and debugging).
@@ -145,6 +152,8 @@ pub struct FillTrace {
     pub latents: Tensor,
     /// Decoded image `[1, 3, H, W]` in [0, 1] (f32), before quantization to u8.
     pub image: Tensor,
+    /// The First-Block Cache's relative change per step (`None`: nothing to compare, or no cache).
+    pub cache_diffs: Vec<Option<f32>>,
 }
 
 /// The loaded FLUX.1-Fill-dev pipeline.
@@ -391,6 +400,7 @@ impl FluxFill {
         if opts.steps == 0 {
             return Err(ModelError::InvalidInput("steps must be at least 1".into()));
         }
+        let mut cache = opts.cache_threshold.map(FirstBlockCache::new).transpose()?;
         let dev = self.transformer.device().clone();
         let dtype = self.transformer.dtype();
         let (w, h) = (image.width() as usize, image.height() as usize);
@@ -455,7 +465,9 @@ impl FluxFill {
                 let temb = self.transformer.conditioning(&[tm], Some(&[gm]), &pooled)?;
                 let lat = latents.to_dtype(dtype)?;
                 let x = accounting::ew(&[&lat, &cond], Tensor::cat(&[&lat, &cond], 2)?);
-                let v = self.transformer.forward(&x, &t5, &temb, &rope)?;
+                let v = self
+                    .transformer
+                    .forward_cached(&x, &t5, &temb, &rope, cache.as_mut())?;
                 euler_step(&latents, &v, sig[i], sig[i + 1])
             });
             latents = next?;
@@ -495,6 +507,10 @@ impl FluxFill {
             sigmas: sig,
             latents,
             image: img,
+            cache_diffs: cache
+                .as_ref()
+                .map(|c| c.diffs().to_vec())
+                .unwrap_or_default(),
         };
         Ok((
             FillOutput {
@@ -510,6 +526,7 @@ impl FluxFill {
                     decode: decode_work,
                 },
                 prompt_cached,
+                steps_skipped: cache.map(|c| c.skipped().to_vec()).unwrap_or_default(),
             },
             trace,
         ))

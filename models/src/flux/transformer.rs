@@ -9,6 +9,7 @@ use candle_core::{D, DType, Device, Tensor};
 use pawfect_kernels as k;
 
 use super::config::TransformerConfig;
+use super::first_block_cache::FirstBlockCache;
 use super::profile::{Profiler, RegionTime, region};
 use super::sampling::{Rope, timestep_embedding};
 use crate::accounting::{self as acct, ew};
@@ -406,6 +407,19 @@ fn attend(
     Ok(k::attention_merged_heads(q, kk, v, scale, false)?)
 }
 
+/// What every block of one forward pass reads besides its own weights and streams.
+struct BlockInputs<'a> {
+    /// `silu(temb)`, the input of every modulation.
+    vec: &'a Tensor,
+    rope: &'a Rope,
+    cos_t: &'a Tensor,
+    sin_t: &'a Tensor,
+    cos_i: &'a Tensor,
+    sin_i: &'a Tensor,
+    t_len: usize,
+    l_len: usize,
+}
+
 /// The FLUX transformer.
 pub struct FluxTransformer {
     cfg: TransformerConfig,
@@ -578,9 +592,21 @@ impl FluxTransformer {
         temb: &Tensor,
         rope: &Rope,
     ) -> Result<Tensor> {
+        self.forward_cached(img, txt, temb, rope, None)
+    }
+
+    /// [`Self::forward`] with a First-Block Cache ([`super::first_block_cache`]): after double
+    /// block 0 the cache decides whether the remaining blocks run or its residual stands in for
+    /// them. `None` runs every block.
+    pub fn forward_cached(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        temb: &Tensor,
+        rope: &Rope,
+        mut cache: Option<&mut FirstBlockCache>,
+    ) -> Result<Tensor> {
         let dt = self.dtype;
-        let heads = self.cfg.num_attention_heads;
-        let scale = 1.0 / (self.cfg.attention_head_dim as f64).sqrt();
         let (mut img, mut txt) = self.region("embed.img_in_txt_in", || {
             let img = self
                 .img_in
@@ -602,115 +628,175 @@ impl FluxTransformer {
         let (cos_t, sin_t) = rope.rows(0, t_len)?;
         let (cos_i, sin_i) = rope.rows(t_len, l_len)?;
         let vec = self.region("embed.silu_temb", || Ok(ew(&[temb], temb.silu()?)))?;
+        let cx = BlockInputs {
+            vec: &vec,
+            rope,
+            cos_t: &cos_t,
+            sin_t: &sin_t,
+            cos_i: &cos_i,
+            sin_i: &sin_i,
+            t_len,
+            l_len,
+        };
 
-        for blk in &self.double {
-            let (im, tm) = self.region("double.modulation", || {
-                Ok((
-                    chunks(&blk.img.modulation.forward(&vec)?, 6)?,
-                    chunks(&blk.txt.modulation.forward(&vec)?, 6)?,
-                ))
-            })?;
-            let (img_n, txt_n) = self.region("double.norm_modulate", || {
-                Ok((
-                    norm_modulate(&img, &im[0], &im[1])?,
-                    norm_modulate(&txt, &tm[0], &tm[1])?,
-                ))
-            })?;
-            let (iqkv, tqkv) = self.region("double.qkv_linear", || {
-                Ok((blk.img.qkv.forward(&img_n)?, blk.txt.qkv.forward(&txt_n)?))
-            })?;
-            let ((iq, ik, iv), (tq, tk, tv)) = self.region("double.qk_norm_rope", || {
-                Ok((
-                    qkv_heads(
-                        &iqkv,
-                        heads,
-                        &blk.img.q_norm,
-                        &blk.img.k_norm,
-                        &cos_i,
-                        &sin_i,
-                    )?,
-                    qkv_heads(
-                        &tqkv,
-                        heads,
-                        &blk.txt.q_norm,
-                        &blk.txt.k_norm,
-                        &cos_t,
-                        &sin_t,
-                    )?,
-                ))
-            })?;
-            let (q, kk, v) = self.region("double.cat_qkv", || {
-                Ok((
-                    cat(&[&tq, &iq], 2)?,
-                    cat(&[&tk, &ik], 2)?,
-                    cat(&[&tv, &iv], 2)?,
-                ))
-            })?;
-            let attn = self.region("double.attention", || {
-                attend(&q, &kk, &v, scale, self.f32_attention)
-            })?;
-            let txt_a = attn.narrow(1, 0, t_len)?;
-            let img_a = attn.narrow(1, t_len, l_len)?;
-
-            let (img_o, txt_o) = self.region("double.out_proj", || {
-                Ok((blk.img.proj.forward(&img_a)?, blk.txt.proj.forward(&txt_a)?))
-            })?;
-            (img, txt) = self.region("double.gated_residual", || {
-                Ok((
-                    gated(&img, &im[2], &img_o, false)?,
-                    gated(&txt, &tm[2], &txt_o, false)?,
-                ))
-            })?;
-            let (img_n2, txt_n2) = self.region("double.norm_modulate", || {
-                Ok((
-                    norm_modulate(&img, &im[3], &im[4])?,
-                    norm_modulate(&txt, &tm[3], &tm[4])?,
-                ))
-            })?;
-            let (img_h, txt_h) = self.region("double.mlp_in_gelu", || {
-                Ok((
-                    blk.img.mlp0.forward_gelu(&img_n2)?,
-                    blk.txt.mlp0.forward_gelu(&txt_n2)?,
-                ))
-            })?;
-            let (img_m, txt_m) = self.region("double.mlp_out", || {
-                Ok((blk.img.mlp2.forward(&img_h)?, blk.txt.mlp2.forward(&txt_h)?))
-            })?;
-            (img, txt) = self.region("double.gated_residual", || {
-                Ok((
-                    gated(&img, &im[5], &img_m, false)?,
-                    gated(&txt, &tm[5], &txt_m, true)?,
-                ))
-            })?;
+        let mut head_out = None;
+        for (b, blk) in self.double.iter().enumerate() {
+            let img_in = img.clone();
+            (img, txt) = self.double_block(blk, &img, &txt, &cx)?;
+            if b == 0
+                && let Some(c) = cache.as_deref_mut()
+            {
+                if let Some(img_last) = c.after_head(&img_in, &img)? {
+                    return self.final_layer(&img_last, &vec);
+                }
+                head_out = Some(img.clone());
+            }
         }
 
-        let h = self.cfg.hidden_size();
         let mut x = self.region("single.cat_txt_img", || cat(&[&txt, &img], 1))?;
         for blk in &self.single {
-            let m = self.region("single.modulation", || {
-                chunks(&blk.modulation.forward(&vec)?, 3)
-            })?;
-            let xn = self.region("single.norm_modulate", || norm_modulate(&x, &m[0], &m[1]))?;
-            let (qkv, mlp_h) = self.region("single.linear1_qkv_mlp_in_gelu", || {
-                blk.linear1.forward_split_gelu(&xn, 3 * h)
-            })?;
-            let (q, kk, v) = self.region("single.qk_norm_rope", || {
-                qkv_heads(&qkv, heads, &blk.q_norm, &blk.k_norm, &rope.cos, &rope.sin)
-            })?;
-            let attn = self.region("single.attention", || {
-                attend(&q, &kk, &v, scale, self.f32_attention)
-            })?;
-            let cat = self.region("single.cat_attn_mlp", || {
-                cat(&[&attn, &mlp_h], attn.rank() - 1)
-            })?;
-            let out = self.region("single.linear2", || blk.linear2.forward(&cat))?;
-            x = self.region("single.gated_residual", || gated(&x, &m[2], &out, true))?;
+            x = self.single_block(blk, &x, &cx)?;
         }
+        let img_last = x.narrow(1, t_len, l_len)?;
+        if let (Some(c), Some(head)) = (cache, head_out) {
+            c.computed(&head, &img_last)?;
+        }
+        self.final_layer(&img_last, &vec)
+    }
+
+    /// One double-stream block: joint attention over text and image, then per-stream MLPs.
+    fn double_block(
+        &self,
+        blk: &DoubleBlock,
+        img: &Tensor,
+        txt: &Tensor,
+        cx: &BlockInputs,
+    ) -> Result<(Tensor, Tensor)> {
+        let heads = self.cfg.num_attention_heads;
+        let scale = self.attention_scale();
+        let (t_len, l_len) = (cx.t_len, cx.l_len);
+        let (im, tm) = self.region("double.modulation", || {
+            Ok((
+                chunks(&blk.img.modulation.forward(cx.vec)?, 6)?,
+                chunks(&blk.txt.modulation.forward(cx.vec)?, 6)?,
+            ))
+        })?;
+        let (img_n, txt_n) = self.region("double.norm_modulate", || {
+            Ok((
+                norm_modulate(img, &im[0], &im[1])?,
+                norm_modulate(txt, &tm[0], &tm[1])?,
+            ))
+        })?;
+        let (iqkv, tqkv) = self.region("double.qkv_linear", || {
+            Ok((blk.img.qkv.forward(&img_n)?, blk.txt.qkv.forward(&txt_n)?))
+        })?;
+        let ((iq, ik, iv), (tq, tk, tv)) = self.region("double.qk_norm_rope", || {
+            Ok((
+                qkv_heads(
+                    &iqkv,
+                    heads,
+                    &blk.img.q_norm,
+                    &blk.img.k_norm,
+                    cx.cos_i,
+                    cx.sin_i,
+                )?,
+                qkv_heads(
+                    &tqkv,
+                    heads,
+                    &blk.txt.q_norm,
+                    &blk.txt.k_norm,
+                    cx.cos_t,
+                    cx.sin_t,
+                )?,
+            ))
+        })?;
+        let (q, kk, v) = self.region("double.cat_qkv", || {
+            Ok((
+                cat(&[&tq, &iq], 2)?,
+                cat(&[&tk, &ik], 2)?,
+                cat(&[&tv, &iv], 2)?,
+            ))
+        })?;
+        let attn = self.region("double.attention", || {
+            attend(&q, &kk, &v, scale, self.f32_attention)
+        })?;
+        let txt_a = attn.narrow(1, 0, t_len)?;
+        let img_a = attn.narrow(1, t_len, l_len)?;
+
+        let (img_o, txt_o) = self.region("double.out_proj", || {
+            Ok((blk.img.proj.forward(&img_a)?, blk.txt.proj.forward(&txt_a)?))
+        })?;
+        let (img, txt) = self.region("double.gated_residual", || {
+            Ok((
+                gated(img, &im[2], &img_o, false)?,
+                gated(txt, &tm[2], &txt_o, false)?,
+            ))
+        })?;
+        let (img_n2, txt_n2) = self.region("double.norm_modulate", || {
+            Ok((
+                norm_modulate(&img, &im[3], &im[4])?,
+                norm_modulate(&txt, &tm[3], &tm[4])?,
+            ))
+        })?;
+        let (img_h, txt_h) = self.region("double.mlp_in_gelu", || {
+            Ok((
+                blk.img.mlp0.forward_gelu(&img_n2)?,
+                blk.txt.mlp0.forward_gelu(&txt_n2)?,
+            ))
+        })?;
+        let (img_m, txt_m) = self.region("double.mlp_out", || {
+            Ok((blk.img.mlp2.forward(&img_h)?, blk.txt.mlp2.forward(&txt_h)?))
+        })?;
+        self.region("double.gated_residual", || {
+            Ok((
+                gated(&img, &im[5], &img_m, false)?,
+                gated(&txt, &tm[5], &txt_m, true)?,
+            ))
+        })
+    }
+
+    /// One single-stream block over the concatenated `[text, image]` tokens.
+    fn single_block(&self, blk: &SingleBlock, x: &Tensor, cx: &BlockInputs) -> Result<Tensor> {
+        let h = self.cfg.hidden_size();
+        let heads = self.cfg.num_attention_heads;
+        let scale = self.attention_scale();
+        let m = self.region("single.modulation", || {
+            chunks(&blk.modulation.forward(cx.vec)?, 3)
+        })?;
+        let xn = self.region("single.norm_modulate", || norm_modulate(x, &m[0], &m[1]))?;
+        let (qkv, mlp_h) = self.region("single.linear1_qkv_mlp_in_gelu", || {
+            blk.linear1.forward_split_gelu(&xn, 3 * h)
+        })?;
+        let (q, kk, v) = self.region("single.qk_norm_rope", || {
+            qkv_heads(
+                &qkv,
+                heads,
+                &blk.q_norm,
+                &blk.k_norm,
+                &cx.rope.cos,
+                &cx.rope.sin,
+            )
+        })?;
+        let attn = self.region("single.attention", || {
+            attend(&q, &kk, &v, scale, self.f32_attention)
+        })?;
+        let cat = self.region("single.cat_attn_mlp", || {
+            cat(&[&attn, &mlp_h], attn.rank() - 1)
+        })?;
+        let out = self.region("single.linear2", || blk.linear2.forward(&cat))?;
+        self.region("single.gated_residual", || gated(x, &m[2], &out, true))
+    }
+
+    /// AdaLN-modulated norm and projection of the image tokens to the velocity.
+    fn final_layer(&self, img: &Tensor, vec: &Tensor) -> Result<Tensor> {
         self.region("final_layer", || {
-            let img = x.narrow(1, t_len, l_len)?;
-            let m = chunks(&self.final_mod.forward(&vec)?, 2)?;
-            let img = norm_modulate(&img, &m[0], &m[1])?;
+            let m = chunks(&self.final_mod.forward(vec)?, 2)?;
+            let img = norm_modulate(img, &m[0], &m[1])?;
             self.final_linear.forward(&img)
         })
+    }
+
+    fn attention_scale(&self) -> f64 {
+        1.0 / (self.cfg.attention_head_dim as f64).sqrt()
     }
 }
