@@ -114,10 +114,25 @@ pub struct InpaintJobSpec {
     #[serde(default = "default_timeout_seconds")]
     #[schemars(range(min = limits::TIMEOUT_SECONDS_MIN, max = limits::TIMEOUT_SECONDS_MAX))]
     pub timeout_seconds: u64,
+    /// First-Block Cache of the denoise loop: steps whose first transformer block barely changed
+    /// reuse the rest of the transformer's output from the last full step. Off when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheSpec>,
     /// Seconds after the job finished (Succeeded, Failed or Cancelled) before it is deleted. Kept forever when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub ttl_seconds_after_finished: Option<u64>,
+}
+
+/// First-Block Cache settings, with the meaning of diffusers' `FirstBlockCacheConfig`.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheSpec {
+    /// A step skips every transformer block after the first when the first block's residual
+    /// moved by at most this much since the last fully computed step (mean |Δ| / mean |residual|).
+    /// 0 computes every step; larger values skip more steps and cost fidelity (bench/RESULTS.md).
+    #[schemars(range(min = limits::CACHE_THRESHOLD_MIN, max = limits::CACHE_THRESHOLD_MAX))]
+    pub threshold: f64,
 }
 
 fn default_steps() -> u32 {
@@ -373,6 +388,20 @@ pub struct StageWork {
     /// The sum of the stages above.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total: Option<WorkCounts>,
+    /// Denoise steps over every crop: run through the whole transformer, or served by the
+    /// First-Block Cache (`spec.cache`). Absent from workers that do not report them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<DenoiseSteps>,
+}
+
+/// How the denoise steps of a job ran.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DenoiseSteps {
+    /// Steps that ran every transformer block.
+    pub computed: u32,
+    /// Steps that ran the first block only and reused the cached residual of the others.
+    pub cached: u32,
 }
 
 impl StageWork {

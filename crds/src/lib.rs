@@ -10,8 +10,8 @@ pub mod redact;
 
 pub use conditions::ConditionStatus;
 pub use job::{
-    InpaintJob, InpaintJobSpec, InpaintJobStatus, JobPhase, JobProgress, Priority, PromptOrigin,
-    PromptSource, StageTimings, StageWork, WorkCounts,
+    CacheSpec, DenoiseSteps, InpaintJob, InpaintJobSpec, InpaintJobStatus, JobPhase, JobProgress,
+    Priority, PromptOrigin, PromptSource, StageTimings, StageWork, WorkCounts,
 };
 pub use limits::{LimitError, check_limits};
 pub use pool::{

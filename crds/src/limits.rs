@@ -19,6 +19,12 @@ pub const STEPS_MAX: u32 = 100;
 pub const GUIDANCE_SCALE_MIN: f64 = 0.0;
 /// Highest guidance scale (FLUX.1-Fill-dev is run at 30).
 pub const GUIDANCE_SCALE_MAX: f64 = 100.0;
+/// Lowest First-Block Cache threshold (0: every step computed).
+pub const CACHE_THRESHOLD_MIN: f64 = 0.0;
+/// Highest First-Block Cache threshold: a relative change of 1 is as large as the residual
+/// itself; at that point every step after the first is skipped on real weights, and the image is
+/// the first step's prediction.
+pub const CACHE_THRESHOLD_MAX: f64 = 1.0;
 /// Largest seed: 2⁵³ − 1, the largest integer every JSON client (JavaScript, `kubectl`'s
 /// float64 path) carries exactly, so a seed read back from a status or a log reproduces the run.
 pub const SEED_MAX: u64 = (1 << 53) - 1;
@@ -114,6 +120,15 @@ pub fn check_limits(spec: &InpaintJobSpec) -> Result<(), LimitError> {
         format!("{GUIDANCE_SCALE_MIN:?}"),
         format!("{GUIDANCE_SCALE_MAX:?}"),
     );
+    if let Some(cache) = &spec.cache {
+        range(
+            "cache.threshold",
+            (CACHE_THRESHOLD_MIN..=CACHE_THRESHOLD_MAX).contains(&cache.threshold),
+            cache.threshold.to_string(),
+            format!("{CACHE_THRESHOLD_MIN:?}"),
+            format!("{CACHE_THRESHOLD_MAX:?}"),
+        );
+    }
     if let Some(seed) = spec.seed {
         range(
             "seed",
@@ -250,6 +265,7 @@ mod tests {
     fn bounds_are_inclusive() {
         let s = spec(serde_json::json!({
             "steps": STEPS_MAX, "guidanceScale": GUIDANCE_SCALE_MIN, "seed": SEED_MAX,
+            "cache": {"threshold": CACHE_THRESHOLD_MAX},
             "maxAttempts": MAX_ATTEMPTS_MAX, "timeoutSeconds": TIMEOUT_SECONDS_MIN,
             "pool": "é".repeat(POOL_LEN_MAX as usize),
             "prompt": "é".repeat(PROMPT_LEN_MAX as usize),

@@ -351,13 +351,29 @@ async fn schema_bounds_and_check_limits_agree() {
             serde_json::from_value(m["spec"].clone()).map_err(|e| e.to_string())?;
         pawfect_api::check_limits(&spec).map_err(|e| e.to_string())
     };
+    // A nested field (`cache.threshold`) is set inside its object, the object's other
+    // required fields left out (it has none yet; a new one fails the test loudly).
     let with = |field: &str, v: Value| {
         let mut m = base.clone();
-        m["spec"][field] = v;
+        let mut at = &mut m["spec"];
+        for part in field.split('.') {
+            at = &mut at[part];
+        }
+        *at = v;
         m
     };
+    // Every leaf of the spec, objects walked into: (`cache.threshold`, its schema).
+    let mut leaves: Vec<(String, &Value)> = Vec::new();
+    let mut stack: Vec<(String, &Value)> = props.iter().map(|(k, v)| (k.clone(), v)).collect();
+    while let Some((path, p)) = stack.pop() {
+        match p["properties"].as_object() {
+            Some(inner) => stack.extend(inner.iter().map(|(k, v)| (format!("{path}.{k}"), v))),
+            None => leaves.push((path, p)),
+        }
+    }
     let mut checked = Vec::new();
-    for (field, p) in props {
+    for (field, p) in leaves {
+        let field = field.as_str();
         let integer = p["type"] == "integer";
         for (key, past) in [("minimum", -1.0), ("maximum", 1.0)] {
             let Some(bound) = p[key].as_f64() else {
@@ -451,6 +467,8 @@ async fn schema_bounds_and_check_limits_agree() {
     assert_eq!(
         checked,
         [
+            "cache.threshold.maximum",
+            "cache.threshold.minimum",
             "guidanceScale.maximum",
             "guidanceScale.minimum",
             "image.minLength",

@@ -176,3 +176,82 @@ fn inpaint_json_reports_the_work_per_stage() -> R {
     assert_eq!(get("denoise", "attentionFlop"), Some(attention), "{s}");
     Ok(())
 }
+
+/// `inpaint --cache-threshold`: the First-Block Cache's steps reach `work.steps`, every step is
+/// either computed or cached, the first step of each crop is always computed, and a cached step
+/// issues the attention of one block instead of all of them.
+#[test]
+fn inpaint_cache_threshold_reports_the_steps_it_skipped() -> R {
+    let run = |extra: &[&str]| -> R<Value> {
+        let dir = tempfile::tempdir()?;
+        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/photo");
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_pawfect-worker"))
+            .args(["inpaint", "--json", "--device", "cpu", "--dtype", "f32"])
+            .arg("--models")
+            .arg(fixtures().join("pipeline"))
+            .arg("--image")
+            .arg(examples.join("dog-on-lawn.jpg"))
+            .arg("--mask")
+            .arg(examples.join("leash-mask.png"))
+            .args(["--prompt", "green grass lawn", "--steps", "4"])
+            .args(["--crop-min-side", "128", "--crop-max-side", "256"])
+            .args(extra)
+            .arg("--out")
+            .arg(dir.path().join("out.png"))
+            .output()?;
+        if !run.status.success() {
+            return Err(format!("inpaint failed: {}", String::from_utf8_lossy(&run.stderr)).into());
+        }
+        Ok(serde_json::from_slice(&run.stdout)?)
+    };
+    let dense = run(&[])?;
+    let crops = dense["crops"].as_array().ok_or("crops")?.len() as u64;
+    let steps = |s: &Value, k: &str| s["work"]["steps"][k].as_u64();
+    assert_eq!(steps(&dense, "computed"), Some(4 * crops), "{dense}");
+    assert_eq!(steps(&dense, "cached"), Some(0), "{dense}");
+    // Threshold 0 computes every step (a change is never ≤ 0 unless nothing moved).
+    let zero = run(&["--cache-threshold", "0"])?;
+    // (Its memory-bound bytes are higher: the residual comparison itself.)
+    assert_eq!(zero["work"]["steps"], dense["work"]["steps"], "{zero}");
+    for class in ["f16GemmFlop", "attentionFlop"] {
+        assert_eq!(
+            zero["work"]["denoise"][class], dense["work"]["denoise"][class],
+            "{class}: {zero}"
+        );
+    }
+    // The largest threshold skips whenever the first block moved less than its own residual.
+    let cached = run(&["--cache-threshold", "1"])?;
+    let (c, k) = (
+        steps(&cached, "computed").ok_or("computed")?,
+        steps(&cached, "cached").ok_or("cached")?,
+    );
+    assert_eq!(c + k, 4 * crops, "{cached}");
+    assert!(
+        c >= crops,
+        "a crop's first step has nothing to compare: {cached}"
+    );
+    let attn = |s: &Value| s["work"]["denoise"]["attentionFlop"].as_u64().unwrap_or(0);
+    let cfg: Value = serde_json::from_str(&std::fs::read_to_string(
+        fixtures().join("pipeline/transformer/config.json"),
+    )?)?;
+    let blocks = cfg["num_layers"].as_u64().ok_or("num_layers")?
+        + cfg["num_single_layers"]
+            .as_u64()
+            .ok_or("num_single_layers")?;
+    // Per crop and step, a dense step attends `blocks` times, a cached one once; with crops of
+    // one size (one attention cost a) the totals are exact: dense = 4·crops·blocks·a.
+    let per_block_step = attn(&dense) / (4 * crops * blocks);
+    let sizes: std::collections::BTreeSet<_> = dense["crops"]
+        .as_array()
+        .ok_or("crops")?
+        .iter()
+        .map(|c| c["target"].to_string())
+        .collect();
+    if sizes.len() == 1 {
+        assert_eq!(attn(&cached), per_block_step * (c * blocks + k), "{cached}");
+    }
+    assert_eq!(k > 0, attn(&cached) < attn(&dense), "{cached}");
+    // Out of range: refused before any model is loaded.
+    assert!(run(&["--cache-threshold", "1.5"]).is_err());
+    Ok(())
+}

@@ -21,7 +21,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use candle_core::{Device, Tensor};
 use clap::Args;
-use pawfect_api::{InpaintJobSpec, Priority, StageTimings, StageWork};
+use pawfect_api::{CacheSpec, InpaintJobSpec, Priority, StageTimings, StageWork};
 use serde::Serialize;
 
 use super::models::{CaptionArgs, FluxArgs, parse_dtype};
@@ -69,6 +69,11 @@ pub struct InpaintArgs {
     pub guidance: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// First-Block Cache threshold (a job's `spec.cache.threshold`, 0–1): a step whose first
+    /// transformer block moved by at most this much since the last full step skips the others.
+    /// Off when unset.
+    #[arg(long, value_parser = parse_cache_threshold)]
+    pub cache_threshold: Option<f64>,
     /// Whole frame through FLUX, no cleanup, crop or stitch (diffusers' FluxFillPipeline).
     #[arg(long)]
     pub full_frame: bool,
@@ -79,6 +84,18 @@ pub struct InpaintArgs {
     /// Print the summary (prompt, crops, timings) as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+fn parse_cache_threshold(s: &str) -> Result<f64, String> {
+    use pawfect_api::limits::{CACHE_THRESHOLD_MAX, CACHE_THRESHOLD_MIN};
+    let v: f64 = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    if (CACHE_THRESHOLD_MIN..=CACHE_THRESHOLD_MAX).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!(
+            "{v} is outside {CACHE_THRESHOLD_MIN:?}..={CACHE_THRESHOLD_MAX:?}"
+        ))
+    }
 }
 
 fn load_noise(path: &Path) -> Result<Tensor> {
@@ -134,6 +151,7 @@ fn full_frame(a: &InpaintArgs) -> Result<()> {
         noise: a.noise.as_deref().map(load_noise).transpose()?,
         max_sequence_length: a.flux.max_sequence_length,
         time_dtype: a.flux.time_dtype.as_deref().map(parse_dtype).transpose()?,
+        cache_threshold: a.cache_threshold.map(|t| t as f32),
     };
     let bar = progress_bar(a.steps as u64);
     bar.set_message("denoise");
@@ -152,6 +170,7 @@ fn full_frame(a: &InpaintArgs) -> Result<()> {
         encode_ms = out.timings.encode_ms,
         denoise_ms = out.timings.denoise_ms,
         decode_ms = out.timings.decode_ms,
+        steps_cached = ?out.steps_skipped,
         "done"
     );
     Ok(())
@@ -244,6 +263,7 @@ fn staged(a: &InpaintArgs) -> Result<()> {
         max_attempts: pawfect_api::job::DEFAULT_MAX_ATTEMPTS,
         timeout_seconds: pawfect_api::job::DEFAULT_TIMEOUT_SECONDS,
         ttl_seconds_after_finished: None,
+        cache: a.cache_threshold.map(|threshold| CacheSpec { threshold }),
     };
     let params = JobParams {
         spec,
@@ -375,6 +395,14 @@ fn print_summary(s: &Summary) {
                 c.memory_bound_bytes as f64
             );
         }
+    }
+    if let Some(st) = w.steps
+        && st.cached > 0
+    {
+        println!(
+            "steps:   {} computed, {} served by the first-block cache",
+            st.computed, st.cached
+        );
     }
     println!("(models loaded in {} ms)", s.load_ms);
     println!("wrote {}", s.output);

@@ -11,7 +11,7 @@ use super::inpaint::{
 };
 use super::prompt::{CaptionError, Captioner, PromptRules, RulePrompt};
 use crate::surface_prompt::SurfacePrompt;
-use pawfect_api::PromptOrigin;
+use pawfect_api::{DenoiseSteps, PromptOrigin};
 use pawfect_models::ModelError;
 use pawfect_models::florence2::{Florence2, GenerationConfig, Task};
 use pawfect_models::flux::{self, FluxFill, InpaintOptions};
@@ -50,6 +50,7 @@ impl Inpainter for FluxInpainter {
             guidance: params.guidance as f32,
             seed: params.seed,
             max_sequence_length: self.max_sequence_length,
+            cache_threshold: params.cache_threshold.map(|t| t as f32),
             ..InpaintOptions::default()
         };
         let mut on_step = |s: flux::Step| {
@@ -70,6 +71,10 @@ impl Inpainter for FluxInpainter {
                     encode: work_counts(out.work.encode),
                     denoise: work_counts(out.work.denoise),
                     decode: work_counts(out.work.decode),
+                    steps: DenoiseSteps {
+                        computed: (opts.steps - out.steps_skipped.len()) as u32,
+                        cached: out.steps_skipped.len() as u32,
+                    },
                 },
             }),
             Err(ModelError::Cancelled) => Err(InpaintError::Cancelled),

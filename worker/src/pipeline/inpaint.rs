@@ -9,7 +9,7 @@
 use image::imageops::{self, FilterType};
 use image::{GrayImage, RgbImage};
 
-use pawfect_api::WorkCounts;
+use pawfect_api::{DenoiseSteps, WorkCounts};
 
 use super::crop::Crop;
 
@@ -19,6 +19,8 @@ pub struct InpaintParams {
     pub steps: u32,
     pub guidance: f64,
     pub seed: u64,
+    /// First-Block Cache threshold (`spec.cache.threshold`); `None`: every step computed.
+    pub cache_threshold: Option<f64>,
 }
 
 /// A denoising step has finished: `step` of `total` (1-based).
@@ -50,6 +52,9 @@ pub struct ModelWork {
     pub encode: WorkCounts,
     pub denoise: WorkCounts,
     pub decode: WorkCounts,
+    /// Denoise steps computed in full and served by the First-Block Cache (zero for models
+    /// that do not report them).
+    pub steps: DenoiseSteps,
 }
 
 impl std::ops::AddAssign for ModelWork {
@@ -57,6 +62,8 @@ impl std::ops::AddAssign for ModelWork {
         self.encode += o.encode;
         self.denoise += o.denoise;
         self.decode += o.decode;
+        self.steps.computed += o.steps.computed;
+        self.steps.cached += o.steps.cached;
     }
 }
 

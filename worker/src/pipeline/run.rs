@@ -170,6 +170,7 @@ impl Pipeline {
             denoise: Some(model_work.denoise),
             decode: Some(model_work.decode),
             total: None,
+            steps: (model_work.steps != Default::default()).then_some(model_work.steps),
         }
         .with_total();
         timings.encode = Some(model.encode_ms);
@@ -294,6 +295,7 @@ impl Pipeline {
             steps,
             guidance: params.spec.guidance_scale,
             seed: params.seed().wrapping_add(index as u64),
+            cache_threshold: params.spec.cache.as_ref().map(|c| c.threshold),
         };
         let offset = steps * index as u32;
         let mut on_step = |s: Step| -> bool {

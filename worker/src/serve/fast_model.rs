@@ -76,6 +76,7 @@ mod tests {
             steps: 3,
             guidance: 30.0,
             seed: 0x0A0B0C,
+            cache_threshold: None,
         };
         let out = FastInpainter
             .inpaint(&image, &mask, "", &params, &mut |s| {
