@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """T4 time model of one job from the work counts the worker reported (`inpaint --json`).
 
-    python3 bench/t4_model.py WORKER_JSON [--results bench/results.json] [--allow-nonstandard]
+    python3 bench/t4_model.py WORKER_JSON [--fast] [--results bench/results.json] [--allow-nonstandard]
 
 WORKER_JSON is the stdout of `pawfect-worker inpaint --json` (its `work.total` counts). The model:
 
@@ -13,7 +13,12 @@ Written into RESULTS (through bench/merge_results.py): `standard_job_flops` (the
 came from, the per-stage seconds). Only a standard job is accepted unless --allow-nonstandard:
 one 1024x768 crop, 20 steps, 512 T5 tokens, and denoise attention equal to that of the full-size
 FLUX.1-Fill-dev transformer (19 + 38 blocks, 24 heads of 128) over 512 + 3072 tokens, so a run
-of another model size is refused rather than recorded. Stdlib only.
+of another model size is refused rather than recorded.
+
+--fast: WORKER_JSON is the standard job in the fast configuration (First-Block Cache on; int8
+when the worker has it). Writes `standard_job_flops_fast`, `t4_modelled_s_fast`,
+`fbcache_steps_skipped_standard` (the worker's `work.steps.cached`) and `t4_model_inputs_fast`
+instead; the attention check then counts a cached step as one block. Stdlib only.
 """
 import argparse
 import json
@@ -68,9 +73,15 @@ def standard_problems(summary):
         problems.append(
             f"text tokens {summary.get('maxSequenceLength')} (want {STANDARD_TEXT_TOKENS})"
         )
+    steps = summary.get("work", {}).get("steps") or {"computed": STANDARD_STEPS, "cached": 0}
+    computed, cached = steps.get("computed", 0), steps.get("cached", 0)
+    if not problems and computed + cached != STANDARD_STEPS:
+        problems.append(f"work.steps {steps} does not add up to {STANDARD_STEPS}")
     if not problems:
         n = STANDARD_TEXT_TOKENS + image_tokens(STANDARD_TARGET)
-        want = STANDARD_STEPS * FULL_BLOCKS * 4 * FULL_HEADS * n * n * FULL_HEAD_DIM
+        # A step served by the First-Block Cache ran the first block only.
+        blocks = computed * FULL_BLOCKS + cached
+        want = blocks * 4 * FULL_HEADS * n * n * FULL_HEAD_DIM
         got = summary["work"].get("denoise", {}).get("attentionFlop")
         if got != want:
             problems.append(
@@ -79,7 +90,7 @@ def standard_problems(summary):
     return problems
 
 
-def results_from(summary, source):
+def results_from(summary, source, fast=False):
     work = summary.get("work")
     if not isinstance(work, dict) or not isinstance(work.get("total"), dict):
         raise ValueError("no work.total in the worker's JSON (a worker without work accounting?)")
@@ -105,6 +116,16 @@ def results_from(summary, source):
         "modelled_s_by_stage": by_stage,
         "measured_ms_by_stage": summary.get("timings"),
     }
+    if fast:
+        steps = work.get("steps") or {}
+        inputs["steps_computed"] = steps.get("computed")
+        inputs["steps_cached"] = steps.get("cached")
+        return {
+            "standard_job_flops_fast": flops,
+            "t4_modelled_s_fast": modelled_seconds(total),
+            "fbcache_steps_skipped_standard": steps.get("cached", 0),
+            "t4_model_inputs_fast": inputs,
+        }
     return {
         "standard_job_flops": flops,
         "t4_modelled_s_default": modelled_seconds(total),
@@ -134,11 +155,16 @@ def main(argv=None):
         action="store_true",
         help="accept any job (test runs on the tiny fixtures; never for bench/results.json)",
     )
+    ap.add_argument(
+        "--fast",
+        action="store_true",
+        help="the fast configuration's run: writes the *_fast keys",
+    )
     a = ap.parse_args(argv)
     with open(a.worker_json) as f:
         summary = json.load(f)
     try:
-        entries = results_from(summary, os.path.basename(a.worker_json))
+        entries = results_from(summary, os.path.basename(a.worker_json), a.fast)
     except ValueError as e:
         print(f"{a.worker_json}: {e}", file=sys.stderr)
         return 1
@@ -147,7 +173,7 @@ def main(argv=None):
         print("not the standard job: " + "; ".join(problems), file=sys.stderr)
         return 1
     merge(a.results, entries)
-    print(json.dumps({k: entries[k] for k in ("standard_job_flops", "t4_modelled_s_default")}))
+    print(json.dumps({k: v for k, v in entries.items() if not k.startswith("t4_model_inputs")}))
     return 0
 
 

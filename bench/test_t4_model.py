@@ -21,7 +21,7 @@ import t4_model  # noqa: E402
 WORKER = os.environ.get("PAWFECT_WORKER", os.path.join(ROOT, "target", "debug", "pawfect-worker"))
 
 
-def tiny_run(tmp, steps):
+def tiny_run(tmp, steps, extra=()):
     """The worker's --json stdout for the example photo on the tiny fixtures, saved to a file."""
     out = subprocess.run(
         [WORKER, "inpaint", "--json", "--device", "cpu", "--dtype", "f32",
@@ -29,10 +29,10 @@ def tiny_run(tmp, steps):
          "--image", os.path.join(ROOT, "examples/photo/dog-on-lawn.jpg"),
          "--mask", os.path.join(ROOT, "examples/photo/leash-mask.png"),
          "--prompt", "green grass lawn, seamless continuation, no objects",
-         "--steps", str(steps), "--out", os.path.join(tmp, "out.png")],
+         "--steps", str(steps), *extra, "--out", os.path.join(tmp, "out.png")],
         check=True, capture_output=True, text=True,
     ).stdout
-    path = os.path.join(tmp, f"worker-{steps}.json")
+    path = os.path.join(tmp, f"worker-{steps}{'-'.join(('',) + tuple(extra))}.json")
     with open(path, "w") as f:
         f.write(out)
     return path, json.loads(out)
@@ -102,6 +102,40 @@ class T4Model(unittest.TestCase):
         two = self.summary["work"]["denoise"]
         self.assertEqual(four["work"]["denoise"], {k: 2 * v for k, v in two.items()})
         self.assertEqual(four["work"]["encode"], self.summary["work"]["encode"])
+
+    def test_fast_writes_the_fast_keys_and_the_skipped_steps(self):
+        path, fast = tiny_run(self.tmp.name, 4, ("--cache-threshold", "1"))
+        res = self.results_file()
+        self.assertEqual(t4_model.main([path, "--fast", "--results", res, "--allow-nonstandard"]), 0)
+        with open(res) as f:
+            got = json.load(f)
+        steps = fast["work"]["steps"]
+        self.assertEqual(got["fbcache_steps_skipped_standard"], steps["cached"])
+        self.assertEqual(got["standard_job_flops_fast"]["attention_flop"],
+                         fast["work"]["total"]["attentionFlop"])
+        self.assertAlmostEqual(got["t4_modelled_s_fast"], t4_model.modelled_seconds(fast["work"]["total"]))
+        for key in ("standard_job_flops", "t4_modelled_s_default"):
+            self.assertNotIn(key, got, "a fast run must not overwrite the default configuration's keys")
+
+    def test_the_standard_check_counts_a_cached_step_as_one_block(self):
+        n = t4_model.STANDARD_TEXT_TOKENS + t4_model.image_tokens(t4_model.STANDARD_TARGET)
+        per_block = 4 * t4_model.FULL_HEADS * n * n * t4_model.FULL_HEAD_DIM
+
+        def summary(computed, cached, blocks):
+            return {"crops": [{"target": t4_model.STANDARD_TARGET}], "steps": t4_model.STANDARD_STEPS,
+                    "maxSequenceLength": t4_model.STANDARD_TEXT_TOKENS,
+                    "work": {"steps": {"computed": computed, "cached": cached},
+                             "denoise": {"attentionFlop": blocks * per_block}}}
+
+        full = t4_model.FULL_BLOCKS
+        for computed, cached, blocks, ok in [
+            (20, 0, 20 * full, True),
+            (15, 5, 15 * full + 5, True),
+            (15, 5, 20 * full, False),   # counted as if nothing was cached
+            (15, 4, 15 * full + 4, False),  # steps do not add up to 20
+        ]:
+            problems = t4_model.standard_problems(summary(computed, cached, blocks))
+            self.assertEqual(problems == [], ok, (computed, cached, problems))
 
 
 if __name__ == "__main__":
