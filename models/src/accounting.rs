@@ -146,6 +146,11 @@ pub fn elementwise(inputs: &[&Tensor], output: &Tensor) {
     add(|c| c.memory_bound_bytes = c.memory_bound_bytes.saturating_add(b));
 }
 
+/// A memory-bound op of `bytes` read and written in all (for ops without a tensor output).
+pub fn memory_bound(bytes: u64) {
+    add(|c| c.memory_bound_bytes = c.memory_bound_bytes.saturating_add(bytes));
+}
+
 /// Counts `out` as a memory-bound op over `inputs` and hands it back (for expressions).
 pub fn ew(inputs: &[&Tensor], out: Tensor) -> Tensor {
     elementwise(inputs, &out);

@@ -12,8 +12,9 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
 use pawfect_kernels as k;
 
-use crate::accounting;
+use crate::accounting::{self, bytes_of};
 use crate::error::{ModelError, Result};
+use crate::int8::Int8Weight;
 
 /// How GGUF-quantized weights are multiplied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -428,6 +429,8 @@ impl WeightStore for GgufStore {
 
 enum LinearWeight {
     Dense(Tensor),
+    /// W8A8 ([`crate::int8`]): int8 weight per output channel, activations quantized per call.
+    Int8(Int8Weight),
     Quant {
         q: Arc<QTensor>,
         mm: QMatMul,
@@ -533,6 +536,23 @@ impl Linear {
         self.out_dim
     }
 
+    /// Re-quantizes the weight (dense, or a GGUF weight dequantized to f32) to W8A8 int8
+    /// ([`crate::int8`]). CPU only for now; the bias stays in the compute dtype.
+    pub fn quantize_int8(&mut self) -> Result<()> {
+        let w = match &self.weight {
+            LinearWeight::Dense(w) => w.to_dtype(DType::F32)?,
+            LinearWeight::Quant { q, .. } => q.dequantize(&q.device())?,
+            LinearWeight::Int8(_) => return Ok(()),
+        };
+        self.weight = LinearWeight::Int8(Int8Weight::quantize(&w)?);
+        Ok(())
+    }
+
+    /// Whether the weight is W8A8 int8.
+    pub fn is_int8(&self) -> bool {
+        matches!(self.weight, LinearWeight::Int8(_))
+    }
+
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
@@ -551,6 +571,11 @@ impl Linear {
                 mode: QuantMatmul::Native,
                 ..
             } => accounting::int8_gemm(rows, self.out_dim, in_dim),
+            LinearWeight::Int8(_) => {
+                accounting::int8_gemm(rows, self.out_dim, in_dim);
+                // The dynamic activation quantization: the rows read, int8 written.
+                accounting::memory_bound(bytes_of(x).saturating_add((rows * in_dim) as u64));
+            }
             _ => accounting::gemm(rows, self.out_dim, in_dim),
         }
         Ok(())
@@ -571,6 +596,7 @@ impl Linear {
         let x2 = x.reshape((rows, in_dim))?;
         let y = match &self.weight {
             LinearWeight::Dense(w) => x2.to_dtype(w.dtype())?.matmul(&w.t()?)?,
+            LinearWeight::Int8(w) => w.matmul(&x2)?,
             LinearWeight::Quant { q, mm, mode } => match mode {
                 QuantMatmul::DequantF16 => {
                     let w = q.dequantize_f16(&q.device())?;
@@ -600,6 +626,7 @@ impl Linear {
         let w = match &self.weight {
             LinearWeight::Dense(w) => w.to_dtype(DType::F32)?,
             LinearWeight::Quant { q, .. } => q.dequantize(&q.device())?,
+            LinearWeight::Int8(w) => w.dequantize()?,
         };
         let dims = x.dims().to_vec();
         let Some((&in_dim, lead)) = dims.split_last() else {
@@ -636,7 +663,7 @@ impl Linear {
         }
         let w = match &self.weight {
             LinearWeight::Dense(w) if w.dtype() == self.dtype => w.clone(),
-            LinearWeight::Dense(_) => return Ok(None),
+            LinearWeight::Dense(_) | LinearWeight::Int8(_) => return Ok(None),
             LinearWeight::Quant { q, mode, .. } => match mode {
                 QuantMatmul::DequantF16 if self.dtype == DType::F16 => {
                     q.dequantize_f16(&q.device())?

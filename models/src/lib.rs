@@ -23,6 +23,7 @@ pub mod clip;
 pub mod error;
 pub mod florence2;
 pub mod flux;
+pub mod int8;
 pub mod t5;
 pub mod weights;
 

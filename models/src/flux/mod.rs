@@ -34,6 +34,6 @@ pub use crate::checkpoint::QuantMatmul;
 pub use crate::error::ModelError;
 pub use pipeline::{
     FillOutput, FillTimings, FillTrace, FillWork, FluxFill, FluxLoadOptions, InpaintOptions,
-    Placement, Step,
+    Placement, Precision, Step,
 };
 pub use prompt_cache::{DEFAULT_PROMPT_CACHE_BYTES, PromptCacheStats};

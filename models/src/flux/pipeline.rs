@@ -50,6 +50,29 @@ pub struct FluxLoadOptions {
     pub vae_tiling: bool,
     /// Bytes of host memory for cached prompt embeddings ([`super::prompt_cache`]; 0: off).
     pub prompt_cache_bytes: usize,
+    /// Precision of the transformer's token GEMMs.
+    pub precision: Precision,
+}
+
+/// Precision of the FLUX transformer's token GEMMs (attention projections, MLPs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// In the compute dtype (f16 on a T4), GGUF weights dequantized for the call.
+    #[default]
+    Float,
+    /// W8A8 int8 ([`crate::int8`]), quantized at load from whatever weights were given.
+    Int8,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f16" | "float" => Ok(Precision::Float),
+            "int8" => Ok(Precision::Int8),
+            _ => Err(format!("unknown precision {s:?} (f16 or int8)")),
+        }
+    }
 }
 
 impl FluxLoadOptions {
@@ -68,6 +91,7 @@ impl FluxLoadOptions {
             vae_tile: None,
             vae_tiling: false,
             prompt_cache_bytes: DEFAULT_PROMPT_CACHE_BYTES,
+            precision: Precision::Float,
         }
     }
 }
@@ -253,7 +277,10 @@ impl FluxFill {
             layout,
             opts: lopts,
         };
-        let transformer = FluxTransformer::load(&loader, &cfg)?;
+        let mut transformer = FluxTransformer::load(&loader, &cfg)?;
+        if o.precision == Precision::Int8 {
+            transformer.quantize_token_gemms_int8()?;
+        }
         drop(store);
 
         // VAE

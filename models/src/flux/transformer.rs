@@ -507,6 +507,47 @@ impl FluxTransformer {
     pub fn config(&self) -> &TransformerConfig {
         &self.cfg
     }
+
+    /// Re-quantizes the token GEMMs to W8A8 int8 ([`crate::int8`]): every block's attention
+    /// QKV and output projections, MLPs, and the single blocks' `linear1` / `linear2`, i.e. the
+    /// modules torchao's `Int8DynamicActivationInt8WeightConfig` is applied to with a filter on
+    /// diffusers' `transformer_blocks.*` / `single_transformer_blocks.*` linears other than the
+    /// `norm*.linear` modulations. The one-token modulation GEMVs, the embedders and the final
+    /// layer keep their weights. CPU only for now (see [`crate::int8`]).
+    pub fn quantize_token_gemms_int8(&mut self) -> Result<()> {
+        for blk in &mut self.double {
+            for s in [&mut blk.img, &mut blk.txt] {
+                for l in [&mut s.qkv, &mut s.proj, &mut s.mlp0, &mut s.mlp2] {
+                    l.quantize_int8()?;
+                }
+            }
+        }
+        for blk in &mut self.single {
+            blk.linear1.quantize_int8()?;
+            blk.linear2.quantize_int8()?;
+        }
+        Ok(())
+    }
+
+    /// How many linears hold W8A8 int8 weights.
+    pub fn int8_linears(&self) -> usize {
+        let double = self.double.iter().flat_map(|b| {
+            [&b.img, &b.txt]
+                .into_iter()
+                .flat_map(|s| [&s.qkv, &s.proj, &s.mlp0, &s.mlp2])
+        });
+        let single = self.single.iter().flat_map(|b| [&b.linear1, &b.linear2]);
+        double
+            .chain(single)
+            .chain([
+                &self.img_in,
+                &self.txt_in,
+                &self.final_mod,
+                &self.final_linear,
+            ])
+            .filter(|l| l.is_int8())
+            .count()
+    }
     pub fn dtype(&self) -> DType {
         self.dtype
     }

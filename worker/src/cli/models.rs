@@ -63,6 +63,10 @@ pub struct FluxArgs {
     pub vae_tile: VaeTile,
     #[arg(long, default_value_t = 512)]
     pub max_sequence_length: usize,
+    /// Precision of the transformer's token GEMMs: `f16` (the compute dtype) or `int8` (W8A8,
+    /// quantized at load; CPU only in this build). A pool selects it with the worker env.
+    #[arg(long, env = "PAWFECT_PRECISION", default_value = "f16")]
+    pub precision: pawfect_models::flux::Precision,
     /// Host memory for the prompt-embedding cache, MiB (0: off). Prompts with the same token ids
     /// reuse their T5 + CLIP embeddings, bit for bit; one prompt at 512 T5 tokens takes 8 MiB.
     #[arg(long, env = "PAWFECT_PROMPT_CACHE_MIB", default_value_t = 256)]
@@ -213,6 +217,7 @@ impl FluxArgs {
             o.clip.dtype = parse_dtype(d)?;
         }
         o.prompt_cache_bytes = self.prompt_cache_mib.saturating_mul(1 << 20);
+        o.precision = self.precision;
         o.quant_matmul = self
             .gguf_matmul
             .parse::<QuantMatmul>()
