@@ -87,15 +87,12 @@ fn flux_parity_cli_binary() -> R {
     Ok(())
 }
 
-/// `inpaint --json` on the example photo with the tiny fixture models: the work counts per
-/// stage and in total, and the denoise attention FLOP equal to the formula for the crops and
-/// text length the run reports (`4·heads·N²·D` per block and step, N = text + image tokens).
-#[test]
-fn inpaint_json_reports_the_work_per_stage() -> R {
+/// `inpaint --json` on the example photo with the tiny fixture models (CPU, f32) and `extra`
+/// flags: the parsed summary, or the worker's stderr when it failed. Small crops keep the CPU
+/// run quick; the counts follow whatever shapes ran.
+fn inpaint_json(prompt: &str, extra: &[&str]) -> R<Value> {
     let dir = tempfile::tempdir()?;
-    let out = dir.path().join("out.png");
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/photo");
-    let steps = 2u64;
     let run = std::process::Command::new(env!("CARGO_BIN_EXE_pawfect-worker"))
         .args(["inpaint", "--json", "--device", "cpu", "--dtype", "f32"])
         .arg("--models")
@@ -104,22 +101,28 @@ fn inpaint_json_reports_the_work_per_stage() -> R {
         .arg(examples.join("dog-on-lawn.jpg"))
         .arg("--mask")
         .arg(examples.join("leash-mask.png"))
-        .args([
-            "--prompt",
-            "green grass lawn, seamless continuation, no objects",
-        ])
-        .args(["--steps", &steps.to_string()])
-        // Small crops keep the CPU run quick; the counts follow whatever shapes ran.
+        .args(["--prompt", prompt])
         .args(["--crop-min-side", "128", "--crop-max-side", "256"])
+        .args(extra)
         .arg("--out")
-        .arg(&out)
+        .arg(dir.path().join("out.png"))
         .output()?;
-    assert!(
-        run.status.success(),
-        "inpaint failed: {}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    let s: Value = serde_json::from_slice(&run.stdout)?;
+    if !run.status.success() {
+        return Err(format!("inpaint failed: {}", String::from_utf8_lossy(&run.stderr)).into());
+    }
+    Ok(serde_json::from_slice(&run.stdout)?)
+}
+
+/// `inpaint --json` on the example photo with the tiny fixture models: the work counts per
+/// stage and in total, and the denoise attention FLOP equal to the formula for the crops and
+/// text length the run reports (`4·heads·N²·D` per block and step, N = text + image tokens).
+#[test]
+fn inpaint_json_reports_the_work_per_stage() -> R {
+    let steps = 2u64;
+    let s = inpaint_json(
+        "green grass lawn, seamless continuation, no objects",
+        &["--steps", &steps.to_string()],
+    )?;
     let work = &s["work"];
     let classes = [
         "f16GemmFlop",
@@ -182,28 +185,8 @@ fn inpaint_json_reports_the_work_per_stage() -> R {
 /// issues the attention of one block instead of all of them.
 #[test]
 fn inpaint_cache_threshold_reports_the_steps_it_skipped() -> R {
-    let run = |extra: &[&str]| -> R<Value> {
-        let dir = tempfile::tempdir()?;
-        let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/photo");
-        let run = std::process::Command::new(env!("CARGO_BIN_EXE_pawfect-worker"))
-            .args(["inpaint", "--json", "--device", "cpu", "--dtype", "f32"])
-            .arg("--models")
-            .arg(fixtures().join("pipeline"))
-            .arg("--image")
-            .arg(examples.join("dog-on-lawn.jpg"))
-            .arg("--mask")
-            .arg(examples.join("leash-mask.png"))
-            .args(["--prompt", "green grass lawn", "--steps", "4"])
-            .args(["--crop-min-side", "128", "--crop-max-side", "256"])
-            .args(extra)
-            .arg("--out")
-            .arg(dir.path().join("out.png"))
-            .output()?;
-        if !run.status.success() {
-            return Err(format!("inpaint failed: {}", String::from_utf8_lossy(&run.stderr)).into());
-        }
-        Ok(serde_json::from_slice(&run.stdout)?)
-    };
+    let run =
+        |extra: &[&str]| inpaint_json("green grass lawn", &[&["--steps", "4"], extra].concat());
     let dense = run(&[])?;
     let crops = dense["crops"].as_array().ok_or("crops")?.len() as u64;
     let steps = |s: &Value, k: &str| s["work"]["steps"][k].as_u64();
